@@ -1,0 +1,449 @@
+"""What submit_study.py and worker.py share: the experiment YAML and the Optuna study.
+
+An experiment YAML holds three kinds of keys:
+  study:        how the study runs (name, budget, metric, sampler, pruner, storage, retries)
+  slurm:        how each array task is scheduled (walltime, GPU, memory, ...)
+  search_space: dotted paths into the config and how to sample them
+Everything else (data, model, training, ...) is the trainer's own config, handed to it resolved.
+
+Every study/slurm option is declared once in OPTIONS below: the YAML key, the argparse flag of
+the same name, its check, and the #SBATCH line it renders to all come from that one table.
+"""
+
+import copy
+import importlib
+import os
+import re
+import shlex
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+WALLTIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
+MEMORY = re.compile(r"^\d+[KMGTkmgt]?$")
+SLURM_LIST = re.compile(r"^[A-Za-z0-9_.,-]+$")
+CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,|&*:\[\]()-]+$")
+DIRECTIVE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%/+=-]+)?$")
+DEFAULT_TRAINER = "ishigami_lstm:train"
+
+
+class ConfigError(Exception):
+    """A bad input: rendered as one line naming the file, the key and the fix; exit status 2."""
+
+    def __init__(self, source, key, problem, fix):
+        super().__init__(f"{source}: {key}: {problem}; fix: {fix}")
+
+
+# ---------------------------------------------------------------- option checks
+def _int_at_least(low):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            return f"must be an integer >= {low}"
+    return check
+
+
+def _matches(pattern, what):
+    def check(value):
+        if not isinstance(value, str) or not pattern.match(value):
+            return f"must be {what}"
+    return check
+
+
+def _one_of(*choices):
+    def check(value):
+        if value not in choices:
+            return f"must be one of {', '.join(choices)}"
+    return check
+
+
+def _mapping_with_name(value):
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return "must be a mapping with a 'name' (an Optuna class) and its options"
+
+
+def _list_of(pattern, what):
+    def check(value):
+        if not isinstance(value, list) or not all(isinstance(v, str) and pattern.match(v) for v in value):
+            return f"must be a list of {what}"
+    return check
+
+
+def _text(value):
+    if not isinstance(value, str) or not value or "\n" in value:
+        return "must be a one-line string"
+
+
+def _setup_lines(value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and "\n" not in v for v in value):
+        return "must be a list of one-line shell commands"
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    key: str
+    default: object
+    check: object
+    help: str
+    sbatch: str = ""  # "#SBATCH" template, when the option maps to one directly
+
+
+NAME = "letters, digits, '.', '_' or '-' (no spaces, no '/')"
+OPTIONS = [
+    Option("study", "study_name", None, _matches(SAFE_NAME, NAME), "study name (default: experiment id)"),
+    Option("study", "n_trials", 20, _int_at_least(1), "finished trials (COMPLETE+PRUNED) the whole study aims for"),
+    Option("study", "optimization_metric", "val_mae_mean", _matches(SAFE_NAME, "a metric name"),
+           "metric returned by the trainer that Optuna optimizes"),
+    Option("study", "optimization_direction", "minimize", _one_of("minimize", "maximize"), "minimize or maximize"),
+    Option("study", "storage", None, _text, "Optuna storage URL (default: journal file in the run directory)"),
+    Option("study", "sampler", {"name": "TPESampler"}, _mapping_with_name, "sampler: {name: ..., options}"),
+    Option("study", "pruner", {"name": "MedianPruner"}, _mapping_with_name, "pruner: {name: ..., options}"),
+    Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
+    Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
+    Option("study", "runs_dir", "runs", _text, "where runs/<study>/ lives (relative to the YAML)"),
+    Option("study", "trainer", DEFAULT_TRAINER, _matches(re.compile(r"^[\w.]+:\w+$"), "package.module:function"),
+           "trainer function, package.module:function"),
+    Option("slurm", "max_concurrent_jobs", 4, _int_at_least(1), "array tasks running at once (%K)"),
+    Option("slurm", "walltime", "1-00:00:00", _matches(WALLTIME, "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+           "time per array task", "--time={}"),
+    Option("slurm", "gpu_type", None, _matches(SAFE_NAME, "a GPU type such as rtx_4090"), "GPU type (none: any GPU)"),
+    Option("slurm", "gpus_per_task", 1, _int_at_least(0), "GPUs per array task (0 = CPU-only tasks)"),
+    Option("slurm", "cpus_per_task", 1, _int_at_least(1), "CPUs per array task", "--cpus-per-task={}"),
+    Option("slurm", "mem_per_cpu", "4G", _matches(MEMORY, "<int>[K|M|G|T], e.g. 23G"), "memory per CPU",
+           "--mem-per-cpu={}"),
+    Option("slurm", "partition", None, _matches(SLURM_LIST, "partition names"), "partition", "--partition={}"),
+    Option("slurm", "account", None, _matches(SAFE_NAME, "an account name"), "account", "--account={}"),
+    Option("slurm", "qos", None, _matches(SAFE_NAME, "a QOS name"), "quality of service", "--qos={}"),
+    Option("slurm", "constraint", None, _matches(CONSTRAINT, "a node feature expression"), "node features",
+           "--constraint={}"),
+    Option("slurm", "signal_grace", 120, _int_at_least(1), "seconds before the walltime to checkpoint and requeue"),
+    Option("slurm", "extra_directives", [], _list_of(DIRECTIVE, "'--option[=value]' strings"),
+           "more #SBATCH directives, e.g. --mail-type=END"),
+    Option("slurm", "setup", [], _setup_lines, "shell lines run before the worker (module load ..., source ...)"),
+    Option("slurm", "scratch", None, _text, "where --cluster stages the data (default: $SCRATCH)"),
+]
+SECTION_KEYS = {s: {o.key for o in OPTIONS if o.section == s} for s in ("study", "slurm")}
+
+
+def add_option_flags(parser, sections):
+    """One argparse flag per scalar option, named as its YAML key; a given flag overrides the YAML."""
+    for option in OPTIONS:
+        if option.section in sections and not isinstance(option.default, (dict, list)):
+            kind = int if isinstance(option.default, int) else str
+            parser.add_argument(f"--{option.key}", type=kind, help=f"{option.help} [{option.section}.{option.key}]")
+
+
+def option_overrides(args):
+    return {o.key: getattr(args, o.key, None) for o in OPTIONS if getattr(args, o.key, None) is not None}
+
+
+# ---------------------------------------------------------------- loading the YAML
+def experiment_yaml(exp_id=None, config=None, experiments_dir="experiments"):
+    """The YAML file named by --config, or experiments/<exp_id>/config.yaml for --exp_id."""
+    if config:
+        return Path(config)
+    if not SAFE_NAME.match(exp_id or ""):
+        raise ConfigError("--exp_id", "exp_id", f"{exp_id!r} is not a valid experiment id", NAME)
+    return Path(experiments_dir) / exp_id / "config.yaml"
+
+
+def load_config(path, overrides=None):
+    """Read and validate the experiment YAML, fresh from disk, with CLI overrides applied.
+
+    Returns the whole config with `study` and `slurm` filled with defaults and paths made absolute.
+    Raises ConfigError for anything that would fail later.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(source, "(file)", f"cannot read it ({e.strerror})", "pass an existing YAML file") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(syntax)"
+        problem = str(getattr(e, "problem", None) or e).replace("\n", " ")
+        raise ConfigError(source, where, f"invalid YAML ({problem})", "correct the YAML syntax at that line") from None
+    if not isinstance(config, dict):
+        raise ConfigError(source, "(top level)", "is not a mapping", "write 'key: value' pairs, see config.example.yaml")
+
+    config = copy.deepcopy(config)
+    for section, known in SECTION_KEYS.items():
+        values = config.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(source, section, "is not a mapping", f"write '{section}:' followed by indented keys")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(source, f"{section}.{unknown[0]}", "unknown key", f"use one of {', '.join(sorted(known))}")
+        config[section] = values
+    for option in OPTIONS:
+        value = (overrides or {}).get(option.key)
+        if value is not None:
+            config[option.section][option.key] = value
+        config[option.section].setdefault(option.key, copy.deepcopy(option.default))
+        value = config[option.section][option.key]
+        problem = value is not None and option.check(value)
+        if problem:
+            raise ConfigError(source, f"{option.section}.{option.key}", f"{value!r} {problem}", option.help)
+
+    base = path.resolve().parent
+    config["experiment_dir"] = str(base)
+    config["config_path"] = str(path.resolve())
+    config["cli_overrides"] = {k: v for k, v in (overrides or {}).items() if v is not None}
+    study = config["study"]
+    study["study_name"] = study["study_name"] or base.name
+    study["runs_dir"] = str(base / os.path.expandvars(os.path.expanduser(study["runs_dir"])))
+    if re.search(r"\s", study["runs_dir"]):
+        raise ConfigError(source, "study.runs_dir", f"{study['runs_dir']!r} contains whitespace",
+                          "choose a path without spaces (SLURM log paths cannot hold them)")
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("dir"), str):
+        data["dir"] = str(base / os.path.expandvars(os.path.expanduser(data["dir"])))
+    _check_search_space(config, source)
+    _check_slurm(config, source)
+    return config
+
+
+def _check_slurm(config, source):
+    slurm = config["slurm"]
+    if walltime_seconds(slurm["walltime"]) <= slurm["signal_grace"]:
+        raise ConfigError(source, "slurm.signal_grace", f"{slurm['signal_grace']} s is not shorter than the walltime",
+                          "make signal_grace smaller than walltime")
+
+
+def walltime_seconds(text):
+    """SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = parts
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 3:
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
+
+
+# ---------------------------------------------------------------- search space
+def _check_search_space(config, source):
+    space = config.get("search_space") or {}
+    if not isinstance(space, dict):
+        raise ConfigError(source, "search_space", "is not a mapping", "map dotted config paths to {type: ...} specs")
+    for name, spec in space.items():
+        key = f"search_space.{name}"
+        try:
+            get_dotted(config, name)
+        except KeyError:
+            raise ConfigError(source, key, f"'{name}' is not a key of the config",
+                              "name an existing dotted path such as model.d_pos") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(source, key, "is not a mapping", "write {type: int|float|categorical, ...}")
+        kind = spec.get("type")
+        allowed = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
+                   "categorical": {"type", "choices"}}
+        if kind not in allowed:
+            raise ConfigError(source, f"{key}.type", f"unknown type {kind!r}", "use int, float or categorical")
+        extra = sorted(set(spec) - allowed[kind])
+        if extra:
+            raise ConfigError(source, f"{key}.{extra[0]}", f"not an option of type {kind}",
+                              f"use {', '.join(sorted(allowed[kind]))}")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(source, f"{key}.choices", "must be a non-empty list", "write choices: [a, b, c]")
+            continue
+        _check_range(spec, key, source, int if kind == "int" else float)
+
+
+def _check_range(spec, key, source, number):
+    for bound in ("low", "high"):
+        value = spec.get(bound)
+        if number is float and isinstance(value, str):
+            try:  # PyYAML reads 1e-4 (no dot) as a string
+                spec[bound] = value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and not isinstance(value, int)):
+            raise ConfigError(source, f"{key}.{bound}", f"{value!r} is not a number", f"give {bound} as an {number.__name__}")
+    if spec["low"] > spec["high"]:
+        raise ConfigError(source, key, f"low {spec['low']} > high {spec['high']}", "swap low and high")
+    if spec.get("log") and spec["low"] <= 0:
+        raise ConfigError(source, f"{key}.low", "log scale needs low > 0", "set low > 0 or log: false")
+    if spec.get("log") and spec.get("step") is not None:
+        raise ConfigError(source, key, "step and log cannot be combined", "drop step or log")
+
+
+def sample_params(trial, space):
+    """Ask the trial for each search-space entry; the params keep their dotted names."""
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "int":
+            trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step") or 1, log=bool(spec.get("log")))
+        else:
+            trial.suggest_float(name, spec["low"], spec["high"], step=spec.get("step"), log=bool(spec.get("log")))
+    return dict(trial.params)
+
+
+def get_dotted(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def resolve_config(config, params):
+    """A fresh copy of the config with the sampled params written in and derived dimensions recomputed."""
+    resolved = copy.deepcopy(config)
+    for dotted, value in params.items():
+        *parents, leaf = dotted.split(".")
+        node = resolved
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    update = getattr(trainer_module(resolved), "update_config", None)
+    return update(resolved) if update else resolved
+
+
+# ---------------------------------------------------------------- trainer plug-in
+def trainer_module(config):
+    module_name = config["study"]["trainer"].partition(":")[0]
+    project = str(Path(__file__).resolve().parent)
+    for folder in (config.get("experiment_dir"), project):  # the experiment's own code first
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
+    return importlib.import_module(module_name)
+
+
+def load_trainer(config, source="config"):
+    spec = config["study"]["trainer"]
+    try:
+        module = trainer_module(config)
+    except ImportError as e:
+        raise ConfigError(source, "study.trainer", f"cannot import {spec!r} ({e})",
+                          "name an importable package.module:function") from None
+    function = getattr(module, spec.partition(":")[2], None)
+    if not callable(function):
+        raise ConfigError(source, "study.trainer", f"{spec!r} has no such function", "name a function of that module")
+    metrics = getattr(module, "METRICS", None)
+    metric = config["study"]["optimization_metric"]
+    if metrics and metric not in metrics:
+        raise ConfigError(source, "study.optimization_metric", f"{metric!r} is not a metric of {spec}",
+                          f"use one of {', '.join(metrics)}")
+    return function
+
+
+def prepare_data(config, source="config"):
+    """Let the trainer write its data once (optional `prepare(config)` in its module), then check it is there."""
+    prepare = getattr(trainer_module(config), "prepare", None)
+    if prepare:
+        prepare(config)
+    data_dir = (config.get("data") or {}).get("dir")
+    if isinstance(data_dir, str) and not Path(data_dir).is_dir():
+        raise ConfigError(source, "data.dir", f"{data_dir} does not exist", "point data.dir at the experiment's data")
+
+
+# ---------------------------------------------------------------- sampler and pruner
+NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
+
+
+def build_sampler(config, seed_offset=0, source="config"):
+    spec = dict(config["study"]["sampler"])
+    if spec.get("seed") is not None:
+        spec["seed"] = int(spec["seed"]) + seed_offset  # same seed in every worker repeats the same configs
+    return _build(optuna.samplers, spec, "study.sampler", source)
+
+
+def build_pruner(config, source="config"):
+    return _build(optuna.pruners, dict(config["study"]["pruner"]), "study.pruner", source)
+
+
+def _build(namespace, spec, key, source):
+    name = spec.pop("name")
+    cls = getattr(namespace, name, None)
+    if not isinstance(cls, type):
+        raise ConfigError(source, f"{key}.name", f"unknown {name!r}", f"use an optuna.{namespace.__name__[7:]} class")
+    if name in NEEDS:
+        try:
+            importlib.import_module(NEEDS[name])
+        except ImportError:
+            raise ConfigError(source, f"{key}.name", f"{name} needs the package {NEEDS[name]}",
+                              f"pip install {NEEDS[name]}") from None
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(source, key, f"bad option ({e})", f"see the options of optuna {name}") from None
+
+
+# ---------------------------------------------------------------- storage and study
+def run_dir(config):
+    return Path(config["study"]["runs_dir"]) / config["study"]["study_name"]
+
+
+def storage_url(config, storage_file=None):
+    """The --storage flag or the YAML, then a --storage_file, then $OPTUNA_STORAGE; None means the journal file."""
+    if config["study"]["storage"]:
+        return config["study"]["storage"]
+    if storage_file:
+        return Path(storage_file).read_text().strip()
+    return os.environ.get("OPTUNA_STORAGE")
+
+
+def make_run_dir(config):
+    folder = run_dir(config)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds the storage and the checkpoints
+    return folder
+
+
+def open_storage(config, url=None, source="config"):
+    if not url:
+        path = str(make_run_dir(config) / "journal.log")
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    if url.startswith("sqlite:///") and "timeout=" not in url:
+        url += ("&" if "?" in url else "?") + "timeout=60"  # the 5 s default loses trials under load
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as e:  # any driver error: unreachable, bad URL, missing driver
+        raise ConfigError(source, "study.storage", f"cannot open {mask_password(url)} ({type(e).__name__})",
+                          "check the URL, the server and its driver") from None
+
+
+def open_study(config, storage, seed_offset=0, source="config"):
+    return optuna.create_study(
+        storage=storage,
+        study_name=config["study"]["study_name"],
+        direction=config["study"]["optimization_direction"],
+        sampler=build_sampler(config, seed_offset, source),
+        pruner=build_pruner(config, source),
+        load_if_exists=True,
+    )
+
+
+def mask_password(url):
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url or "")
+
+
+def quote_command(words):
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def hostname():
+    return socket.gethostname()
+
+
+def count_states(trials):
+    counts = {state.name: 0 for state in optuna.trial.TrialState}
+    for trial in trials:
+        counts[trial.state.name] += 1
+    return counts

@@ -1,0 +1,122 @@
+"""Which RUNNING trials still have a live worker, and what happens to those that do not.
+
+SLURM is the source of truth for liveness: a trial records its array task (`<arrayjob>_<task>`),
+and one `squeue` call lists every task that still exists. A trial whose task is gone is dead.
+Local trials (no SLURM) record host, pid and the pid's start time instead.
+
+A dead trial is marked FAIL with the reason and retried with the same params
+(`enqueue_trial`), the retry linked to it by the user attribute `retry_of`.
+Whoever manages to fail the trial enqueues the retry; on the journal storage exactly one of two
+racing processes can, so a dead trial is retried once. Optuna's SQLite storage lets both succeed,
+which is why worker.py also drops a second retry of the same trial when it is asked.
+"""
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+
+import optuna
+
+from experiment import FINISHED, hostname
+
+log = logging.getLogger("liveness")
+RUNNING = optuna.trial.TrialState.RUNNING
+WAITING = optuna.trial.TrialState.WAITING
+# A worker killed between ask() and recording who it is leaves a RUNNING trial without owner.
+UNOWNED_GRACE_S = 600
+GONE = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def slurm_task_key():
+    """This process's SLURM task, as squeue's %i prints it; None outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def squeue_tasks():
+    """{task key: (state, elapsed, reason)} for all of this user's jobs, from one squeue call.
+
+    None when SLURM cannot be asked: then nobody is declared dead.
+    """
+    if not shutil.which("squeue"):
+        return None
+    command = ["squeue", "--noheader", "--array", "--me", "--format=%i|%T|%M|%r"]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        log.warning("squeue failed, liveness unknown: %s", out.stderr.strip())
+        return None
+    tasks = {}
+    for line in out.stdout.splitlines():
+        key, state, elapsed, reason = (line.split("|") + ["", "", ""])[:4]
+        tasks[key.strip()] = (state, elapsed, reason)
+    return tasks
+
+
+def process_start(pid):
+    """The process's start time in clock ticks, so a recycled pid is not mistaken for our worker."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_dead(trial, tasks, now=None):
+    attrs = trial.user_attrs
+    task = attrs.get("slurm_task")
+    if task:
+        if tasks is None:
+            return False
+        return task not in tasks or tasks[task][0] in GONE
+    if attrs.get("host") is None:
+        started = trial.datetime_start.timestamp() if trial.datetime_start else (now or time.time())
+        return (now or time.time()) - started > UNOWNED_GRACE_S
+    if attrs.get("host") != hostname():
+        return False  # another machine without SLURM: we cannot tell
+    return process_start(attrs["pid"]) != attrs.get("pid_start")
+
+
+def fail_and_retry(study, trial, reason, max_retries, n_trials):
+    """Mark the trial FAIL with its reason; if we were the one to do so, enqueue one retry."""
+    try:
+        optuna.trial.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    except (RuntimeError, ValueError):
+        return False  # another process finished it first: the retry is theirs
+    log.warning("trial %d FAIL: %s", trial.number, reason)
+    attempt = trial.user_attrs.get("retry_attempt", 0)
+    if attempt >= max_retries:
+        log.warning("trial %d not retried: %d retries already (study.max_retries)", trial.number, attempt)
+        return True
+    if count_claimed(study.get_trials(deepcopy=False)) >= n_trials:
+        return True  # the budget is already covered by finished and live trials
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_attempt": attempt + 1})
+    log.warning("trial %d re-enqueued as a retry (attempt %d of %d)", trial.number, attempt + 1, max_retries)
+    return True
+
+
+def count_claimed(trials):
+    """Trials that hold a place in the budget: finished, running or waiting to run."""
+    return sum(t.state in FINISHED or t.state in (RUNNING, WAITING) for t in trials)
+
+
+def reconcile(study, config, tasks="ask"):
+    """Fail and retry every RUNNING trial whose worker is gone. Returns the numbers it failed."""
+    if tasks == "ask":
+        tasks = squeue_tasks()
+    settings = config["study"]
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        if is_dead(trial, tasks):
+            where = trial.user_attrs.get("slurm_task") or f"pid {trial.user_attrs.get('pid')}"
+            reason = f"worker died: {where} on {trial.user_attrs.get('host', '?')} is gone"
+            if fail_and_retry(study, trial, reason, settings["max_retries"], settings["n_trials"]):
+                failed.append(trial.number)
+    return failed

@@ -1,0 +1,338 @@
+"""Run trials of an Optuna study: ask, train, tell. One array task of the SLURM job runs one of these.
+
+    python worker.py --config config.example.yaml            # one trial, for local debugging
+    python worker.py --exp_id baseline_LSTM_ishigami_cat --trials 0   # trials until the budget is met
+
+For every trial the experiment YAML is read fresh from disk, the sampled params are written into
+a copy of it and the trainer's update_config() recomputes the derived dimensions, so no trial
+ever sees another trial's shapes. Per trial, runs/<study>/trials/<number>/ holds the resolved
+config.yaml, metrics.json, worker.log and the latest checkpoint.
+
+The trial's life:
+- The study's budget (`n_trials`) counts finished trials in the whole study. A worker that finds
+  it covered exits 0; one that was handed a trial beyond it (a race between workers) fails that
+  trial as surplus, so the study never finishes more than the budget.
+- Before asking, dead workers' trials are failed and retried (liveness.py), once per process.
+- SLURM sends SIGUSR2 `signal_grace` seconds before the walltime (SIGTERM on preemption): the
+  trainer's next save_checkpoint() stores its state and the worker requeues its own array task.
+  The requeued task finds its RUNNING trial by its array ids and resumes it from the checkpoint.
+- A trainer exception or a NaN metric fails the trial with the reason stored on it; PRUNED is not FAIL.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import optuna
+import yaml
+
+import liveness
+from experiment import (
+    FINISHED,
+    ConfigError,
+    add_option_flags,
+    experiment_yaml,
+    hostname,
+    load_config,
+    load_trainer,
+    open_storage,
+    open_study,
+    option_overrides,
+    prepare_data,
+    resolve_config,
+    run_dir,
+    sample_params,
+    storage_url,
+)
+
+log = logging.getLogger("worker")
+RUNNING = optuna.trial.TrialState.RUNNING
+FAIL = optuna.trial.TrialState.FAIL
+
+
+class Interrupted(Exception):
+    """Raised from save_checkpoint() once a stop signal arrived and the state is safely on disk."""
+
+
+class StopSignal:
+    """Remembers SIGUSR2/SIGTERM so the trainer can finish its step and checkpoint first."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: checkpointing at the next save_checkpoint()", self.received)
+
+
+class TrialHandle:
+    """What a trainer gets besides its config: report, and checkpoints that survive a requeue."""
+
+    def __init__(self, trial, folder, stop):
+        self.trial, self.folder, self.stop = trial, folder, stop
+        self.checkpoint = folder / "checkpoint.pt"
+
+    @property
+    def number(self):
+        return self.trial.number
+
+    def report(self, value, step):
+        if not math.isfinite(value):
+            raise ValueError(f"metric is {value} at step {step}")
+        self.trial.report(value, step)
+        log.info("trial %d step %d: %.6g", self.trial.number, step, value)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+    def load_checkpoint(self):
+        if not self.checkpoint.exists():
+            return None
+        import torch
+        log.info("trial %d resumes from %s", self.trial.number, self.checkpoint)
+        return torch.load(self.checkpoint, weights_only=False)
+
+    def save_checkpoint(self, state):
+        import torch
+        partial = self.checkpoint.with_suffix(".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
+        if self.stop.received:
+            raise Interrupted(self.stop.received)
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="experiment YAML")
+    which.add_argument("--exp_id", help="experiment id: experiments/<exp_id>/config.yaml")
+    parser.add_argument("--experiments_dir", default="experiments")
+    parser.add_argument("--storage_file", help="file holding the storage URL (keeps passwords out of job scripts)")
+    parser.add_argument("--data_dir", help="read data.dir from here instead (data staged to scratch)")
+    parser.add_argument("--trials", type=int, default=1, help="trials to run in this process; 0 = until the budget is met")
+    parser.add_argument("--seed_offset", type=int, help="added to the sampler seed (default: SLURM job id or pid)")
+    add_option_flags(parser, ("study",))
+    return parser.parse_args(argv)
+
+
+def read_config(args):
+    """The experiment YAML, fresh from disk, as this worker was told to see it."""
+    path = experiment_yaml(args.exp_id, args.config, args.experiments_dir)
+    config = load_config(path, option_overrides(args))
+    if args.data_dir:
+        config.setdefault("data", {})["dir"] = str(Path(args.data_dir).resolve())
+    return config
+
+
+# ---------------------------------------------------------------- claiming a trial
+def find_own_trial(study, task):
+    """The RUNNING trial a requeued array task left behind, if any."""
+    if not task:
+        return None
+    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        if trial.user_attrs.get("slurm_task") == task:
+            return trial
+    return None
+
+
+def claim_trial(study, config):
+    """A new trial within the budget, or None when the budget is covered."""
+    budget = config["study"]["n_trials"]
+    trials = study.get_trials(deepcopy=False)
+    if sum(t.state in FINISHED or t.state == RUNNING for t in trials) >= budget:
+        return None
+    trial = study.ask()
+    # Trial numbers are consecutive: everything numbered below ours existed when we asked.
+    ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
+    reason = None
+    if len(ahead) >= budget:
+        reason = f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}"
+    origin = trial.user_attrs.get("retry_of")
+    if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
+        reason = f"duplicate retry of trial {origin}"
+    if reason:
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=FAIL)
+        log.info("trial %d dropped (%s)", trial.number, reason)
+        return None
+    return trial
+
+
+def record_owner(trial, folder, config):
+    """Who runs the trial, so any trial leads to its logs and any log to its trial."""
+    env = os.environ
+    attrs = {
+        "host": hostname(),
+        "pid": os.getpid(),
+        "pid_start": liveness.process_start(os.getpid()),
+        "started_at": trial.user_attrs.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config_path": str(folder / "config.yaml"),
+        "log_path": str(folder / "worker.log"),
+        "slurm_task": liveness.slurm_task_key(),
+        "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
+        "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+        "slurm_job_id": env.get("SLURM_JOB_ID"),
+        "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+        "node": env.get("SLURMD_NODENAME"),
+        "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
+    }
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        logs = run_dir(config) / "slurm_logs" / f"optuna_{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        attrs.update(slurm_out=f"{logs}.out", slurm_err=f"{logs}.err")
+    for key, value in attrs.items():
+        if value is not None and trial.user_attrs.get(key) != value:
+            trial.set_user_attr(key, value)
+
+
+def adopt_origin_checkpoint(study, trial, handle, config):
+    """A retry of a dead trial continues from the dead trial's last checkpoint, curve included."""
+    origin = trial.user_attrs.get("retry_of")
+    source = run_dir(config) / "trials" / str(origin) / "checkpoint.pt"
+    if origin is None or handle.checkpoint.exists() or not source.exists():
+        return
+    shutil.copy(source, handle.checkpoint)
+    for step, value in sorted(study.trials[origin].intermediate_values.items()):
+        trial.report(value, step)
+    log.info("trial %d continues from trial %d's checkpoint", trial.number, origin)
+
+
+# ---------------------------------------------------------------- running one trial
+def run_trial(study, trial, config, stop):
+    """Train the trial and tell the study. Returns its final state name, or 'REQUEUED'."""
+    folder = run_dir(config) / "trials" / str(trial.number)
+    folder.mkdir(parents=True, exist_ok=True)
+    file_log = logging.FileHandler(folder / "worker.log")
+    file_log.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(file_log)
+    try:
+        record_owner(trial, folder, config)
+        resolved = resolve_config(config, sample_params(trial, config.get("search_space") or {}))
+        (folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        log.info("trial %d params: %s", trial.number, trial.params)
+        handle = TrialHandle(trial, folder, stop)
+        adopt_origin_checkpoint(study, trial, handle, config)
+        return train_and_tell(study, trial, resolved, handle)
+    finally:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+
+
+def train_and_tell(study, trial, resolved, handle):
+    metric = resolved["study"]["optimization_metric"]
+    started = time.time()
+    try:
+        metrics = load_trainer(resolved, resolved["config_path"])(resolved, handle)
+        value = metrics.get(metric) if isinstance(metrics, dict) else None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"trainer returned {metric}={value!r}; expected a finite number")
+    except optuna.TrialPruned as e:
+        add_train_seconds(trial, started)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        log.info("trial %d PRUNED (%s)", trial.number, e)
+        return "PRUNED"
+    except Interrupted as e:
+        add_train_seconds(trial, started)
+        return requeue_or_fail(study, trial, resolved, str(e))
+    except Exception as e:
+        log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+        trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
+        study.tell(trial, state=FAIL)
+        return "FAIL"
+    add_train_seconds(trial, started)
+    (handle.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    trial.set_user_attr("metrics", metrics)
+    trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    study.tell(trial, value)
+    log.info("trial %d COMPLETE: %s = %.6g", trial.number, metric, value)
+    return "COMPLETE"
+
+
+def add_train_seconds(trial, started):
+    trial.set_user_attr("train_seconds", round(trial.user_attrs.get("train_seconds", 0) + time.time() - started, 3))
+
+
+def requeue_or_fail(study, trial, config, signal_name):
+    """Checkpoint is on disk: let SLURM run this task again, up to max_requeues times."""
+    task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
+    settings = config["study"]
+    if not task:
+        trial.set_user_attr("fail_reason", f"interrupted by {signal_name}")
+        study.tell(trial, state=FAIL)
+        return "FAIL"
+    if requeues >= settings["max_requeues"]:
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        reason = f"{signal_name}: requeued {requeues} times already (study.max_requeues)"
+        liveness.fail_and_retry(study, frozen, reason, settings["max_retries"], settings["n_trials"])
+        return "FAIL"
+    trial.set_user_attr("requeues", requeues + 1)
+    if signal_name == "SIGUSR2":  # walltime ahead; on SIGTERM (preemption) SLURM requeues by itself
+        job = os.environ.get("SLURM_JOB_ID", task)
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        log.info("trial %d checkpointed, task %s requeued: %s", trial.number, task, result.stderr.strip() or "ok")
+    return "REQUEUED"
+
+
+# ---------------------------------------------------------------- main loop
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args = parse_args(argv)
+    try:
+        return work(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def work(args):
+    config = read_config(args)
+    source = config["config_path"]
+    load_trainer(config, source)
+    prepare_data(config)
+    storage = open_storage(config, storage_url(config, args.storage_file), source)
+    study = open_study(config, storage, seed_offset(args), source)
+    liveness.reconcile(study, config)
+    stop = StopSignal()
+    failed = done = 0
+    trial = find_own_trial(study, liveness.slurm_task_key())
+    while args.trials == 0 or done < args.trials:
+        if trial is None:
+            trial = claim_trial(study, config)
+        else:
+            log.info("resuming trial %d after a requeue", trial.number)
+            trial = optuna.trial.Trial(study, trial._trial_id)
+        if trial is None:
+            log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
+            break
+        state = run_trial(study, trial, config, stop)
+        failed += state == "FAIL"
+        done += 1
+        if state == "REQUEUED" or stop.received:
+            break
+        trial = None
+        config = read_config(args)  # fresh from disk for the next trial
+    return 1 if failed else 0
+
+
+def seed_offset(args):
+    if args.seed_offset is not None:
+        return args.seed_offset
+    return int(os.environ.get("SLURM_JOB_ID") or os.getpid())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
