@@ -41,10 +41,16 @@ install_packages() {
     command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 && return 0
     log "installing slurm-wlm and munge with apt-get ..."
     # Another apt/dpkg may be running (e.g. a provisioning step): wait for its lock.
-    local apt=(apt-get -qq -o DPkg::Lock::Timeout=300)
-    DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >/dev/null
-    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends \
-        slurm-wlm munge >/dev/null
+    local apt=(apt-get -qq -o DPkg::Lock::Timeout=300) apt_log
+    apt_log="$(mktemp /tmp/local_cluster_apt.XXXXXX)"
+    # Keep apt's chatter in a log; show it only if something fails.
+    if ! { DEBIAN_FRONTEND=noninteractive "${apt[@]}" update \
+        && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends \
+            slurm-wlm munge; } >"$apt_log" 2>&1; then
+        cat "$apt_log" >&2
+        die "apt-get install slurm-wlm munge failed (log: $apt_log)"
+    fi
+    rm -f "$apt_log"
     command -v slurmctld >/dev/null 2>&1 || die "slurmctld still missing after apt-get install"
 }
 
@@ -61,6 +67,8 @@ AuthType=auth/munge
 # (default 120 s); 10 s keeps requeue tests quick. Minimum allowed is 5.
 AuthInfo=cred_expire=10
 MpiDefault=none
+# No mail on a test box; avoids "Configured MailProg is invalid" in the log.
+MailProg=/bin/true
 
 # No cgroups needed (works in containers/VMs): plain /proc process tracking, no binding.
 ProctrackType=proctrack/linuxproc
@@ -91,7 +99,8 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 GresTypes=gpu
 
-# Fast turnaround for tests.
+# Timers: SIGKILL 5 s after SIGTERM on cancel/timeout; keep finished jobs visible
+# to squeue/scontrol for 5 min (there is no sacct); never kill idle srun/salloc.
 MessageTimeout=10
 KillWait=5
 MinJobAge=300
@@ -193,6 +202,19 @@ stop_daemon() {
     rm -f "$pidfile"
 }
 
+# A daemon we did not start (systemd unit, another SLURM_LOCAL_DIR) would hold
+# the ports and make our daemons fail; refuse before touching the config.
+refuse_foreign_daemons() {
+    local name pidfile pids
+    for name in slurmctld slurmd; do
+        pidfile="$CTLD_PID"
+        [[ "$name" == slurmd ]] && pidfile="$SLURMD_PID"
+        daemon_pid "$pidfile" "$name" >/dev/null && continue
+        pids="$(pgrep -x "$name" | tr '\n' ' ')" || continue
+        die "a $name not started by this script is running (pid ${pids% }); stop it first"
+    done
+}
+
 ctld_responds() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 start_daemons() {
@@ -278,6 +300,7 @@ wait_ready() {
 cmd_up() {
     require_root
     install_packages
+    refuse_foreign_daemons
     write_config
     start_munge
     start_daemons

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny real experiment (real data, real training, real Optuna storage)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+TINY = {
+    "study": {
+        "study_name": "tiny",
+        "n_trials": 4,
+        "sampler": {"name": "TPESampler", "seed": 0, "n_startup_trials": 2},
+        "pruner": {"name": "NopPruner"},
+    },
+    "slurm": {"walltime": "00:10:00", "gpus_per_task": 0, "mem_per_cpu": "500M", "max_concurrent_jobs": 2,
+              "signal_grace": 60},
+    "data": {"dir": "data", "n_samples": 192, "seed": 0},
+    "model": {"d_pos": 2, "d_hidden": 8, "n_layers": 1, "d_in": None, "d_head": None},
+    "training": {"epochs": 2, "batch_size": 64, "lr": 0.01, "k_folds": 2, "device": "auto", "seed": 0},
+    "search_space": {
+        "model.d_pos": {"type": "int", "low": 2, "high": 12, "step": 2},
+        "training.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+    },
+}
+
+
+def write_experiment(folder, changes=None, name="config.yaml"):
+    """A tiny experiment YAML in folder; changes are {"section.key": value} edits."""
+    config = yaml.safe_load(yaml.safe_dump(TINY))
+    for dotted, value in (changes or {}).items():
+        # search_space keys are dotted paths themselves: split only the section off
+        *parents, leaf = dotted.split(".", 1) if dotted.startswith("search_space.") else dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    return write_experiment(tmp_path / "experiments" / "tiny")
+
+
+def run_script(script, *args, env=None, timeout=300, cwd=None):
+    """Run one of the project's scripts as a user would, with this interpreter."""
+    return subprocess.run([sys.executable, str(PROJECT / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def load_study(config_path, study_name=None):
+    config = yaml.safe_load(Path(config_path).read_text())
+    name = study_name or config["study"]["study_name"]
+    journal = Path(config_path).parent / "runs" / name / "journal.log"
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def finished(study):
+    return [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+# ---------------------------------------------------------------- the local SLURM cluster
+def _cluster_up():
+    if not shutil.which("sinfo"):
+        return "sinfo not found"
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        return f"slurmctld not answering: {out.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The local cluster that `make test` starts (scripts/local_cluster.sh); CI must have it."""
+    problem = _cluster_up()
+    if problem and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["bash", str(PROJECT / "scripts" / "local_cluster.sh"), "up"], capture_output=True, timeout=600)
+        problem = _cluster_up()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no local SLURM cluster: {problem}")
+        pytest.skip(f"no local SLURM cluster ({problem}); `make cluster` as root on Debian starts one")
+    return subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()

@@ -1,0 +1,114 @@
+"""Bad input: one line naming the file, the key and the fix; exit status 2; nothing created or touched."""
+
+import importlib.util
+import os
+import stat
+
+import pytest
+import submit_study
+import worker
+from conftest import write_experiment
+
+HAS_SCIPY = importlib.util.find_spec("scipy") is not None
+
+# (changes to the tiny experiment, text the error line must name)
+BAD = [
+    ({"study.n_trial": 5}, "study.n_trial"),
+    ({"slurm.gpus": 1}, "slurm.gpus"),
+    ({"study.n_trials": 0}, "study.n_trials"),
+    ({"study.n_trials": "ten"}, "study.n_trials"),
+    ({"slurm.max_concurrent_jobs": 0}, "slurm.max_concurrent_jobs"),
+    ({"study.optimization_direction": "minimise"}, "study.optimization_direction"),
+    ({"study.optimization_metric": "val_accuracy"}, "study.optimization_metric"),
+    ({"slurm.walltime": "5 days"}, "slurm.walltime"),
+    ({"slurm.walltime": "1:00$(id)"}, "slurm.walltime"),
+    ({"slurm.walltime": "1-2:3:4:5"}, "slurm.walltime"),
+    ({"slurm.mem_per_cpu": "23 GB"}, "slurm.mem_per_cpu"),
+    ({"slurm.gpu_type": "a100 --wrap=id"}, "slurm.gpu_type"),
+    ({"study.study_name": "x;touch /tmp/pwned"}, "study.study_name"),
+    ({"study.study_name": "../escape"}, "study.study_name"),
+    ({"slurm.extra_directives": ["--wrap=id;reboot"]}, "slurm.extra_directives"),
+    ({"slurm.extra_directives": "--mail-type=END"}, "slurm.extra_directives"),
+    ({"slurm.partition": "gpu\n#SBATCH --wrap=id"}, "slurm.partition"),
+    ({"slurm.setup": "module load cuda"}, "slurm.setup"),
+    ({"slurm.signal_grace": 900}, "slurm.signal_grace"),
+    ({"study.sampler": {"name": "TPE"}}, "study.sampler.name"),
+    ({"study.sampler": {"name": "TPESampler", "n_startup": 3}}, "study.sampler"),
+    ({"study.pruner": {"name": "MedianPruner", "warmup": 1}}, "study.pruner"),
+    ({"study.pruner": "median"}, "study.pruner"),
+    ({"study.max_retries": -1}, "study.max_retries"),
+    ({"study.trainer": "no_such_module:train"}, "study.trainer"),
+    ({"study.trainer": "ishigami_lstm:no_such_function"}, "study.trainer"),
+    ({"study.trainer": "ishigami_lstm"}, "study.trainer"),
+    ({"study.runs_dir": "my runs"}, "study.runs_dir"),
+    ({"search_space.model.d_pos": {"type": "integer", "low": 2, "high": 4}}, "search_space.model.d_pos.type"),
+    ({"search_space.model.d_pos": {"type": "int", "low": 8, "high": 2}}, "search_space.model.d_pos"),
+    ({"search_space.model.d_pos": {"type": "int", "low": 2.5, "high": 4}}, "search_space.model.d_pos.low"),
+    ({"search_space.training.lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}, "search_space.training.lr.low"),
+    ({"search_space.training.lr": {"type": "float", "low": 1e-3, "high": 0.1, "scale": "log"}}, "search_space.training.lr.scale"),
+    ({"search_space.model.width": {"type": "int", "low": 2, "high": 4}}, "search_space.model.width"),
+    ({"search_space.model.d_hidden": {"type": "categorical", "choices": []}}, "search_space.model.d_hidden.choices"),
+    ({"search_space": ["model.d_pos"]}, "search_space"),
+    ({"study": ["n_trials"]}, "study"),
+    ({"study.storage": "postgresql://alice:s3cret@127.0.0.1:1/optuna"}, "study.storage"),
+]
+if not HAS_SCIPY:
+    BAD.append(({"study.sampler": {"name": "QMCSampler"}}, "study.sampler.name"))
+
+
+def assert_one_line_error(capsys, code, path, key):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err, err
+    assert err.startswith("error: ") and str(path) in err and f": {key}: " in err and "fix: " in err, err
+    return err
+
+
+@pytest.mark.parametrize("changes,key", BAD, ids=[k for _, k in BAD])
+def test_bad_config_is_refused_before_anything_is_created(tmp_path, capsys, changes, key):
+    path = write_experiment(tmp_path / "exp", {k: v for k, v in changes.items()})
+    code = submit_study.main(["--config", str(path), "--no-submit_jobs"])
+    err = assert_one_line_error(capsys, code, path, key)
+    assert "s3cret" not in err
+    assert not (tmp_path / "exp" / "runs").exists()
+    assert not (tmp_path / "exp" / "data").exists()
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, capsys):
+    path = tmp_path / "exp" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text("study:\n  n_trials: 4\n  sampler: {name: TPESampler\nmodel:\n  d_pos: 2\n")
+    code = submit_study.main(["--config", str(path)])
+    assert "line 4" in assert_one_line_error(capsys, code, path, "line 4")
+
+
+def test_missing_file_and_bad_exp_id(tmp_path, capsys):
+    assert_one_line_error(capsys, submit_study.main(["--config", str(tmp_path / "nope.yaml")]),
+                          tmp_path / "nope.yaml", "(file)")
+    assert_one_line_error(capsys, submit_study.main(["--exp_id", "../etc"]), "--exp_id", "exp_id")
+
+
+def test_bad_flag_value_is_refused_like_bad_yaml(experiment, capsys):
+    code = submit_study.main(["--config", str(experiment), "--walltime", "2 hours", "--no-submit_jobs"])
+    assert_one_line_error(capsys, code, experiment, "slurm.walltime")
+
+
+def test_worker_refuses_bad_config_with_status_2(tmp_path, capsys):
+    path = write_experiment(tmp_path / "exp", {"search_space.model.d_pos": {"type": "int", "low": 9, "high": 1}})
+    assert_one_line_error(capsys, worker.main(["--config", str(path)]), path, "search_space.model.d_pos")
+
+
+def test_existing_study_and_files_untouched_by_a_bad_resubmission(experiment, capsys):
+    assert submit_study.main(["--config", str(experiment), "--no-submit_jobs"]) == 0
+    run = experiment.parent / "runs" / "tiny"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for bad in (["--n_trials", "0"], ["--gpu_type", "a100 --wrap=id"], ["--optimization_metric", "nope"]):
+        assert submit_study.main(["--config", str(experiment), "--no-submit_jobs", *bad]) == 2
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_run_directory_is_private(experiment):
+    assert submit_study.main(["--config", str(experiment), "--no-submit_jobs"]) == 0
+    mode = stat.S_IMODE(os.stat(experiment.parent / "runs" / "tiny").st_mode)
+    assert mode & 0o077 == 0, oct(mode)

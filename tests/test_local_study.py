@@ -1,0 +1,178 @@
+"""A real study on this machine: real storage files, real training, real worker processes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import yaml
+from conftest import PROJECT, finished, load_study, run_script, write_experiment
+
+PLUGIN = '''
+"""Test trainer: delegates to the example, misbehaving on chosen params."""
+import math, time, pathlib, yaml
+import ishigami_lstm
+from ishigami_lstm import METRICS, prepare, update_config
+
+def train(config, trial):
+    d_pos = config["model"]["d_pos"]
+    if d_pos == 2:
+        raise RuntimeError("boom: the trainer crashed")
+    if d_pos == 4:
+        trial.report(float("nan"), 0)
+    if config["training"].get("edit_yaml_to"):  # edit the experiment YAML on disk mid-study
+        path = pathlib.Path(config["config_path"])
+        data = yaml.safe_load(path.read_text())
+        data["model"]["d_hidden"] = config["training"]["edit_yaml_to"]
+        data["training"].pop("edit_yaml_to")
+        path.write_text(yaml.safe_dump(data))
+    if config["training"].get("sleep"):
+        state = trial.load_checkpoint() or {"epoch": 0}
+        for epoch in range(state["epoch"], config["training"]["epochs"]):
+            time.sleep(config["training"]["sleep"])
+            trial.report(1.0 / (epoch + 1), epoch)
+            trial.save_checkpoint({"epoch": epoch + 1})
+        return {"val_mae_mean": 0.5, "val_rmse_mean": 0.5, "val_r2_mean": 0.5}
+    return ishigami_lstm.train(config, trial)
+'''
+
+
+def plugin_experiment(tmp_path, changes=None):
+    path = write_experiment(tmp_path / "exp", {"study.trainer": "plugin:train", **(changes or {})})
+    (path.parent / "plugin.py").write_text(PLUGIN)
+    return path
+
+
+def enqueue(path, *params):
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study = load_study(path)
+    for p in params:
+        study.enqueue_trial(p)
+    return study
+
+
+def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(experiment):
+    out = run_script("submit_study.py", "--config", experiment, "--local", 2, "--n_trials", 5)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = load_study(experiment)
+    assert len(finished(study)) == 5
+    assert [t for t in study.get_trials() if t.state.name in ("RUNNING", "WAITING")] == []
+    pids = {t.user_attrs["pid"] for t in study.get_trials()}
+    assert len(pids) == 2, "both local workers ran trials"
+    for t in finished(study):
+        folder = experiment.parent / "runs" / "tiny" / "trials" / str(t.number)
+        resolved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert resolved["model"]["d_in"] == 1 + t.params["model.d_pos"]
+        assert (folder / "worker.log").read_text().count(f"trial {t.number} step") >= 1
+        if t.state.name == "COMPLETE":
+            assert json.loads((folder / "metrics.json").read_text())["val_mae_mean"] == t.value
+        assert {"host", "pid", "started_at", "train_seconds", "log_path", "config_path"} <= set(t.user_attrs)
+
+    best_file = experiment.parent / "best_trial.yaml"
+    assert "best trial" in out.stdout and best_file.exists()
+    exported = yaml.safe_load(best_file.read_text())
+    assert exported["best_trial"]["value"] == study.best_value
+    assert exported["best_trial"]["params"] == study.best_params
+    assert set(exported["best_trial"]["metrics"]) >= {"val_mae_mean", "val_rmse_mean", "val_r2_mean"}
+    assert exported["model"]["d_in"] == 1 + study.best_params["model.d_pos"]
+
+    # Retrain from best_trial.yaml alone: same params, same (deterministic CPU) result.
+    retrain = run_script("worker.py", "--config", best_file)
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    again = load_study(best_file, exported["study"]["study_name"]).trials[0]
+    assert again.state.name == "COMPLETE"
+    assert math.isclose(again.value, study.best_value, rel_tol=1e-4)
+
+    # Resubmitting a finished study submits nothing; a larger budget extends it.
+    out = run_script("submit_study.py", "--config", experiment, "--local", 1, "--n_trials", 5)
+    assert out.returncode == 0 and len(finished(load_study(experiment))) == 5
+    out = run_script("submit_study.py", "--config", experiment, "--local", 1, "--n_trials", 6)
+    assert out.returncode == 0 and len(finished(load_study(experiment))) == 6
+
+
+def test_worker_debug_run_prints_params_epochs_and_result(experiment):
+    out = run_script("worker.py", "--config", experiment)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trial 0 params: {'model.d_pos'" in out.stderr
+    assert "trial 0 step 0:" in out.stderr and "trial 0 step 1:" in out.stderr
+    assert "trial 0 COMPLETE: val_mae_mean =" in out.stderr
+
+
+def test_each_trial_reads_the_yaml_fresh_and_recomputes_derived_dims(tmp_path):
+    """The seed's dimension-mismatch bug: two trials in one process with different dims both train."""
+    path = plugin_experiment(tmp_path, {"training.edit_yaml_to": 12})
+    study = enqueue(path, {"model.d_pos": 6, "training.lr": 0.01}, {"model.d_pos": 12, "training.lr": 0.01})
+    out = run_script("worker.py", "--config", path, "--trials", 2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = load_study(path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    resolved = [yaml.safe_load((path.parent / "runs/tiny/trials" / str(n) / "config.yaml").read_text()) for n in (0, 1)]
+    assert [r["model"]["d_in"] for r in resolved] == [7, 13]
+    # trial 0 edited the YAML on disk; trial 1, in the same process, saw the edit
+    assert [r["model"]["d_hidden"] for r in resolved] == [8, 12]
+    assert [r["model"]["d_head"] for r in resolved] == [24, 36]
+    assert study.study_name == "tiny"
+
+
+def test_exception_and_nan_fail_only_their_trial(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 3})
+    enqueue(path, {"model.d_pos": 2, "training.lr": 0.01}, {"model.d_pos": 4, "training.lr": 0.01})
+    out = run_script("submit_study.py", "--config", path, "--local", 2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = load_study(path)
+    failed = {t.params["model.d_pos"]: t.user_attrs["fail_reason"] for t in study.trials if t.state.name == "FAIL"}
+    assert failed[2] == "RuntimeError: boom: the trainer crashed"
+    assert "metric is nan at step 0" in failed[4]
+    assert len(finished(study)) == 3
+    assert "Traceback" in (path.parent / "runs/tiny/trials/0/worker.log").read_text()
+
+
+def test_status_shows_counts_budget_best_and_running_trials(tmp_path):
+    path = plugin_experiment(tmp_path, {"training.sleep": 1.0, "training.epochs": 8, "study.n_trials": 1})
+    enqueue(path, {"model.d_pos": 6, "training.lr": 0.01})
+    slow = subprocess.Popen([sys.executable, str(PROJECT / "worker.py"), "--config", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (path.parent / "runs/tiny/trials/0/checkpoint.pt").exists())
+        out = run_script("submit_study.py", "--config", path, "--status")
+        assert out.returncode == 0, out.stderr
+        assert "RUNNING 1" in out.stdout and "progress [" in out.stdout and "0/1 finished" in out.stdout
+        assert f"trial 0  host {os.uname().nodename}  pid {slow.pid}  age " in out.stdout
+    finally:
+        slow.send_signal(signal.SIGKILL)
+        slow.wait()
+    # The worker was killed: status notices, fails the trial and enqueues a retry of the same params...
+    out = run_script("submit_study.py", "--config", path, "--status")
+    assert "trial 0 FAIL: worker died: pid" in out.stdout and "WAITING 1" in out.stdout
+    # ...which the next worker runs, continuing from the dead trial's last checkpoint.
+    out = run_script("worker.py", "--config", path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dead, retry = load_study(path).trials
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["retry_of"] == 0
+    assert retry.params == dead.params
+    assert sorted(retry.intermediate_values) == list(range(8))
+    resumed_at = len(dead.intermediate_values)
+    assert f"trial 1 step {resumed_at - 1}:" not in out.stderr and f"trial 1 step {resumed_at}:" in out.stderr
+
+
+def wait_for(condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_best_export_before_any_trial_is_a_clear_error(experiment):
+    assert run_script("submit_study.py", "--config", experiment, "--no-submit_jobs").returncode == 0
+    out = run_script("submit_study.py", "--config", experiment, "--export_best")
+    assert out.returncode == 2 and "no COMPLETE trial yet" in out.stderr
+
+
+def test_status_of_unknown_study_is_a_clear_error(experiment):
+    out = run_script("submit_study.py", "--config", experiment, "--status")
+    assert out.returncode == 2 and "no study 'tiny'" in out.stderr
+    assert optuna.__version__ == "5.0.0"
