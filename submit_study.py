@@ -106,7 +106,8 @@ def submit(args, config):
     commands = sbatch_commands(script, missing, max_size, config["slurm"]["max_concurrent_jobs"])
     if not args.submit_jobs:
         print(script.read_text())
-        print("dry run, nothing submitted; to submit:\n  " + "\n  ".join(quote_command(c) for c in commands))
+        shown = [quote_command(c).replace("{previous}", "<previous job id>") for _, c in commands]
+        print("dry run, nothing submitted; to submit:\n  " + "\n  ".join(shown))
         return 0
     return submit_arrays(study, config, commands)
 
@@ -190,23 +191,28 @@ def max_array_size():
 
 
 def sbatch_commands(script, n_tasks, max_size, throttle):
-    """One sbatch per chunk of at most MaxArraySize tasks; chunks run one after another so %K holds."""
-    chunks = [min(max_size, n_tasks - start) for start in range(0, n_tasks, max_size)]
-    return [["sbatch", "--parsable", f"--array=0-{size - 1}%{throttle}", str(script)] for size in chunks]
+    """One sbatch per chunk of at most MaxArraySize tasks, each chunk waiting for the one before so %K holds.
+
+    Returns (tasks, command) pairs; DEPENDENCY stands for the previous chunk's job id.
+    """
+    sizes = [min(max_size, n_tasks - start) for start in range(0, n_tasks, max_size)]
+    return [(size, ["sbatch", "--parsable", *([DEPENDENCY] if i else []), f"--array=0-{size - 1}%{throttle}",
+                    str(script)]) for i, size in enumerate(sizes)]
+
+
+DEPENDENCY = "--dependency=afterany:{previous}"
 
 
 def submit_arrays(study, config, commands):
     jobs = list(study.user_attrs.get("array_jobs", []))
     previous = None
-    for command in commands:
-        if previous:
-            command = command[:2] + [f"--dependency=afterany:{previous}"] + command[2:]
+    for tasks, command in commands:
+        command = [word.format(previous=previous) for word in command]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"error: {quote_command(command)} failed: {result.stderr.strip()}", file=sys.stderr)
             return 1
         previous = result.stdout.strip().split(";")[0]
-        tasks = int(command[-2].split("-")[1].split("%")[0]) + 1
         jobs.append({"job_id": previous, "tasks": tasks, "submitted_at": now()})
         study.set_user_attr("array_jobs", jobs)
         print(f"submitted array job {previous}: {tasks} tasks")

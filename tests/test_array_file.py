@@ -1,0 +1,140 @@
+"""The rendered array file and the sbatch calls (a fake sbatch records them; no cluster needed)."""
+
+import os
+import stat
+import subprocess
+
+import pytest
+from conftest import finished, load_study, run_script, write_experiment
+from experiment import mask_password
+
+FAKE_SLURM = {
+    "sbatch": 'echo "$@" >> "$FAKE_LOG"; echo $((4000 + $(wc -l < "$FAKE_LOG")))',
+    "scontrol": 'if [ "$1 $2" = "show config" ]; then echo "MaxArraySize            = 3"; fi',
+    "squeue": "exit 0",
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """sbatch, scontrol and squeue stand-ins that record what they were asked."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "sbatch_calls.txt"
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log)}, log
+
+
+def rendered(path):
+    return (path.parent / "runs" / "tiny" / "array_job.sbatch").read_text()
+
+
+def test_dry_run_writes_and_prints_the_file_and_the_command(experiment, fake_slurm):
+    env, calls = fake_slurm
+    out = run_script("submit_study.py", "--config", experiment, "--no-submit_jobs", env=env)
+    assert out.returncode == 0, out.stderr
+    script = rendered(experiment)
+    assert script in out.stdout
+    assert f"sbatch --parsable --array=0-3%2 {experiment.parent}/runs/tiny/array_job.sbatch" in out.stdout
+    assert not calls.exists(), "a dry run submits nothing"
+    for line in ("#SBATCH --array=0-3%2", "#SBATCH --ntasks=1", "#SBATCH --time=00:10:00",
+                 "#SBATCH --mem-per-cpu=500M", "#SBATCH --requeue", "#SBATCH --signal=B:USR2@60",
+                 f"#SBATCH --output={experiment.parent}/runs/tiny/slurm_logs/optuna_%A_%a.out"):
+        assert line + "\n" in script
+    assert "--gpus" not in script, "gpus_per_task: 0 renders a CPU-only task"
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_every_option_reaches_its_directive(tmp_path):
+    path = write_experiment(tmp_path / "exp", {
+        "slurm.gpus_per_task": 1, "slurm.gpu_type": "rtx_4090", "slurm.partition": "gpu,gpu-long",
+        "slurm.account": "proj-1", "slurm.qos": "high", "slurm.constraint": "a100|h100", "slurm.cpus_per_task": 4,
+        "slurm.extra_directives": ["--mail-type=END", "--exclusive"],
+        "slurm.setup": ["module load cuda/12.1", "source ~/envs/optuna/bin/activate"]})
+    out = run_script("submit_study.py", "--config", path, "--no-submit_jobs", "--max_concurrent_jobs", 3,
+                     "--walltime", "2-00:00:00", "--mem_per_cpu", "23G", "--n_trials", 10)
+    assert out.returncode == 0, out.stderr
+    script = rendered(path)
+    for line in ("--array=0-9%3", "--time=2-00:00:00", "--mem-per-cpu=23G", "--gpus=rtx_4090:1",
+                 "--partition=gpu,gpu-long", "--account=proj-1", "--qos=high", "--constraint=a100|h100",
+                 "--cpus-per-task=4", "--mail-type=END", "--exclusive"):
+        assert f"#SBATCH {line}\n" in script
+    assert "module load cuda/12.1\nsource ~/envs/optuna/bin/activate\n" in script
+    assert "\npython " in script, "with setup lines the task's own python runs the worker"
+    assert "--n_trials 10" in script, "workers see the submission's budget"
+
+
+def test_submit_splits_arrays_larger_than_max_array_size_and_records_them(experiment, fake_slurm):
+    env, calls = fake_slurm
+    out = run_script("submit_study.py", "--config", experiment, "--n_trials", 7, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = calls.read_text().splitlines()
+    assert [line.split()[1] for line in lines] == ["--array=0-2%2", "--dependency=afterany:4001",
+                                                   "--dependency=afterany:4002"]
+    assert lines[2].split()[2] == "--array=0-0%2"
+    jobs = load_study(experiment).user_attrs["array_jobs"]
+    assert [(j["job_id"], j["tasks"]) for j in jobs] == [("4001", 3), ("4002", 3), ("4003", 1)]
+    assert "squeue --me --array --jobs=4001,4002,4003" in out.stdout
+
+
+INJECTIONS = [
+    ["--study_name", "x;touch /tmp/pwned"],
+    ["--gpu_type", "a100 --wrap=id"],
+    ["--walltime", "1:00$(touch /tmp/pwned)"],
+    ["--partition", "gpu\n#SBATCH --wrap=touch /tmp/pwned"],
+    ["--mem_per_cpu", "4G;touch /tmp/pwned"],
+    ["--constraint", "a100`touch /tmp/pwned`"],
+]
+
+
+@pytest.mark.parametrize("flags", INJECTIONS, ids=[f[0] for f in INJECTIONS])
+def test_injection_attempts_run_nothing_and_submit_nothing(experiment, fake_slurm, flags):
+    env, calls = fake_slurm
+    out = run_script("submit_study.py", "--config", experiment, *flags, env=env)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert not calls.exists()
+    assert not os.path.exists("/tmp/pwned")
+    assert not (experiment.parent / "runs").exists()
+
+
+def test_rendered_file_runs_a_trial_and_quotes_hostile_paths(tmp_path):
+    """Shell metacharacters in paths stay text: run the rendered file with bash, as a task would."""
+    path = write_experiment(tmp_path / "x$(touch${IFS}pwned)`id`", {"study.n_trials": 1})
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    out = subprocess.run(["bash", str(path.parent / "runs/tiny/array_job.sbatch")], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(finished(load_study(path))) == 1
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_storage_from_the_environment_is_passed_by_reference(experiment, tmp_path):
+    url = f"sqlite:///{tmp_path}/env.db"
+    out = run_script("submit_study.py", "--config", experiment, "--no-submit_jobs", env={"OPTUNA_STORAGE": url})
+    assert out.returncode == 0, out.stderr
+    script = rendered(experiment)
+    assert url not in script
+    storage_file = experiment.parent / "runs" / "tiny" / "storage_url"
+    assert f"--storage_file {storage_file}" in script
+    assert storage_file.read_text().strip() == url
+    assert stat.S_IMODE(storage_file.stat().st_mode) == 0o600
+    assert "SQLite may hand one retried trial to two workers" in out.stderr
+
+
+def test_passwords_are_masked_when_printed():
+    assert mask_password("postgresql://alice:s3cret@db:5432/optuna") == "postgresql://alice:***@db:5432/optuna"
+    assert mask_password("sqlite:///runs/x.db") == "sqlite:///runs/x.db"
+
+
+def test_cluster_mode_stages_the_data_to_scratch(experiment, tmp_path):
+    scratch = tmp_path / "scratch"
+    out = run_script("submit_study.py", "--config", experiment, "--cluster", "--no-submit_jobs",
+                     env={"SCRATCH": str(scratch)})
+    assert out.returncode == 0, out.stderr
+    staged = scratch / "tiny" / "data" / "ishigami.csv"
+    assert staged.read_text() == (experiment.parent / "data" / "ishigami.csv").read_text()
+    assert f"--data_dir {staged.parent}" in rendered(experiment)
+    out = run_script("submit_study.py", "--config", experiment, "--cluster", "--no-submit_jobs", env={"SCRATCH": ""})
+    assert out.returncode == 2 and "slurm.scratch" in out.stderr
