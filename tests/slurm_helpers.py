@@ -1,0 +1,36 @@
+"""Helpers for the tests that submit real job arrays to the local SLURM cluster."""
+
+import subprocess
+import time
+
+
+def squeue(*args):
+    out = subprocess.run(["squeue", "--noheader", "--array", *args], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def wait_until(condition, timeout=240, every=0.5, what="condition"):
+    deadline = time.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def wait_for_jobs(job_ids, timeout=300):
+    """Until none of the jobs is pending or running; requeued tasks are released at once."""
+    def gone():
+        left = squeue(f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r")
+        for line in left:
+            task, state, reason = line.split("|")
+            if state == "PENDING" and reason == "BeginTime":  # a requeue waits; let it go now
+                subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"], capture_output=True)
+        return not left
+    wait_until(gone, timeout, what=f"jobs {job_ids} to end")
+
+
+def submitted_jobs(stdout):
+    return [line.split()[3].rstrip(":") for line in stdout.splitlines() if line.startswith("submitted array job")]
