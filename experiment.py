@@ -45,6 +45,7 @@ def _int_at_least(low):
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             return f"must be an integer >= {low}"
+
     return check
 
 
@@ -52,6 +53,7 @@ def _matches(pattern, what):
     def check(value):
         if not isinstance(value, str) or not pattern.match(value):
             return f"must be {what}"
+
     return check
 
 
@@ -59,6 +61,7 @@ def _one_of(*choices):
     def check(value):
         if value not in choices:
             return f"must be one of {', '.join(choices)}"
+
     return check
 
 
@@ -71,6 +74,7 @@ def _list_of(pattern, what):
     def check(value):
         if not isinstance(value, list) or not all(isinstance(v, str) and pattern.match(v) for v in value):
             return f"must be a list of {what}"
+
     return check
 
 
@@ -98,8 +102,13 @@ NAME = "letters, digits, '.', '_' or '-' (no spaces, no '/')"
 OPTIONS = [
     Option("study", "study_name", None, _matches(SAFE_NAME, NAME), "study name (default: experiment id)"),
     Option("study", "n_trials", 20, _int_at_least(1), "finished trials (COMPLETE+PRUNED) the whole study aims for"),
-    Option("study", "optimization_metric", "val_mae_mean", _matches(SAFE_NAME, "a metric name"),
-           "metric returned by the trainer that Optuna optimizes"),
+    Option(
+        "study",
+        "optimization_metric",
+        "val_mae_mean",
+        _matches(SAFE_NAME, "a metric name"),
+        "metric returned by the trainer that Optuna optimizes",
+    ),
     Option("study", "optimization_direction", "minimize", _one_of("minimize", "maximize"), "minimize or maximize"),
     Option("study", "storage", None, _text, "Optuna storage URL (default: journal file in the run directory)"),
     Option("study", "sampler", {"name": "TPESampler"}, _mapping_with_name, "sampler: {name: ..., options}"),
@@ -107,24 +116,47 @@ OPTIONS = [
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
     Option("study", "runs_dir", "runs", _text, "where runs/<study>/ lives (relative to the YAML)"),
-    Option("study", "trainer", DEFAULT_TRAINER, _matches(re.compile(r"^[\w.]+:\w+$"), "package.module:function"),
-           "trainer function, package.module:function"),
+    Option(
+        "study",
+        "trainer",
+        DEFAULT_TRAINER,
+        _matches(re.compile(r"^[\w.]+:\w+$"), "package.module:function"),
+        "trainer function, package.module:function",
+    ),
     Option("slurm", "max_concurrent_jobs", 4, _int_at_least(1), "array tasks running at once (%K)"),
-    Option("slurm", "walltime", "1-00:00:00", _matches(WALLTIME, "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
-           "time per array task", "--time={}"),
+    Option(
+        "slurm",
+        "walltime",
+        "1-00:00:00",
+        _matches(WALLTIME, "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+        "time per array task",
+        "--time={}",
+    ),
     Option("slurm", "gpu_type", None, _matches(SAFE_NAME, "a GPU type such as rtx_4090"), "GPU type (none: any GPU)"),
     Option("slurm", "gpus_per_task", 1, _int_at_least(0), "GPUs per array task (0 = CPU-only tasks)"),
     Option("slurm", "cpus_per_task", 1, _int_at_least(1), "CPUs per array task", "--cpus-per-task={}"),
-    Option("slurm", "mem_per_cpu", "4G", _matches(MEMORY, "<int>[K|M|G|T], e.g. 23G"), "memory per CPU",
-           "--mem-per-cpu={}"),
+    Option(
+        "slurm", "mem_per_cpu", "4G", _matches(MEMORY, "<int>[K|M|G|T], e.g. 23G"), "memory per CPU", "--mem-per-cpu={}"
+    ),
     Option("slurm", "partition", None, _matches(SLURM_LIST, "partition names"), "partition", "--partition={}"),
     Option("slurm", "account", None, _matches(SAFE_NAME, "an account name"), "account", "--account={}"),
     Option("slurm", "qos", None, _matches(SAFE_NAME, "a QOS name"), "quality of service", "--qos={}"),
-    Option("slurm", "constraint", None, _matches(CONSTRAINT, "a node feature expression"), "node features",
-           "--constraint={}"),
+    Option(
+        "slurm",
+        "constraint",
+        None,
+        _matches(CONSTRAINT, "a node feature expression"),
+        "node features",
+        "--constraint={}",
+    ),
     Option("slurm", "signal_grace", 120, _int_at_least(1), "seconds before the walltime to checkpoint and requeue"),
-    Option("slurm", "extra_directives", [], _list_of(DIRECTIVE, "'--option[=value]' strings"),
-           "more #SBATCH directives, e.g. --mail-type=END"),
+    Option(
+        "slurm",
+        "extra_directives",
+        [],
+        _list_of(DIRECTIVE, "'--option[=value]' strings"),
+        "more #SBATCH directives, e.g. --mail-type=END",
+    ),
     Option("slurm", "setup", [], _setup_lines, "shell lines run before the worker (module load ..., source ...)"),
     Option("slurm", "scratch", None, _text, "where --cluster stages the data (default: $SCRATCH)"),
 ]
@@ -173,7 +205,9 @@ def load_config(path, overrides=None):
         problem = str(getattr(e, "problem", None) or e).replace("\n", " ")
         raise ConfigError(source, where, f"invalid YAML ({problem})", "correct the YAML syntax at that line") from None
     if not isinstance(config, dict):
-        raise ConfigError(source, "(top level)", "is not a mapping", "write 'key: value' pairs, see config.example.yaml")
+        raise ConfigError(
+            source, "(top level)", "is not a mapping", "write 'key: value' pairs, see config.example.yaml"
+        )
 
     config = copy.deepcopy(config)
     for section, known in SECTION_KEYS.items():
@@ -182,7 +216,9 @@ def load_config(path, overrides=None):
             raise ConfigError(source, section, "is not a mapping", f"write '{section}:' followed by indented keys")
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(source, f"{section}.{unknown[0]}", "unknown key", f"use one of {', '.join(sorted(known))}")
+            raise ConfigError(
+                source, f"{section}.{unknown[0]}", "unknown key", f"use one of {', '.join(sorted(known))}"
+            )
         config[section] = values
     for option in OPTIONS:
         value = (overrides or {}).get(option.key)
@@ -202,8 +238,12 @@ def load_config(path, overrides=None):
     study["study_name"] = study["study_name"] or base.name
     study["runs_dir"] = str(base / os.path.expandvars(os.path.expanduser(study["runs_dir"])))
     if re.search(r"\s", study["runs_dir"]):
-        raise ConfigError(source, "study.runs_dir", f"{study['runs_dir']!r} contains whitespace",
-                          "choose a path without spaces (SLURM log paths cannot hold them)")
+        raise ConfigError(
+            source,
+            "study.runs_dir",
+            f"{study['runs_dir']!r} contains whitespace",
+            "choose a path without spaces (SLURM log paths cannot hold them)",
+        )
     data = config.get("data")
     if isinstance(data, dict) and isinstance(data.get("dir"), str):
         data["dir"] = str(base / os.path.expandvars(os.path.expanduser(data["dir"])))
@@ -215,8 +255,12 @@ def load_config(path, overrides=None):
 def _check_slurm(config, source):
     slurm = config["slurm"]
     if walltime_seconds(slurm["walltime"]) <= slurm["signal_grace"]:
-        raise ConfigError(source, "slurm.signal_grace", f"{slurm['signal_grace']} s is not shorter than the walltime",
-                          "make signal_grace smaller than walltime")
+        raise ConfigError(
+            source,
+            "slurm.signal_grace",
+            f"{slurm['signal_grace']} s is not shorter than the walltime",
+            "make signal_grace smaller than walltime",
+        )
 
 
 def walltime_seconds(text):
@@ -242,19 +286,24 @@ def _check_search_space(config, source):
         try:
             get_dotted(config, name)
         except KeyError:
-            raise ConfigError(source, key, f"'{name}' is not a key of the config",
-                              "name an existing dotted path such as model.d_pos") from None
+            raise ConfigError(
+                source, key, f"'{name}' is not a key of the config", "name an existing dotted path such as model.d_pos"
+            ) from None
         if not isinstance(spec, dict):
             raise ConfigError(source, key, "is not a mapping", "write {type: int|float|categorical, ...}")
         kind = spec.get("type")
-        allowed = {"int": {"type", "low", "high", "step", "log"}, "float": {"type", "low", "high", "step", "log"},
-                   "categorical": {"type", "choices"}}
+        allowed = {
+            "int": {"type", "low", "high", "step", "log"},
+            "float": {"type", "low", "high", "step", "log"},
+            "categorical": {"type", "choices"},
+        }
         if kind not in allowed:
             raise ConfigError(source, f"{key}.type", f"unknown type {kind!r}", "use int, float or categorical")
         extra = sorted(set(spec) - allowed[kind])
         if extra:
-            raise ConfigError(source, f"{key}.{extra[0]}", f"not an option of type {kind}",
-                              f"use {', '.join(sorted(allowed[kind]))}")
+            raise ConfigError(
+                source, f"{key}.{extra[0]}", f"not an option of type {kind}", f"use {', '.join(sorted(allowed[kind]))}"
+            )
         if kind == "categorical":
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices:
@@ -271,8 +320,14 @@ def _check_range(spec, key, source, number):
                 spec[bound] = value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and not isinstance(value, int)):
-            raise ConfigError(source, f"{key}.{bound}", f"{value!r} is not a number", f"give {bound} as an {number.__name__}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (number is int and not isinstance(value, int))
+        ):
+            raise ConfigError(
+                source, f"{key}.{bound}", f"{value!r} is not a number", f"give {bound} as an {number.__name__}"
+            )
     if spec["low"] > spec["high"]:
         raise ConfigError(source, key, f"low {spec['low']} > high {spec['high']}", "swap low and high")
     if spec.get("log") and spec["low"] <= 0:
@@ -330,16 +385,21 @@ def load_trainer(config, source="config"):
     try:
         module = trainer_module(config)
     except ImportError as e:
-        raise ConfigError(source, "study.trainer", f"cannot import {spec!r} ({e})",
-                          "name an importable package.module:function") from None
+        raise ConfigError(
+            source, "study.trainer", f"cannot import {spec!r} ({e})", "name an importable package.module:function"
+        ) from None
     function = getattr(module, spec.partition(":")[2], None)
     if not callable(function):
         raise ConfigError(source, "study.trainer", f"{spec!r} has no such function", "name a function of that module")
     metrics = getattr(module, "METRICS", None)
     metric = config["study"]["optimization_metric"]
     if metrics and metric not in metrics:
-        raise ConfigError(source, "study.optimization_metric", f"{metric!r} is not a metric of {spec}",
-                          f"use one of {', '.join(metrics)}")
+        raise ConfigError(
+            source,
+            "study.optimization_metric",
+            f"{metric!r} is not a metric of {spec}",
+            f"use one of {', '.join(metrics)}",
+        )
     return function
 
 
@@ -377,8 +437,9 @@ def _build(namespace, spec, key, source):
         try:
             importlib.import_module(NEEDS[name])
         except ImportError:
-            raise ConfigError(source, f"{key}.name", f"{name} needs the package {NEEDS[name]}",
-                              f"pip install {NEEDS[name]}") from None
+            raise ConfigError(
+                source, f"{key}.name", f"{name} needs the package {NEEDS[name]}", f"pip install {NEEDS[name]}"
+            ) from None
     try:
         return cls(**spec)
     except (TypeError, ValueError) as e:
@@ -409,14 +470,19 @@ def open_storage(config, url=None, source="config"):
     if not url:
         path = str(make_run_dir(config) / "journal.log")
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
         return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     if url.startswith("sqlite:///") and "timeout=" not in url:
         url += ("&" if "?" in url else "?") + "timeout=60"  # the 5 s default loses trials under load
     try:
         return optuna.storages.get_storage(url)
     except Exception as e:  # any driver error: unreachable, bad URL, missing driver
-        raise ConfigError(source, "study.storage", f"cannot open {mask_password(url)} ({type(e).__name__})",
-                          "check the URL, the server and its driver") from None
+        raise ConfigError(
+            source,
+            "study.storage",
+            f"cannot open {mask_password(url)} ({type(e).__name__})",
+            "check the URL, the server and its driver",
+        ) from None
 
 
 def open_study(config, storage, seed_offset=0, source="config"):

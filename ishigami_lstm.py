@@ -50,7 +50,7 @@ def prepare(config):
     with partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["x1", "x2", "x3", "y"])
-        writer.writerows([*row.tolist(), target.item()] for row, target in zip(x, y))
+        writer.writerows([*row.tolist(), target.item()] for row, target in zip(x, y, strict=True))
     os.replace(partial, path)
     return path
 
@@ -110,22 +110,28 @@ def train(config, trial):
     state = trial.load_checkpoint()
     if state:  # continue where the previous walltime (or worker) stopped
         start = state["epoch"]
-        for model, optimizer, saved_model, saved_opt in zip(models, optimizers, state["models"], state["optimizers"]):
-            model.load_state_dict(saved_model)
-            optimizer.load_state_dict(saved_opt)
+        for model, saved in zip(models, state["models"], strict=True):
+            model.load_state_dict(saved)
+        for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
 
     metrics = {}
     for epoch in range(start, train_cfg["epochs"]):
-        fold_scores = [fit_one_epoch(m, o, x, y, idx, train_cfg, device) for m, o, idx in zip(models, optimizers, folds)]
-        metrics = {f"val_{name}_mean": sum(s[name] for s in fold_scores) / len(fold_scores) for name in ("mae", "rmse", "r2")}
+        runs = zip(models, optimizers, folds, strict=True)
+        fold_scores = [fit_one_epoch(model, opt, x, y, fold, train_cfg, device) for model, opt, fold in runs]
+        metrics = {
+            f"val_{name}_mean": sum(s[name] for s in fold_scores) / len(fold_scores) for name in ("mae", "rmse", "r2")
+        }
         trial.report(metrics[config["study"]["optimization_metric"]], epoch)
-        trial.save_checkpoint({
-            "epoch": epoch + 1,
-            "models": [m.state_dict() for m in models],
-            "optimizers": [o.state_dict() for o in optimizers],
-            "rng": torch.get_rng_state(),
-        })
+        trial.save_checkpoint(
+            {
+                "epoch": epoch + 1,
+                "models": [m.state_dict() for m in models],
+                "optimizers": [o.state_dict() for o in optimizers],
+                "rng": torch.get_rng_state(),
+            }
+        )
     metrics["device"] = str(device)
     return metrics
 

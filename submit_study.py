@@ -25,9 +25,26 @@ import optuna
 import yaml
 
 import liveness
-from experiment import (FINISHED, OPTIONS, ConfigError, add_option_flags, build_pruner, build_sampler,
-                        count_states, experiment_yaml, load_config, load_trainer, mask_password, open_storage,
-                        open_study, option_overrides, prepare_data, quote_command, run_dir, storage_url)
+from experiment import (
+    FINISHED,
+    OPTIONS,
+    ConfigError,
+    add_option_flags,
+    build_pruner,
+    build_sampler,
+    count_states,
+    experiment_yaml,
+    load_config,
+    load_trainer,
+    mask_password,
+    open_storage,
+    open_study,
+    option_overrides,
+    prepare_data,
+    quote_command,
+    run_dir,
+    storage_url,
+)
 
 PROJECT = Path(__file__).resolve().parent
 TEMPLATE = PROJECT / "array_job.sbatch"
@@ -41,13 +58,22 @@ def parse_args(argv=None):
     parser.add_argument("--experiments_dir", default="experiments")
     add_option_flags(parser, ("study", "slurm"))
     parser.add_argument("--cluster", action="store_true", help="stage the data to $SCRATCH (or --scratch) first")
-    parser.add_argument("--submit_jobs", action=argparse.BooleanOptionalAction, default=True,
-                        help="--no-submit_jobs: dry run, write and print the array file and sbatch command only")
+    parser.add_argument(
+        "--submit_jobs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-submit_jobs: dry run, write and print the array file and sbatch command only",
+    )
     parser.add_argument("--local", type=int, metavar="K", help="run the study here with K worker processes")
     parser.add_argument("--group_access", action="store_true", help="let the group read the run directory")
     parser.add_argument("--status", action="store_true", help="show the study and its SLURM tasks")
-    parser.add_argument("--export_best", nargs="?", const="", metavar="PATH",
-                        help="write the best trial (default: best_trial.yaml beside the experiment YAML)")
+    parser.add_argument(
+        "--export_best",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="write the best trial (default: best_trial.yaml beside the experiment YAML)",
+    )
     return parser.parse_args(argv)
 
 
@@ -75,8 +101,12 @@ def submit(args, config):
     if args.local is not None and args.local < 1:
         raise ConfigError("--local", "local", f"{args.local} workers", "pass --local 1 or more")
     if args.submit_jobs and args.local is None and not shutil.which("sbatch"):
-        raise ConfigError("sbatch", "(command)", "sbatch is not on PATH",
-                          "run on a SLURM login node, or use --local K or --no-submit_jobs")
+        raise ConfigError(
+            "sbatch",
+            "(command)",
+            "sbatch is not on PATH",
+            "run on a SLURM login node, or use --local K or --no-submit_jobs",
+        )
     url = storage_url(config)
     storage = open_storage(config, url, source)
     prepare_data(config, source)
@@ -85,11 +115,16 @@ def submit(args, config):
         run_dir(config).chmod(0o750)
 
     study = open_study(config, storage, 0, source)
-    print(f"study {study.study_name}: {len(study.get_trials(deepcopy=False))} trials so far, "
-          f"storage {mask_password(url) if url else run_dir(config) / 'journal.log'}")
+    print(
+        f"study {study.study_name}: {len(study.get_trials(deepcopy=False))} trials so far, "
+        f"storage {mask_password(url) if url else run_dir(config) / 'journal.log'}"
+    )
     if url and url.startswith("sqlite"):
-        print("warning: SQLite may hand one retried trial to two workers at once; the journal file (default) "
-              "or PostgreSQL never does", file=sys.stderr)
+        print(
+            "warning: SQLite may hand one retried trial to two workers at once; the journal file (default) "
+            "or PostgreSQL never does",
+            file=sys.stderr,
+        )
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
@@ -99,8 +134,10 @@ def submit(args, config):
     missing = remaining(study, config)
     script = write_array_file(config, missing or 1, data_dir, url)
     if missing == 0:
-        print(f"budget met: {config['study']['n_trials']} trials finished or running; nothing to submit "
-              f"(raise --n_trials to extend the study)")
+        print(
+            f"budget met: {config['study']['n_trials']} trials finished or running; nothing to submit "
+            f"(raise --n_trials to extend the study)"
+        )
         return 0
     max_size = max_array_size() if args.submit_jobs else 1001
     commands = sbatch_commands(script, missing, max_size, config["slurm"]["max_concurrent_jobs"])
@@ -122,12 +159,20 @@ def remaining(study, config):
 def stage_data(config, scratch):
     scratch = scratch or os.environ.get("SCRATCH")
     if not scratch:
-        raise ConfigError(config["config_path"], "slurm.scratch", "--cluster needs a scratch directory",
-                          "set $SCRATCH, pass --scratch DIR or set slurm.scratch")
+        raise ConfigError(
+            config["config_path"],
+            "slurm.scratch",
+            "--cluster needs a scratch directory",
+            "set $SCRATCH, pass --scratch DIR or set slurm.scratch",
+        )
     source = (config.get("data") or {}).get("dir")
     if not source:
-        raise ConfigError(config["config_path"], "data.dir", "--cluster stages data.dir, which is not set",
-                          "set data.dir to the experiment's data directory")
+        raise ConfigError(
+            config["config_path"],
+            "data.dir",
+            "--cluster stages data.dir, which is not set",
+            "set data.dir to the experiment's data directory",
+        )
     target = Path(scratch).expanduser() / config["study"]["study_name"] / "data"
     shutil.copytree(source, target, dirs_exist_ok=True)
     print(f"data staged: {source} -> {target}")
@@ -136,8 +181,7 @@ def stage_data(config, scratch):
 
 # ---------------------------------------------------------------- the array file
 def sbatch_directives(slurm):
-    lines = [f"#SBATCH {o.sbatch.format(slurm[o.key])}" for o in OPTIONS
-             if o.sbatch and slurm.get(o.key) is not None]
+    lines = [f"#SBATCH {o.sbatch.format(slurm[o.key])}" for o in OPTIONS if o.sbatch and slurm.get(o.key) is not None]
     if slurm["gpus_per_task"]:
         gpus = f"{slurm['gpu_type']}:{slurm['gpus_per_task']}" if slurm["gpu_type"] else slurm["gpus_per_task"]
         lines.append(f"#SBATCH --gpus={gpus}")
@@ -168,18 +212,20 @@ def write_array_file(config, n_tasks, data_dir, url):
         storage_file.touch(mode=0o600)
         storage_file.write_text(url + "\n")
     script = folder / "array_job.sbatch"
-    script.write_text(TEMPLATE.read_text().format(
-        study_name=config["study"]["study_name"],
-        script=script,
-        job_name=f"optuna_{config['study']['study_name']}",
-        array=f"0-{n_tasks - 1}%{slurm['max_concurrent_jobs']}",
-        log_dir=folder / "slurm_logs",
-        signal_grace=slurm["signal_grace"],
-        directives=sbatch_directives(slurm),
-        setup="\n".join(slurm["setup"]) or "# (none)",
-        workdir=quote_command([os.getcwd()]),
-        worker_command=worker_command(config, data_dir, storage_file),
-    ))
+    script.write_text(
+        TEMPLATE.read_text().format(
+            study_name=config["study"]["study_name"],
+            script=script,
+            job_name=f"optuna_{config['study']['study_name']}",
+            array=f"0-{n_tasks - 1}%{slurm['max_concurrent_jobs']}",
+            log_dir=folder / "slurm_logs",
+            signal_grace=slurm["signal_grace"],
+            directives=sbatch_directives(slurm),
+            setup="\n".join(slurm["setup"]) or "# (none)",
+            workdir=quote_command([os.getcwd()]),
+            worker_command=worker_command(config, data_dir, storage_file),
+        )
+    )
     return script
 
 
@@ -196,8 +242,10 @@ def sbatch_commands(script, n_tasks, max_size, throttle):
     Returns (tasks, command) pairs; DEPENDENCY stands for the previous chunk's job id.
     """
     sizes = [min(max_size, n_tasks - start) for start in range(0, n_tasks, max_size)]
-    return [(size, ["sbatch", "--parsable", *([DEPENDENCY] if i else []), f"--array=0-{size - 1}%{throttle}",
-                    str(script)]) for i, size in enumerate(sizes)]
+    return [
+        (size, ["sbatch", "--parsable", *([DEPENDENCY] if i else []), f"--array=0-{size - 1}%{throttle}", str(script)])
+        for i, size in enumerate(sizes)
+    ]
 
 
 DEPENDENCY = "--dependency=afterany:{previous}"
@@ -218,10 +266,12 @@ def submit_arrays(study, config, commands):
         print(f"submitted array job {previous}: {tasks} tasks")
     folder = run_dir(config)
     which = f"--config {quote_command([config['config_path']])}"
-    print("watch it:\n"
-          f"  squeue --me --array --jobs={','.join(j['job_id'] for j in jobs[-len(commands):])}\n"
-          f"  python submit_study.py {which} --status\n"
-          f"  tail -f {folder}/slurm_logs/optuna_{previous}_*.out")
+    print(
+        "watch it:\n"
+        f"  squeue --me --array --jobs={','.join(j['job_id'] for j in jobs[-len(commands) :])}\n"
+        f"  python submit_study.py {which} --status\n"
+        f"  tail -f {folder}/slurm_logs/optuna_{previous}_*.out"
+    )
     return 0
 
 
@@ -246,8 +296,12 @@ def open_existing_study(config):
     storage = open_storage(config, storage_url(config), config["config_path"])
     name = config["study"]["study_name"]
     if name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
-        raise ConfigError(config["config_path"], "study.study_name", f"no study {name!r} in the storage",
-                          "submit it first, or pass the --study_name it was submitted with")
+        raise ConfigError(
+            config["config_path"],
+            "study.study_name",
+            f"no study {name!r} in the storage",
+            "submit it first, or pass the --study_name it was submitted with",
+        )
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -295,16 +349,22 @@ def print_slurm_tasks(study, trials, tasks):
         value = f"{t.value:.6g}" if t and t.value is not None else "-"
         elapsed = duration(t.user_attrs.get("train_seconds", 0)) if t else "-"
         log = t.user_attrs.get("slurm_out", "-") if t else "-"
-        print(f"{key:<14}{state:<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}{value:>12}  "
-              f"{elapsed:>9}  {log}")
+        print(
+            f"{key:<14}{state:<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}{value:>12}  "
+            f"{elapsed:>9}  {log}"
+        )
 
 
 def sacct_states(job_ids):
     """Finished tasks' states from one sacct call; {} where accounting is off."""
     if not shutil.which("sacct"):
         return {}
-    out = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}",
-                          "--format=JobID,State"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}", "--format=JobID,State"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if out.returncode != 0:
         return {}
     return dict(line.split("|")[:2] for line in out.stdout.splitlines() if "|" in line)
@@ -345,8 +405,9 @@ def export_best(study, config, path):
     resolved = yaml.safe_load(Path(best.user_attrs["config_path"]).read_text())
     for key in ("experiment_dir", "config_path", "cli_overrides"):
         resolved.pop(key, None)
-    resolved["study"].update(study_name=f"{study.study_name}_best{best.number}", n_trials=1, storage=None,
-                             pruner={"name": "NopPruner"})
+    resolved["study"].update(
+        study_name=f"{study.study_name}_best{best.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}
+    )
     resolved["search_space"] = {}
     exported = {
         "best_trial": {
@@ -362,8 +423,10 @@ def export_best(study, config, path):
         **resolved,
     }
     target = Path(path) if path else Path(config["experiment_dir"]) / "best_trial.yaml"
-    header = (f"# Best trial of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"
-              f"# derived dimensions). Retrain it: python worker.py --config {target}\n")
+    header = (
+        f"# Best trial of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"
+        f"# derived dimensions). Retrain it: python worker.py --config {target}\n"
+    )
     target.write_text(header + yaml.safe_dump(exported, sort_keys=False))
     print(f"best trial {best.number} ({config['study']['optimization_metric']} = {best.value:.6g}) -> {target}")
     return 0

@@ -12,10 +12,13 @@ The trial's life:
 - The study's budget (`n_trials`) counts finished trials in the whole study. A worker that finds
   it covered exits 0; one that was handed a trial beyond it (a race between workers) fails that
   trial as surplus, so the study never finishes more than the budget.
-- Before asking, dead workers' trials are failed and retried (liveness.py), once per process.
-- SLURM sends SIGUSR2 `signal_grace` seconds before the walltime (SIGTERM on preemption): the
-  trainer's next save_checkpoint() stores its state and the worker requeues its own array task.
-  The requeued task finds its RUNNING trial by its array ids and resumes it from the checkpoint.
+- Before asking, dead workers' trials are failed and retried (liveness.py), once per process; the
+  worker that fails one runs one more trial in its place, so an array loses no trial to a dead task.
+- SLURM sends SIGUSR2 `signal_grace` seconds before the walltime: the trainer's next
+  save_checkpoint() stores its state and the worker requeues its own array task, which then finds
+  its RUNNING trial by its array ids and resumes it from the checkpoint. On SIGTERM (preemption,
+  node failure, scancel) the trial is checkpointed and left RUNNING for SLURM's requeue, or for the
+  next reconcile to retry from that checkpoint.
 - A trainer exception or a NaN metric fails the trial with the reason stored on it; PRUNED is not FAIL.
 """
 
@@ -99,11 +102,13 @@ class TrialHandle:
         if not self.checkpoint.exists():
             return None
         import torch
+
         log.info("trial %d resumes from %s", self.trial.number, self.checkpoint)
         return torch.load(self.checkpoint, weights_only=False)
 
     def save_checkpoint(self, state):
         import torch
+
         partial = self.checkpoint.with_suffix(".partial")
         torch.save(state, partial)
         os.replace(partial, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
@@ -120,7 +125,9 @@ def parse_args(argv=None):
     parser.add_argument("--experiments_dir", default="experiments")
     parser.add_argument("--storage_file", help="file holding the storage URL (keeps passwords out of job scripts)")
     parser.add_argument("--data_dir", help="read data.dir from here instead (data staged to scratch)")
-    parser.add_argument("--trials", type=int, default=1, help="trials to run in this process; 0 = until the budget is met")
+    parser.add_argument(
+        "--trials", type=int, default=1, help="trials to run in this process; 0 = until the budget is met"
+    )
     parser.add_argument("--seed_offset", type=int, help="added to the sampler seed (default: SLURM job id or pid)")
     add_option_flags(parser, ("study",))
     return parser.parse_args(argv)
@@ -263,23 +270,32 @@ def add_train_seconds(trial, started):
 
 
 def requeue_or_fail(study, trial, config, signal_name):
-    """Checkpoint is on disk: let SLURM run this task again, up to max_requeues times."""
+    """The checkpoint is on disk. Decide how the trial goes on after this process."""
     task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
     settings = config["study"]
-    if not task:
+    if not task:  # a local run stopped by hand
         trial.set_user_attr("fail_reason", f"interrupted by {signal_name}")
         study.tell(trial, state=FAIL)
         return "FAIL"
+    if signal_name == "SIGTERM":
+        # Preemption or node failure: SLURM requeues the task and it resumes this trial.
+        # scancel: the task is gone, and the next reconcile retries the trial from this checkpoint.
+        log.info("trial %d checkpointed after SIGTERM; left RUNNING for its task %s", trial.number, task)
+        return "STOPPED"
     if requeues >= settings["max_requeues"]:
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-        reason = f"{signal_name}: requeued {requeues} times already (study.max_requeues)"
+        reason = f"walltime reached after {requeues} requeues (study.max_requeues)"
         liveness.fail_and_retry(study, frozen, reason, settings["max_retries"], settings["n_trials"])
         return "FAIL"
     trial.set_user_attr("requeues", requeues + 1)
-    if signal_name == "SIGUSR2":  # walltime ahead; on SIGTERM (preemption) SLURM requeues by itself
-        job = os.environ.get("SLURM_JOB_ID", task)
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        log.info("trial %d checkpointed, task %s requeued: %s", trial.number, task, result.stderr.strip() or "ok")
+    job = os.environ.get("SLURM_JOB_ID", task)
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    log.info(
+        "trial %d checkpointed before the walltime; task %s requeued (%s)",
+        trial.number,
+        task,
+        result.stderr.strip() or "ok",
+    )
     return "REQUEUED"
 
 
@@ -305,11 +321,12 @@ def work(args):
     prepare_data(config)
     storage = open_storage(config, storage_url(config, args.storage_file), source)
     study = open_study(config, storage, seed_offset(args), source)
-    liveness.reconcile(study, config)
+    # A worker that fails a dead worker's trial also takes over its place in the array.
+    taken_over = len(liveness.reconcile(study, config))
     stop = StopSignal()
     failed = done = 0
     trial = find_own_trial(study, liveness.slurm_task_key())
-    while args.trials == 0 or done < args.trials:
+    while args.trials == 0 or done < args.trials + taken_over:
         if trial is None:
             trial = claim_trial(study, config)
         else:
@@ -321,7 +338,7 @@ def work(args):
         state = run_trial(study, trial, config, stop)
         failed += state == "FAIL"
         done += 1
-        if state == "REQUEUED" or stop.received:
+        if state in ("REQUEUED", "STOPPED") or stop.received:
             break
         trial = None
         config = read_config(args)  # fresh from disk for the next trial

@@ -20,8 +20,13 @@ TINY = {
         "sampler": {"name": "TPESampler", "seed": 0, "n_startup_trials": 2},
         "pruner": {"name": "NopPruner"},
     },
-    "slurm": {"walltime": "00:10:00", "gpus_per_task": 0, "mem_per_cpu": "500M", "max_concurrent_jobs": 2,
-              "signal_grace": 60},
+    "slurm": {
+        "walltime": "00:10:00",
+        "gpus_per_task": 0,
+        "mem_per_cpu": "500M",
+        "max_concurrent_jobs": 2,
+        "signal_grace": 60,
+    },
     "data": {"dir": "data", "n_samples": 192, "seed": 0},
     "model": {"d_pos": 2, "d_hidden": 8, "n_layers": 1, "d_in": None, "d_head": None},
     "training": {"epochs": 2, "batch_size": 64, "lr": 0.01, "k_folds": 2, "device": "auto", "seed": 0},
@@ -55,8 +60,14 @@ def experiment(tmp_path):
 
 def run_script(script, *args, env=None, timeout=300, cwd=None):
     """Run one of the project's scripts as a user would, with this interpreter."""
-    return subprocess.run([sys.executable, str(PROJECT / script), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(PROJECT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def load_study(config_path, study_name=None):
@@ -64,8 +75,58 @@ def load_study(config_path, study_name=None):
     name = study_name or config["study"]["study_name"]
     journal = Path(config_path).parent / "runs" / name / "journal.log"
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+
+    storage = optuna.storages.JournalStorage(
+        JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))
+    )
     return optuna.load_study(study_name=name, storage=storage)
+
+
+PLUGIN = '''
+"""Test trainer: the example, or a slow stand-in (training.sleep per epoch).
+
+With training.misbehave, the enqueued lr 0.01 (never sampled exactly) with d_pos 2 raises, with 4 reports NaN.
+"""
+import math, time, pathlib, yaml
+import ishigami_lstm
+from ishigami_lstm import METRICS, prepare, update_config
+
+def train(config, trial):
+    d_pos = config["model"]["d_pos"]
+    misbehave = config["training"].get("misbehave") and config["training"]["lr"] == 0.01
+    if misbehave and d_pos == 2:
+        raise RuntimeError("boom: the trainer crashed")
+    if misbehave and d_pos == 4:
+        trial.report(float("nan"), 0)
+    if config["training"].get("edit_yaml_to"):  # edit the experiment YAML on disk mid-study
+        path = pathlib.Path(config["config_path"])
+        data = yaml.safe_load(path.read_text())
+        data["model"]["d_hidden"] = config["training"]["edit_yaml_to"]
+        data["training"].pop("edit_yaml_to")
+        path.write_text(yaml.safe_dump(data))
+    if config["training"].get("sleep"):
+        state = trial.load_checkpoint() or {"epoch": 0}
+        for epoch in range(state["epoch"], config["training"]["epochs"]):
+            time.sleep(config["training"]["sleep"])
+            trial.report(1.0 / (epoch + 1), epoch)
+            trial.save_checkpoint({"epoch": epoch + 1})
+        return {"val_mae_mean": 0.5, "val_rmse_mean": 0.5, "val_r2_mean": 0.5}
+    return ishigami_lstm.train(config, trial)
+'''
+
+
+def plugin_experiment(tmp_path, changes=None):
+    path = write_experiment(tmp_path / "exp", {"study.trainer": "plugin:train", **(changes or {})})
+    (path.parent / "plugin.py").write_text(PLUGIN)
+    return path
+
+
+def enqueue(path, *params):
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study = load_study(path)
+    for p in params:
+        study.enqueue_trial(p)
+    return study
 
 
 def finished(study):

@@ -22,6 +22,7 @@ def wait_until(condition, timeout=240, every=0.5, what="condition"):
 
 def wait_for_jobs(job_ids, timeout=300):
     """Until none of the jobs is pending or running; requeued tasks are released at once."""
+
     def gone():
         left = squeue(f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r")
         for line in left:
@@ -29,6 +30,7 @@ def wait_for_jobs(job_ids, timeout=300):
             if state == "PENDING" and reason == "BeginTime":  # a requeue waits; let it go now
                 subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"], capture_output=True)
         return not left
+
     wait_until(gone, timeout, what=f"jobs {job_ids} to end")
 
 

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 from conftest import finished, load_study, run_script, write_experiment
+
 from experiment import mask_password
 
 FAKE_SLURM = {
@@ -39,27 +40,64 @@ def test_dry_run_writes_and_prints_the_file_and_the_command(experiment, fake_slu
     assert script in out.stdout
     assert f"sbatch --parsable --array=0-3%2 {experiment.parent}/runs/tiny/array_job.sbatch" in out.stdout
     assert not calls.exists(), "a dry run submits nothing"
-    for line in ("#SBATCH --array=0-3%2", "#SBATCH --ntasks=1", "#SBATCH --time=00:10:00",
-                 "#SBATCH --mem-per-cpu=500M", "#SBATCH --requeue", "#SBATCH --signal=B:USR2@60",
-                 f"#SBATCH --output={experiment.parent}/runs/tiny/slurm_logs/optuna_%A_%a.out"):
+    for line in (
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --ntasks=1",
+        "#SBATCH --time=00:10:00",
+        "#SBATCH --mem-per-cpu=500M",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR2@60",
+        f"#SBATCH --output={experiment.parent}/runs/tiny/slurm_logs/optuna_%A_%a.out",
+    ):
         assert line + "\n" in script
     assert "--gpus" not in script, "gpus_per_task: 0 renders a CPU-only task"
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
 def test_every_option_reaches_its_directive(tmp_path):
-    path = write_experiment(tmp_path / "exp", {
-        "slurm.gpus_per_task": 1, "slurm.gpu_type": "rtx_4090", "slurm.partition": "gpu,gpu-long",
-        "slurm.account": "proj-1", "slurm.qos": "high", "slurm.constraint": "a100|h100", "slurm.cpus_per_task": 4,
-        "slurm.extra_directives": ["--mail-type=END", "--exclusive"],
-        "slurm.setup": ["module load cuda/12.1", "source ~/envs/optuna/bin/activate"]})
-    out = run_script("submit_study.py", "--config", path, "--no-submit_jobs", "--max_concurrent_jobs", 3,
-                     "--walltime", "2-00:00:00", "--mem_per_cpu", "23G", "--n_trials", 10)
+    path = write_experiment(
+        tmp_path / "exp",
+        {
+            "slurm.gpus_per_task": 1,
+            "slurm.gpu_type": "rtx_4090",
+            "slurm.partition": "gpu,gpu-long",
+            "slurm.account": "proj-1",
+            "slurm.qos": "high",
+            "slurm.constraint": "a100|h100",
+            "slurm.cpus_per_task": 4,
+            "slurm.extra_directives": ["--mail-type=END", "--exclusive"],
+            "slurm.setup": ["module load cuda/12.1", "source ~/envs/optuna/bin/activate"],
+        },
+    )
+    out = run_script(
+        "submit_study.py",
+        "--config",
+        path,
+        "--no-submit_jobs",
+        "--max_concurrent_jobs",
+        3,
+        "--walltime",
+        "2-00:00:00",
+        "--mem_per_cpu",
+        "23G",
+        "--n_trials",
+        10,
+    )
     assert out.returncode == 0, out.stderr
     script = rendered(path)
-    for line in ("--array=0-9%3", "--time=2-00:00:00", "--mem-per-cpu=23G", "--gpus=rtx_4090:1",
-                 "--partition=gpu,gpu-long", "--account=proj-1", "--qos=high", "--constraint=a100|h100",
-                 "--cpus-per-task=4", "--mail-type=END", "--exclusive"):
+    for line in (
+        "--array=0-9%3",
+        "--time=2-00:00:00",
+        "--mem-per-cpu=23G",
+        "--gpus=rtx_4090:1",
+        "--partition=gpu,gpu-long",
+        "--account=proj-1",
+        "--qos=high",
+        "--constraint=a100|h100",
+        "--cpus-per-task=4",
+        "--mail-type=END",
+        "--exclusive",
+    ):
         assert f"#SBATCH {line}\n" in script
     assert "module load cuda/12.1\nsource ~/envs/optuna/bin/activate\n" in script
     assert "\npython " in script, "with setup lines the task's own python runs the worker"
@@ -71,8 +109,11 @@ def test_submit_splits_arrays_larger_than_max_array_size_and_records_them(experi
     out = run_script("submit_study.py", "--config", experiment, "--n_trials", 7, env=env)
     assert out.returncode == 0, out.stderr
     lines = calls.read_text().splitlines()
-    assert [line.split()[1] for line in lines] == ["--array=0-2%2", "--dependency=afterany:4001",
-                                                   "--dependency=afterany:4002"]
+    assert [line.split()[1] for line in lines] == [
+        "--array=0-2%2",
+        "--dependency=afterany:4001",
+        "--dependency=afterany:4002",
+    ]
     assert lines[2].split()[2] == "--array=0-0%2"
     jobs = load_study(experiment).user_attrs["array_jobs"]
     assert [(j["job_id"], j["tasks"]) for j in jobs] == [("4001", 3), ("4002", 3), ("4003", 1)]
@@ -103,8 +144,13 @@ def test_rendered_file_runs_a_trial_and_quotes_hostile_paths(tmp_path):
     """Shell metacharacters in paths stay text: run the rendered file with bash, as a task would."""
     path = write_experiment(tmp_path / "x$(touch${IFS}pwned)`id`", {"study.n_trials": 1})
     assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
-    out = subprocess.run(["bash", str(path.parent / "runs/tiny/array_job.sbatch")], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        ["bash", str(path.parent / "runs/tiny/array_job.sbatch")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(finished(load_study(path))) == 1
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
@@ -130,8 +176,9 @@ def test_passwords_are_masked_when_printed():
 
 def test_cluster_mode_stages_the_data_to_scratch(experiment, tmp_path):
     scratch = tmp_path / "scratch"
-    out = run_script("submit_study.py", "--config", experiment, "--cluster", "--no-submit_jobs",
-                     env={"SCRATCH": str(scratch)})
+    out = run_script(
+        "submit_study.py", "--config", experiment, "--cluster", "--no-submit_jobs", env={"SCRATCH": str(scratch)}
+    )
     assert out.returncode == 0, out.stderr
     staged = scratch / "tiny" / "data" / "ishigami.csv"
     assert staged.read_text() == (experiment.parent / "data" / "ishigami.csv").read_text()

@@ -5,9 +5,10 @@ import os
 import stat
 
 import pytest
+from conftest import write_experiment
+
 import submit_study
 import worker
-from conftest import write_experiment
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 
@@ -44,8 +45,14 @@ BAD = [
     ({"search_space.model.d_pos": {"type": "integer", "low": 2, "high": 4}}, "search_space.model.d_pos.type"),
     ({"search_space.model.d_pos": {"type": "int", "low": 8, "high": 2}}, "search_space.model.d_pos"),
     ({"search_space.model.d_pos": {"type": "int", "low": 2.5, "high": 4}}, "search_space.model.d_pos.low"),
-    ({"search_space.training.lr": {"type": "float", "low": 0, "high": 0.1, "log": True}}, "search_space.training.lr.low"),
-    ({"search_space.training.lr": {"type": "float", "low": 1e-3, "high": 0.1, "scale": "log"}}, "search_space.training.lr.scale"),
+    (
+        {"search_space.training.lr": {"type": "float", "low": 0, "high": 0.1, "log": True}},
+        "search_space.training.lr.low",
+    ),
+    (
+        {"search_space.training.lr": {"type": "float", "low": 1e-3, "high": 0.1, "scale": "log"}},
+        "search_space.training.lr.scale",
+    ),
     ({"search_space.model.width": {"type": "int", "low": 2, "high": 4}}, "search_space.model.width"),
     ({"search_space.model.d_hidden": {"type": "categorical", "choices": []}}, "search_space.model.d_hidden.choices"),
     ({"search_space": ["model.d_pos"]}, "search_space"),
@@ -83,8 +90,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path, capsys):
 
 
 def test_missing_file_and_bad_exp_id(tmp_path, capsys):
-    assert_one_line_error(capsys, submit_study.main(["--config", str(tmp_path / "nope.yaml")]),
-                          tmp_path / "nope.yaml", "(file)")
+    assert_one_line_error(
+        capsys, submit_study.main(["--config", str(tmp_path / "nope.yaml")]), tmp_path / "nope.yaml", "(file)"
+    )
     assert_one_line_error(capsys, submit_study.main(["--exp_id", "../etc"]), "--exp_id", "exp_id")
 
 

@@ -10,49 +10,7 @@ import time
 
 import optuna
 import yaml
-from conftest import PROJECT, finished, load_study, run_script, write_experiment
-
-PLUGIN = '''
-"""Test trainer: delegates to the example, misbehaving on chosen params."""
-import math, time, pathlib, yaml
-import ishigami_lstm
-from ishigami_lstm import METRICS, prepare, update_config
-
-def train(config, trial):
-    d_pos = config["model"]["d_pos"]
-    if d_pos == 2:
-        raise RuntimeError("boom: the trainer crashed")
-    if d_pos == 4:
-        trial.report(float("nan"), 0)
-    if config["training"].get("edit_yaml_to"):  # edit the experiment YAML on disk mid-study
-        path = pathlib.Path(config["config_path"])
-        data = yaml.safe_load(path.read_text())
-        data["model"]["d_hidden"] = config["training"]["edit_yaml_to"]
-        data["training"].pop("edit_yaml_to")
-        path.write_text(yaml.safe_dump(data))
-    if config["training"].get("sleep"):
-        state = trial.load_checkpoint() or {"epoch": 0}
-        for epoch in range(state["epoch"], config["training"]["epochs"]):
-            time.sleep(config["training"]["sleep"])
-            trial.report(1.0 / (epoch + 1), epoch)
-            trial.save_checkpoint({"epoch": epoch + 1})
-        return {"val_mae_mean": 0.5, "val_rmse_mean": 0.5, "val_r2_mean": 0.5}
-    return ishigami_lstm.train(config, trial)
-'''
-
-
-def plugin_experiment(tmp_path, changes=None):
-    path = write_experiment(tmp_path / "exp", {"study.trainer": "plugin:train", **(changes or {})})
-    (path.parent / "plugin.py").write_text(PLUGIN)
-    return path
-
-
-def enqueue(path, *params):
-    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
-    study = load_study(path)
-    for p in params:
-        study.enqueue_trial(p)
-    return study
+from conftest import PROJECT, enqueue, finished, load_study, plugin_experiment, run_script
 
 
 def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(experiment):
@@ -119,7 +77,7 @@ def test_each_trial_reads_the_yaml_fresh_and_recomputes_derived_dims(tmp_path):
 
 
 def test_exception_and_nan_fail_only_their_trial(tmp_path):
-    path = plugin_experiment(tmp_path, {"study.n_trials": 3})
+    path = plugin_experiment(tmp_path, {"study.n_trials": 3, "training.misbehave": True})
     enqueue(path, {"model.d_pos": 2, "training.lr": 0.01}, {"model.d_pos": 4, "training.lr": 0.01})
     out = run_script("submit_study.py", "--config", path, "--local", 2)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -134,8 +92,11 @@ def test_exception_and_nan_fail_only_their_trial(tmp_path):
 def test_status_shows_counts_budget_best_and_running_trials(tmp_path):
     path = plugin_experiment(tmp_path, {"training.sleep": 1.0, "training.epochs": 8, "study.n_trials": 1})
     enqueue(path, {"model.d_pos": 6, "training.lr": 0.01})
-    slow = subprocess.Popen([sys.executable, str(PROJECT / "worker.py"), "--config", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = subprocess.Popen(
+        [sys.executable, str(PROJECT / "worker.py"), "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: (path.parent / "runs/tiny/trials/0/checkpoint.pt").exists())
         out = run_script("submit_study.py", "--config", path, "--status")

@@ -50,7 +50,11 @@ def test_array_of_8_with_3_concurrent_one_gpu_each(slurm, tmp_path):
         assert f"trial {t.number} COMPLETE" in Path(t.user_attrs["slurm_err"]).read_text() or t.state.name == "PRUNED"
     for a in done:  # trials that ran at the same time had different GPUs
         for b in done:
-            if a.number < b.number and a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete:
+            if (
+                a.number < b.number
+                and a.datetime_start < b.datetime_complete
+                and b.datetime_start < a.datetime_complete
+            ):
                 assert a.user_attrs["cuda_visible_devices"] != b.user_attrs["cuda_visible_devices"]
     status = run_script("submit_study.py", "--config", path, "--status")
     assert "8/8 finished" in status.stdout
@@ -95,8 +99,9 @@ def test_sbatch_by_hand_adds_a_worker_to_the_same_study(slurm, tmp_path):
     path = write_experiment(tmp_path / "exp", {"study.n_trials": 2})
     submit(path, "--no-submit_jobs")
     script = path.parent / "runs" / "tiny" / "array_job.sbatch"
-    job = subprocess.run(["sbatch", "--parsable", "--array=0", str(script)], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--array=0", str(script)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     wait_for_jobs([job])
     study = load_study(path)
     assert len(finished(study)) == 1 and study.trials[0].user_attrs["slurm_array_job_id"] == job

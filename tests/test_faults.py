@@ -1,0 +1,146 @@
+"""Nothing lost, nothing stuck, nothing twice: faults injected into real arrays on the local cluster.
+
+Each scenario ends with the study's promise: exactly the budget finished, nothing RUNNING or
+WAITING, no array task with two live trials, and every retry linked to the trial it replaces.
+"""
+
+import os
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import enqueue, finished, load_study, plugin_experiment, run_script
+from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
+
+pytestmark = pytest.mark.slurm
+SLOW = {"training.sleep": 1.0, "training.epochs": 6}
+
+
+def submit(path, *flags):
+    out = run_script("submit_study.py", "--config", path, *flags)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return submitted_jobs(out.stdout)
+
+
+def assert_study_whole(study, budget):
+    trials = study.get_trials()
+    assert len(finished(study)) == budget, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    finished_tasks = Counter(t.user_attrs.get("slurm_task") for t in finished(study))
+    assert max(finished_tasks.values()) <= 1 + sum(1 for t in trials if t.state.name == "FAIL"), finished_tasks
+    by_number = {t.number: t for t in trials}
+    for t in trials:
+        if "retry_of" in t.user_attrs:
+            origin = by_number[t.user_attrs["retry_of"]]
+            assert origin.state.name == "FAIL" and origin.params == t.params
+        if t.state.name == "FAIL":
+            assert t.user_attrs.get("fail_reason")
+    retried = Counter(t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs and t.state.name != "FAIL")
+    assert not retried or max(retried.values()) == 1, "a dead trial was retried twice"
+
+
+def running_trial_with_checkpoint(path):
+    study = load_study(path)
+
+    def find():
+        for t in study.get_trials():
+            if t.state.name == "RUNNING" and "pid" in t.user_attrs:
+                if (path.parent / "runs/tiny/trials" / str(t.number) / "checkpoint.pt").exists():
+                    return t
+
+    return wait_until(find, what="a running trial with a checkpoint")
+
+
+def test_kill_9_of_a_worker_is_retried_within_the_array(slurm, tmp_path):
+    path = plugin_experiment(tmp_path, {**SLOW, "study.n_trials": 4, "slurm.max_concurrent_jobs": 2})
+    jobs = submit(path)
+    victim = running_trial_with_checkpoint(path)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    wait_for_jobs(jobs)
+    study = load_study(path)
+    assert_study_whole(study, 4)
+    dead = study.trials[victim.number]
+    assert dead.state.name == "FAIL" and dead.user_attrs["fail_reason"].startswith("worker died")
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == victim.number)
+    assert sorted(retry.intermediate_values) == list(range(6)), "the retry continued the dead trial's curve"
+
+
+def test_scancel_of_one_task_mid_trial(slurm, tmp_path):
+    path = plugin_experiment(tmp_path, {**SLOW, "study.n_trials": 4, "slurm.max_concurrent_jobs": 2})
+    jobs = submit(path)
+    victim = running_trial_with_checkpoint(path)
+    subprocess.run(["scancel", victim.user_attrs["slurm_task"]], check=True)
+    wait_for_jobs(jobs)
+    study = load_study(path)
+    if len(finished(study)) < 4:  # the cancelled task was in the last wave: nobody started after it
+        wait_for_jobs(submit(path))
+        study = load_study(path)
+    assert_study_whole(study, 4)
+    assert study.trials[victim.number].user_attrs["fail_reason"].startswith("worker died")
+
+
+def test_trial_longer_than_its_walltime_resumes_after_requeue(slurm, tmp_path):
+    path = plugin_experiment(
+        tmp_path,
+        {
+            "training.sleep": 1.0,
+            "training.epochs": 25,
+            "study.n_trials": 1,
+            "slurm.walltime": "1",
+            "slurm.signal_grace": 50,
+        },
+    )
+    jobs = submit(path)
+    wait_for_jobs(jobs, timeout=400)
+    study = load_study(path)
+    assert_study_whole(study, 1)
+    trial = study.trials[0]
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["requeues"] >= 1
+    assert trial.user_attrs["slurm_restart_count"] >= 1
+    assert sorted(trial.intermediate_values) == list(range(25))
+    log = Path(trial.user_attrs["log_path"]).read_text()
+    assert "checkpointed before the walltime" in log and "resumes from" in log
+
+
+def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):
+    path = plugin_experiment(tmp_path, {**SLOW, "study.n_trials": 3, "slurm.max_concurrent_jobs": 3})
+    jobs = submit(path)
+    running_trial_with_checkpoint(path)
+    subprocess.run(["scontrol", "update", f"nodename={slurm}", "state=down", "reason=test"], check=True)
+    try:
+        wait_until(
+            lambda: "down" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout,
+            what="node down",
+        )
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={slurm}", "state=resume"], check=True)
+    wait_for_jobs(jobs, timeout=400)
+    study = load_study(path)
+    if len(finished(study)) < 3:
+        wait_for_jobs(submit(path))
+        study = load_study(path)
+    assert_study_whole(study, 3)
+
+
+def test_nan_and_exception_fail_their_trials_and_the_rest_finish(slurm, tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 3, "training.misbehave": True})
+    enqueue(path, {"model.d_pos": 2, "training.lr": 0.01}, {"model.d_pos": 4, "training.lr": 0.01})
+    wait_for_jobs(submit(path))
+    wait_for_jobs(submit(path))  # failed trials do not count: the top-up runs the missing ones
+    study = load_study(path)
+    assert_study_whole(study, 3)
+    reasons = sorted(t.user_attrs["fail_reason"] for t in study.trials if t.state.name == "FAIL")
+    assert reasons[0].startswith("RuntimeError: boom") and "metric is nan" in reasons[1]
+    # Once the budget is met, a further task exits at once without a trial.
+    script = path.parent / "runs/tiny/array_job.sbatch"
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--array=0", str(script)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    wait_for_jobs([job])
+    assert (
+        "budget of 3 finished trials is covered"
+        in (path.parent / f"runs/tiny/slurm_logs/optuna_{job}_0.err").read_text()
+    )
+    assert len(load_study(path).trials) == len(study.trials)
