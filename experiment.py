@@ -17,11 +17,15 @@ import re
 import shlex
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import yaml
+
+# Heartbeats and fail_stale_trials are marked experimental; they are what Optuna offers for dead workers.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -115,6 +119,10 @@ OPTIONS = [
     Option("study", "pruner", {"name": "MedianPruner"}, _mapping_with_name, "pruner: {name: ..., options}"),
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
+    Option(
+        "study", "heartbeat_interval", 60, _int_at_least(1), "seconds between heartbeats (SQLite/PostgreSQL storages)"
+    ),
+    Option("study", "grace_period", 300, _int_at_least(1), "seconds without heartbeat before a trial counts as dead"),
     Option("study", "runs_dir", "runs", _text, "where runs/<study>/ lives (relative to the YAML)"),
     Option(
         "study",
@@ -253,6 +261,14 @@ def load_config(path, overrides=None):
 
 
 def _check_slurm(config, source):
+    study = config["study"]
+    if study["grace_period"] < 2 * study["heartbeat_interval"]:  # optuna#4234: live trials failed
+        raise ConfigError(
+            source,
+            "study.grace_period",
+            f"{study['grace_period']} s is too close to the heartbeat",
+            "make grace_period at least twice heartbeat_interval",
+        )
     slurm = config["slurm"]
     if walltime_seconds(slurm["walltime"]) <= slurm["signal_grace"]:
         raise ConfigError(
@@ -474,7 +490,17 @@ def open_storage(config, url=None, source="config"):
         return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     if url.startswith("sqlite:///") and "timeout=" not in url:
         url += ("&" if "?" in url else "?") + "timeout=60"  # the 5 s default loses trials under load
+    settings = config["study"]
     try:
+        if url.split(":")[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
+            # Optuna's own liveness for RDB storages: workers send heartbeats, stale trials are retried.
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings["max_retries"])
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=settings["heartbeat_interval"],
+                grace_period=settings["grace_period"],
+                heartbeat_stale_trial_callback=retry,
+            )
         return optuna.storages.get_storage(url)
     except Exception as e:  # any driver error: unreachable, bad URL, missing driver
         raise ConfigError(

@@ -328,7 +328,8 @@ def show_status(study, config):
         print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {duration(age)}{where}")
     for t in trials:
         if t.state.name == "FAIL":
-            print(f"  trial {t.number} FAIL: {t.user_attrs.get('fail_reason', '?')}")
+            reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
+            print(f"  trial {t.number} FAIL: {reason}")
     if study.user_attrs.get("array_jobs"):
         print_slurm_tasks(study, trials, tasks)
     return 0

@@ -23,6 +23,7 @@ The trial's life:
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,8 +32,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import optuna
@@ -160,6 +163,7 @@ def claim_trial(study, config):
     if sum(t.state in FINISHED or t.state == RUNNING for t in trials) >= budget:
         return None
     trial = study.ask()
+    link_heartbeat_retry(study, trial)
     # Trial numbers are consecutive: everything numbered below ours existed when we asked.
     ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
     reason = None
@@ -174,6 +178,39 @@ def claim_trial(study, config):
         log.info("trial %d dropped (%s)", trial.number, reason)
         return None
     return trial
+
+
+def link_heartbeat_retry(study, trial):
+    """Optuna's heartbeat retries name their origin in system attrs; use our link for every retry."""
+    system = study._storage.get_trial_system_attrs(trial._trial_id)
+    if system.get("failed_trial") is not None and "retry_of" not in trial.user_attrs:
+        trial.set_user_attr("retry_of", system["failed_trial"])
+        trial.set_user_attr("retry_attempt", len(system.get("retry_history", [])))
+
+
+@contextlib.contextmanager
+def heartbeat(study, trial):
+    """On RDB storages, beat as Study.optimize would; ask/tell alone sends no heartbeat."""
+    storage = study._storage  # the study's own storage object (RDB, wrapped in a cache) holds the settings
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if not interval:
+        yield
+        return
+    stopped = threading.Event()
+
+    def beat():
+        while True:
+            storage.record_heartbeat(trial._trial_id)
+            if stopped.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()
 
 
 def record_owner(trial, folder, config):
@@ -229,7 +266,8 @@ def run_trial(study, trial, config, stop):
         log.info("trial %d params: %s", trial.number, trial.params)
         handle = TrialHandle(trial, folder, stop)
         adopt_origin_checkpoint(study, trial, handle, config)
-        return train_and_tell(study, trial, resolved, handle)
+        with heartbeat(study, trial):
+            return train_and_tell(study, trial, resolved, handle)
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
@@ -306,6 +344,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # We send the heartbeats ourselves (heartbeat() below), so ask/tell with them is by design.
+    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
     args = parse_args(argv)
     try:
         return work(args)
@@ -328,6 +368,7 @@ def work(args):
     trial = find_own_trial(study, liveness.slurm_task_key())
     while args.trials == 0 or done < args.trials + taken_over:
         if trial is None:
+            optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
             trial = claim_trial(study, config)
         else:
             log.info("resuming trial %d after a requeue", trial.number)
