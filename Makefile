@@ -53,7 +53,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 bench: venv
-	$(PY) bench/storage_bench.py
+	$(PY) bench/storage_bench.py --workers 16 --trials 10
 
 clean:
 	rm -rf runs data best_trial.yaml .pytest_cache

@@ -326,34 +326,41 @@ def show_status(study, config):
         age = (datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0
         where = f"  task {a['slurm_task']}" if a.get("slurm_task") else ""
         print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {duration(age)}{where}")
-    for t in trials:
-        if t.state.name == "FAIL":
-            reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
-            print(f"  trial {t.number} FAIL: {reason}")
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    for t in failed[-10:]:
+        reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
+        print(f"  trial {t.number} FAIL: {reason}")
+    live_tasks = 0
     if study.user_attrs.get("array_jobs"):
-        print_slurm_tasks(study, trials, tasks)
+        live_tasks = print_slurm_tasks(study, trials, tasks)
+    missing = remaining(study, config) - live_tasks
+    if missing > 0:
+        print(f"{missing} trial(s) not covered by any worker: submit again to top up")
     return 0
 
 
 def print_slurm_tasks(study, trials, tasks):
-    """One line per array task: SLURM's view (one squeue, at most one sacct) joined with the trials."""
+    """One line per array task and trial: SLURM's view (one squeue, at most one sacct) joined with the study.
+
+    Returns how many of the study's tasks are still pending or running.
+    """
     job_ids = [j["job_id"] for j in study.user_attrs["array_jobs"]]
-    by_task = {t.user_attrs["slurm_task"]: t for t in trials if t.user_attrs.get("slurm_task")}
-    states = {k: v[0] for k, v in (tasks or {}).items() if k.split("_")[0] in job_ids}
-    for key, state in sacct_states(job_ids).items():
-        states.setdefault(key, state)
-    keys = sorted(set(states) | {k for k in by_task if k.split("_")[0] in job_ids}, key=task_order)
+    live = {k: v[0] for k, v in (tasks or {}).items() if k.split("_")[0] in job_ids}
+    states = {**sacct_states(job_ids), **live}
+    by_task = {}
+    for t in trials:
+        if t.user_attrs.get("slurm_task", "").split("_")[0] in job_ids:
+            by_task.setdefault(t.user_attrs["slurm_task"], []).append(t)
     print(f"{'array task':<14}{'slurm':<12}{'trial':>6}  {'state':<9}{'value':>12}  {'elapsed':>9}  log")
-    for key in keys:
-        t = by_task.get(key)
-        state = states.get(key, "gone")
-        value = f"{t.value:.6g}" if t and t.value is not None else "-"
-        elapsed = duration(t.user_attrs.get("train_seconds", 0)) if t else "-"
-        log = t.user_attrs.get("slurm_out", "-") if t else "-"
-        print(
-            f"{key:<14}{state:<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}{value:>12}  "
-            f"{elapsed:>9}  {log}"
-        )
+    for key in sorted(set(states) | set(by_task), key=task_order):
+        for t in by_task.get(key) or [None]:
+            value = f"{t.value:.6g}" if t and t.value is not None else "-"
+            elapsed = duration(t.user_attrs.get("train_seconds", 0)) if t else "-"
+            print(
+                f"{key:<14}{states.get(key, 'gone'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
+                f"{value:>12}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
+            )
+    return sum(1 for key in live if key not in by_task)
 
 
 def sacct_states(job_ids):
