@@ -108,8 +108,9 @@ def submit(args, config):
             "run on a SLURM login node, or use --local K or --no-submit_jobs",
         )
     url = storage_url(config)
-    storage = open_storage(config, url, source)
+    storage = open_storage(config, url, source) if url else None  # an unreachable server fails first
     prepare_data(config, source)
+    storage = storage or open_storage(config, None, source)  # the journal file, once all checks passed
     data_dir = stage_data(config, args.scratch) if args.cluster else None
     if args.group_access:
         run_dir(config).chmod(0o750)
@@ -125,6 +126,7 @@ def submit(args, config):
             "or PostgreSQL never does",
             file=sys.stderr,
         )
+    study.set_user_attr("n_trials", config["study"]["n_trials"])  # the budget status reports against
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
@@ -306,6 +308,8 @@ def open_existing_study(config):
 
 
 def show_status(study, config):
+    if "n_trials" not in config["cli_overrides"]:  # the budget of the last submission, if the YAML differs
+        config["study"]["n_trials"] = study.user_attrs.get("n_trials", config["study"]["n_trials"])
     tasks = liveness.squeue_tasks()
     liveness.reconcile(study, config, tasks)
     trials = study.get_trials(deepcopy=False)

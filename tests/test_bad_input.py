@@ -11,6 +11,7 @@ import submit_study
 import worker
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
+HAS_CMAES = importlib.util.find_spec("cmaes") is not None
 
 # (changes to the tiny experiment, text the error line must name)
 BAD = [
@@ -59,8 +60,11 @@ BAD = [
     ({"study": ["n_trials"]}, "study"),
     ({"study.storage": "postgresql://alice:s3cret@127.0.0.1:1/optuna"}, "study.storage"),
 ]
-if not HAS_SCIPY:
+if not HAS_SCIPY:  # Optuna itself would only fail at the first sample
     BAD.append(({"study.sampler": {"name": "QMCSampler"}}, "study.sampler.name"))
+    BAD.append(({"study.pruner": {"name": "WilcoxonPruner"}}, "study.pruner.name"))
+if not HAS_CMAES:
+    BAD.append(({"study.sampler": {"name": "CmaEsSampler"}}, "study.sampler.name"))
 
 
 def assert_one_line_error(capsys, code, path, key):
@@ -120,3 +124,13 @@ def test_run_directory_is_private(experiment):
     assert submit_study.main(["--config", str(experiment), "--no-submit_jobs"]) == 0
     mode = stat.S_IMODE(os.stat(experiment.parent / "runs" / "tiny").st_mode)
     assert mode & 0o077 == 0, oct(mode)
+
+
+def test_missing_data_directory_is_refused(tmp_path, capsys):
+    """A trainer without prepare() needs data.dir to exist already."""
+    path = write_experiment(tmp_path / "exp", {"study.trainer": "noprep:train", "data.dir": "no_such_dir"})
+    (path.parent / "noprep.py").write_text("def train(config, trial):\n    return {'val_mae_mean': 1.0}\n")
+    code = submit_study.main(["--config", str(path), "--no-submit_jobs"])
+    err = assert_one_line_error(capsys, code, path, "data.dir")
+    assert "no_such_dir does not exist" in err
+    assert not (tmp_path / "exp" / "runs").exists()

@@ -45,6 +45,13 @@ def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(
     assert again.state.name == "COMPLETE"
     assert math.isclose(again.value, study.best_value, rel_tol=1e-4)
 
+    # The seed's layout: --exp_id finds experiments/<id>/config.yaml and exports beside it.
+    best_file.unlink()
+    by_id = ["--exp_id", "tiny", "--experiments_dir", experiment.parent.parent]
+    assert run_script("submit_study.py", *by_id, "--export_best").returncode == 0
+    assert yaml.safe_load(best_file.read_text())["best_trial"]["number"] == study.best_trial.number
+    assert "5/5 finished" in run_script("submit_study.py", *by_id, "--status").stdout
+
     # Resubmitting a finished study submits nothing; a larger budget extends it.
     out = run_script("submit_study.py", "--config", experiment, "--local", 1, "--n_trials", 5)
     assert out.returncode == 0 and len(finished(load_study(experiment))) == 5
