@@ -171,16 +171,22 @@ OPTIONS = [
 SECTION_KEYS = {s: {o.key for o in OPTIONS if o.section == s} for s in ("study", "slurm")}
 
 
-def add_option_flags(parser, sections):
-    """One argparse flag per scalar option, named as its YAML key; a given flag overrides the YAML."""
+def add_experiment_flags(parser, sections):
+    """--config or --exp_id, and one flag per scalar option of the sections, named as its YAML key."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="experiment YAML")
+    which.add_argument("--exp_id", help="experiment id: experiments/<exp_id>/config.yaml")
+    parser.add_argument("--experiments_dir", default="experiments", help="where --exp_id looks")
     for option in OPTIONS:
         if option.section in sections and not isinstance(option.default, (dict, list)):
             kind = int if isinstance(option.default, int) else str
             parser.add_argument(f"--{option.key}", type=kind, help=f"{option.help} [{option.section}.{option.key}]")
 
 
-def option_overrides(args):
-    return {o.key: getattr(args, o.key, None) for o in OPTIONS if getattr(args, o.key, None) is not None}
+def config_from_args(args):
+    """The experiment YAML that --config/--exp_id name, fresh from disk, with the given flags applied."""
+    overrides = {o.key: getattr(args, o.key, None) for o in OPTIONS if getattr(args, o.key, None) is not None}
+    return load_config(experiment_yaml(args.exp_id, args.config, args.experiments_dir), overrides)
 
 
 # ---------------------------------------------------------------- loading the YAML

@@ -29,17 +29,15 @@ from experiment import (
     FINISHED,
     OPTIONS,
     ConfigError,
-    add_option_flags,
+    add_experiment_flags,
     build_pruner,
     build_sampler,
+    config_from_args,
     count_states,
-    experiment_yaml,
-    load_config,
     load_trainer,
     mask_password,
     open_storage,
     open_study,
-    option_overrides,
     prepare_data,
     quote_command,
     run_dir,
@@ -52,11 +50,7 @@ TEMPLATE = PROJECT / "array_job.sbatch"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--config", help="experiment YAML")
-    which.add_argument("--exp_id", help="experiment id: experiments/<exp_id>/config.yaml")
-    parser.add_argument("--experiments_dir", default="experiments")
-    add_option_flags(parser, ("study", "slurm"))
+    add_experiment_flags(parser, ("study", "slurm"))
     parser.add_argument("--cluster", action="store_true", help="stage the data to $SCRATCH (or --scratch) first")
     parser.add_argument(
         "--submit_jobs",
@@ -81,7 +75,7 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = parse_args(argv)
     try:
-        config = load_config(experiment_yaml(args.exp_id, args.config, args.experiments_dir), option_overrides(args))
+        config = config_from_args(args)
         if args.status:
             return show_status(open_existing_study(config), config)
         if args.export_best is not None:

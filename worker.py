@@ -45,14 +45,12 @@ import liveness
 from experiment import (
     FINISHED,
     ConfigError,
-    add_option_flags,
-    experiment_yaml,
+    add_experiment_flags,
+    config_from_args,
     hostname,
-    load_config,
     load_trainer,
     open_storage,
     open_study,
-    option_overrides,
     prepare_data,
     resolve_config,
     run_dir,
@@ -122,24 +120,19 @@ class TrialHandle:
 # ---------------------------------------------------------------- command line
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--config", help="experiment YAML")
-    which.add_argument("--exp_id", help="experiment id: experiments/<exp_id>/config.yaml")
-    parser.add_argument("--experiments_dir", default="experiments")
+    add_experiment_flags(parser, ("study",))
     parser.add_argument("--storage_file", help="file holding the storage URL (keeps passwords out of job scripts)")
     parser.add_argument("--data_dir", help="read data.dir from here instead (data staged to scratch)")
     parser.add_argument(
         "--trials", type=int, default=1, help="trials to run in this process; 0 = until the budget is met"
     )
     parser.add_argument("--seed_offset", type=int, help="added to the sampler seed (default: SLURM job id or pid)")
-    add_option_flags(parser, ("study",))
     return parser.parse_args(argv)
 
 
 def read_config(args):
     """The experiment YAML, fresh from disk, as this worker was told to see it."""
-    path = experiment_yaml(args.exp_id, args.config, args.experiments_dir)
-    config = load_config(path, option_overrides(args))
+    config = config_from_args(args)
     if args.data_dir:
         config.setdefault("data", {})["dir"] = str(Path(args.data_dir).resolve())
     return config
