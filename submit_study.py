@@ -261,7 +261,7 @@ def submit_arrays(study, config, commands):
         study.set_user_attr("array_jobs", jobs)
         print(f"submitted array job {previous}: {tasks} tasks")
     folder = run_dir(config)
-    which = f"--config {quote_command([config['config_path']])}"
+    which = quote_command(["--config", config["config_path"], "--study_name", config["study"]["study_name"]])
     print(
         "watch it:\n"
         f"  squeue --me --array --jobs={','.join(j['job_id'] for j in jobs[-len(commands) :])}\n"
@@ -321,9 +321,9 @@ def show_status(study, config):
         print("running:")
     for t in running:
         a = t.user_attrs
-        age = (datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0
         where = f"  task {a['slurm_task']}" if a.get("slurm_task") else ""
-        print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {duration(age)}{where}")
+        age = duration(trial_seconds(t))
+        print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {age}{where}")
     failed = [t for t in trials if t.state.name == "FAIL"]
     for t in failed[-10:]:
         reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
@@ -353,9 +353,9 @@ def print_slurm_tasks(study, trials, tasks):
     for key in sorted(set(states) | set(by_task), key=task_order):
         for t in by_task.get(key) or [None]:
             value = f"{t.value:.6g}" if t and t.value is not None else "-"
-            elapsed = duration(t.user_attrs.get("train_seconds", 0)) if t else "-"
+            elapsed = duration(trial_seconds(t)) if t else "-"
             print(
-                f"{key:<14}{states.get(key, 'gone'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
+                f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
                 f"{value:>12}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
             )
     return sum(1 for key in live if key not in by_task)
@@ -374,6 +374,13 @@ def sacct_states(job_ids):
     if out.returncode != 0:
         return {}
     return dict(line.split("|")[:2] for line in out.stdout.splitlines() if "|" in line)
+
+
+def trial_seconds(trial):
+    """Training time of a finished trial; time since the start of a running one."""
+    if trial.state == liveness.RUNNING and trial.datetime_start:
+        return (datetime.now() - trial.datetime_start).total_seconds()
+    return trial.user_attrs.get("train_seconds", 0)
 
 
 def task_order(key):
