@@ -53,6 +53,14 @@ def _int_at_least(low):
     return check
 
 
+def _int_between(low, high):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"must be an integer from {low} to {high}"
+
+    return check
+
+
 def _matches(pattern, what):
     def check(value):
         if not isinstance(value, str) or not pattern.match(value):
@@ -157,7 +165,9 @@ OPTIONS = [
         "node features",
         "--constraint={}",
     ),
-    Option("slurm", "signal_grace", 120, _int_at_least(1), "seconds before the walltime to checkpoint and requeue"),
+    Option(
+        "slurm", "signal_grace", 120, _int_between(1, 65535), "seconds before the walltime to checkpoint and requeue"
+    ),
     Option(
         "slurm",
         "extra_directives",
@@ -190,6 +200,26 @@ def config_from_args(args):
 
 
 # ---------------------------------------------------------------- loading the YAML
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 numbers: 1e-4 is a float, 2:30:00 stays a (SLURM) string."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if not tag.endswith((":int", ":float"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9]*)$"), list("-+0123456789"))
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text):
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def experiment_yaml(exp_id=None, config=None, experiments_dir="experiments"):
     """The YAML file named by --config, or experiments/<exp_id>/config.yaml for --exp_id."""
     if config:
@@ -212,7 +242,7 @@ def load_config(path, overrides=None):
     except OSError as e:
         raise ConfigError(source, "(file)", f"cannot read it ({e.strerror})", "pass an existing YAML file") from None
     try:
-        config = yaml.safe_load(text)
+        config = read_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(syntax)"
@@ -240,24 +270,32 @@ def load_config(path, overrides=None):
             config[option.section][option.key] = value
         config[option.section].setdefault(option.key, copy.deepcopy(option.default))
         value = config[option.section][option.key]
+        if option.key in ("walltime", "mem_per_cpu") and isinstance(value, int) and not isinstance(value, bool):
+            value = config[option.section][option.key] = str(value)  # 30 = 30 minutes, 4096 = 4096 MB
         problem = value is not None and option.check(value)
         if problem:
-            raise ConfigError(source, f"{option.section}.{option.key}", f"{value!r} {problem}", option.help)
+            key = f"{option.section}.{option.key}"
+            raise ConfigError(source, key, f"{value!r} {problem}", f"correct {key} ({option.help}) or --{option.key}")
 
     base = path.resolve().parent
     config["experiment_dir"] = str(base)
     config["config_path"] = str(path.resolve())
     config["cli_overrides"] = {k: v for k, v in (overrides or {}).items() if v is not None}
     study = config["study"]
-    study["study_name"] = study["study_name"] or base.name
+    if not study["study_name"]:
+        if not SAFE_NAME.match(base.name):
+            raise ConfigError(source, "study.study_name", f"the folder name {base.name!r} is no study name", NAME)
+        study["study_name"] = base.name
     study["runs_dir"] = str(base / os.path.expandvars(os.path.expanduser(study["runs_dir"])))
-    if re.search(r"\s", study["runs_dir"]):
+    if re.search(r"[\s%'\"\\]", str(run_dir(config))):  # it lands in #SBATCH --output, unquoted
         raise ConfigError(
             source,
             "study.runs_dir",
-            f"{study['runs_dir']!r} contains whitespace",
-            "choose a path without spaces (SLURM log paths cannot hold them)",
+            f"{str(run_dir(config))!r} contains spaces, quotes or '%'",
+            "choose a runs_dir (and folder) without them: SLURM log paths cannot hold them",
         )
+    if (study["storage"] or "").startswith("sqlite:///") and not study["storage"].startswith("sqlite:////"):
+        study["storage"] = f"sqlite:///{base / study['storage'][len('sqlite:///') :]}"  # relative to the YAML
     data = config.get("data")
     if isinstance(data, dict) and isinstance(data.get("dir"), str):
         data["dir"] = str(base / os.path.expandvars(os.path.expanduser(data["dir"])))
@@ -305,6 +343,8 @@ def _check_search_space(config, source):
         raise ConfigError(source, "search_space", "is not a mapping", "map dotted config paths to {type: ...} specs")
     for name, spec in space.items():
         key = f"search_space.{name}"
+        if not isinstance(name, str):
+            raise ConfigError(source, key, "is not a dotted path", "name a config key such as model.d_pos")
         try:
             get_dotted(config, name)
         except KeyError:
@@ -335,23 +375,19 @@ def _check_search_space(config, source):
 
 
 def _check_range(spec, key, source, number):
-    for bound in ("low", "high"):
+    kinds = (int,) if number is int else (int, float)
+    for bound in ("low", "high", "step"):
         value = spec.get(bound)
-        if number is float and isinstance(value, str):
-            try:  # PyYAML reads 1e-4 (no dot) as a string
-                spec[bound] = value = float(value)
-            except ValueError:
-                pass
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (number is int and not isinstance(value, int))
-        ):
+        if bound == "step" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
             raise ConfigError(
-                source, f"{key}.{bound}", f"{value!r} is not a number", f"give {bound} as an {number.__name__}"
+                source, f"{key}.{bound}", f"{value!r} is not a number", f"give {bound} as {number.__name__}"
             )
     if spec["low"] > spec["high"]:
         raise ConfigError(source, key, f"low {spec['low']} > high {spec['high']}", "swap low and high")
+    if spec.get("step") is not None and spec["step"] <= 0:
+        raise ConfigError(source, f"{key}.step", f"{spec['step']} is not positive", "give a step > 0 or leave it out")
     if spec.get("log") and spec["low"] <= 0:
         raise ConfigError(source, f"{key}.low", "log scale needs low > 0", "set low > 0 or log: false")
     if spec.get("log") and spec.get("step") is not None:
@@ -389,7 +425,7 @@ def resolve_config(config, params):
             node = node[part]
         node[leaf] = value
     update = getattr(trainer_module(resolved), "update_config", None)
-    return update(resolved) if update else resolved
+    return (update(resolved) or resolved) if update else resolved  # in place or returned, both work
 
 
 # ---------------------------------------------------------------- trainer plug-in
@@ -406,7 +442,7 @@ def load_trainer(config, source="config"):
     spec = config["study"]["trainer"]
     try:
         module = trainer_module(config)
-    except ImportError as e:
+    except Exception as e:  # ImportError, or a SyntaxError/NameError inside the user's module
         raise ConfigError(
             source, "study.trainer", f"cannot import {spec!r} ({e})", "name an importable package.module:function"
         ) from None
@@ -442,7 +478,11 @@ NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy",
 def build_sampler(config, seed_offset=0, source="config"):
     spec = dict(config["study"]["sampler"])
     if spec.get("seed") is not None:
-        spec["seed"] = int(spec["seed"]) + seed_offset  # same seed in every worker repeats the same configs
+        if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int):
+            raise ConfigError(
+                source, "study.sampler.seed", f"{spec['seed']!r} is not an integer", "give seed as an int"
+            )
+        spec["seed"] += seed_offset  # the same seed in every worker would repeat the same configs
     return _build(optuna.samplers, spec, "study.sampler", source)
 
 
@@ -474,12 +514,22 @@ def run_dir(config):
 
 
 def storage_url(config, storage_file=None):
-    """The --storage flag or the YAML, then a --storage_file, then $OPTUNA_STORAGE; None means the journal file."""
-    if config["study"]["storage"]:
-        return config["study"]["storage"]
+    """Where the study lives; None means the journal file in the run directory.
+
+    A --storage_file (written by submit_study.py for a URL given by flag or environment) comes first,
+    then the --storage flag or the YAML's study.storage, then $OPTUNA_STORAGE as Optuna's CLI does.
+    """
     if storage_file:
-        return Path(storage_file).read_text().strip()
-    return os.environ.get("OPTUNA_STORAGE")
+        try:
+            return Path(storage_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                storage_file,
+                "--storage_file",
+                f"cannot read it ({e.strerror})",
+                "submit again so that submit_study.py writes it",
+            ) from None
+    return config["study"]["storage"] or os.environ.get("OPTUNA_STORAGE")
 
 
 def make_run_dir(config):

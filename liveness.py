@@ -30,26 +30,41 @@ GONE = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FA
 
 
 def slurm_task_key():
-    """This process's SLURM task, as squeue's %i prints it; None outside SLURM."""
+    """This process's array task, as squeue's %i prints it; None outside a job array.
+
+    Only array tasks own one trial each: processes sharing an salloc or a plain job are told apart by pid.
+    """
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
+    return f"{array_job}_{task}" if array_job and task else None
 
 
-def squeue_tasks():
-    """{task key: (state, elapsed, reason)} for all of this user's jobs, from one squeue call.
+def running_jobs(trials):
+    """The array jobs of the RUNNING trials: the only jobs liveness needs to ask SLURM about."""
+    return {
+        t.user_attrs["slurm_task"].split("_")[0]
+        for t in trials
+        if t.state == RUNNING and t.user_attrs.get("slurm_task")
+    }
 
+
+def squeue_tasks(job_ids):
+    """{task key: (state, elapsed, reason)} for the tasks of these jobs, from one squeue call.
+
+    Asked by job id, not by user, so a teammate's status sees your tasks too.
     None when SLURM cannot be asked: then nobody is declared dead.
     """
+    if not job_ids:
+        return {}
     if not shutil.which("squeue"):
         return None
-    command = ["squeue", "--noheader", "--array", "--me", "--format=%i|%T|%M|%r"]
+    command = ["squeue", "--noheader", "--array", f"--jobs={','.join(sorted(job_ids))}", "--format=%i|%T|%M|%r"]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
+        if "Invalid job id" in out.stderr:
+            return {}  # every one of them has left the queue
         log.warning("squeue failed, liveness unknown: %s", out.stderr.strip())
         return None
     tasks = {}
@@ -75,12 +90,12 @@ def is_dead(trial, tasks, now=None):
         if tasks is None:
             return False
         return task not in tasks or tasks[task][0] in GONE
-    if attrs.get("host") is None:
+    if attrs.get("host") is None:  # the worker records host last: until then the trial has no owner
         started = trial.datetime_start.timestamp() if trial.datetime_start else (now or time.time())
         return (now or time.time()) - started > UNOWNED_GRACE_S
-    if attrs.get("host") != hostname():
+    if attrs["host"] != hostname():
         return False  # another machine without SLURM: we cannot tell
-    return process_start(attrs["pid"]) != attrs.get("pid_start")
+    return process_start(attrs["pid"]) != attrs.get("pid_start")  # None = no /proc: cannot tell
 
 
 def fail_and_retry(study, trial, reason, max_retries, n_trials):
@@ -109,11 +124,12 @@ def count_claimed(trials):
 
 def reconcile(study, config, tasks="ask"):
     """Fail and retry every RUNNING trial whose worker is gone. Returns the numbers it failed."""
+    running = study.get_trials(deepcopy=False, states=(RUNNING,))
     if tasks == "ask":
-        tasks = squeue_tasks()
+        tasks = squeue_tasks(running_jobs(running))
     settings = config["study"]
     failed = []
-    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+    for trial in running:
         if is_dead(trial, tasks):
             where = trial.user_attrs.get("slurm_task") or f"pid {trial.user_attrs.get('pid')}"
             reason = f"worker died: {where} on {trial.user_attrs.get('host', '?')} is gone"

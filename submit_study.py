@@ -35,11 +35,14 @@ from experiment import (
     config_from_args,
     count_states,
     load_trainer,
+    make_run_dir,
     mask_password,
     open_storage,
     open_study,
     prepare_data,
     quote_command,
+    read_yaml,
+    resolve_config,
     run_dir,
     storage_url,
 )
@@ -104,8 +107,8 @@ def submit(args, config):
     url = storage_url(config)
     storage = open_storage(config, url, source) if url else None  # an unreachable server fails first
     prepare_data(config, source)
+    data_dir = stage_data(config) if args.cluster else None
     storage = storage or open_storage(config, None, source)  # the journal file, once all checks passed
-    data_dir = stage_data(config, args.scratch) if args.cluster else None
     if args.group_access:
         run_dir(config).chmod(0o750)
 
@@ -125,21 +128,23 @@ def submit(args, config):
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
 
+    storage_file = storage_reference(config, url)
     if args.local is not None:
-        return run_local(args, config, study)
-    missing = remaining(study, config)
-    script = write_array_file(config, missing or 1, data_dir, url)
-    if missing == 0:
+        return run_local(args, config, study, storage_file)
+    queued = queued_tasks(study, liveness.squeue_tasks(study_jobs(study)))
+    missing = remaining(study, config) - queued
+    script = write_array_file(config, max(missing, 1), data_dir, storage_file)
+    if missing <= 0:
         print(
-            f"budget met: {config['study']['n_trials']} trials finished or running; nothing to submit "
-            f"(raise --n_trials to extend the study)"
+            f"budget met: {config['study']['n_trials']} trials finished, running or queued ({queued} tasks "
+            f"waiting); nothing to submit (raise --n_trials to extend the study)"
         )
         return 0
     max_size = max_array_size() if args.submit_jobs else 1001
     commands = sbatch_commands(script, missing, max_size, config["slurm"]["max_concurrent_jobs"])
     if not args.submit_jobs:
         print(script.read_text())
-        shown = [quote_command(c).replace("{previous}", "<previous job id>") for _, c in commands]
+        shown = [quote_command(c).replace(DEPENDENCY, f"{DEPENDENCY}<previous job id>") for _, c in commands]
         print("dry run, nothing submitted; to submit:\n  " + "\n  ".join(shown))
         return 0
     return submit_arrays(study, config, commands)
@@ -152,8 +157,20 @@ def remaining(study, config):
     return max(0, config["study"]["n_trials"] - finished - counts["RUNNING"])
 
 
-def stage_data(config, scratch):
-    scratch = scratch or os.environ.get("SCRATCH")
+def study_jobs(study):
+    """The study's array jobs: those it submitted and those of trials still RUNNING (hand-submitted ones)."""
+    submitted = {j["job_id"] for j in study.user_attrs.get("array_jobs", [])}
+    return submitted | liveness.running_jobs(study.get_trials(deepcopy=False))
+
+
+def queued_tasks(study, tasks):
+    """The study's array tasks that SLURM still holds but that have not taken a trial yet."""
+    taken = {t.user_attrs.get("slurm_task") for t in study.get_trials(deepcopy=False) if t.state == liveness.RUNNING}
+    return sum(1 for key in tasks or {} if key not in taken)
+
+
+def stage_data(config):
+    scratch = config["slurm"]["scratch"] or os.environ.get("SCRATCH")
     if not scratch:
         raise ConfigError(
             config["config_path"],
@@ -185,28 +202,30 @@ def sbatch_directives(slurm):
     return "\n".join(lines)
 
 
-def worker_command(config, data_dir, storage_file):
-    python = "python" if config["slurm"]["setup"] else sys.executable  # setup lines bring their own env
-    command = [python, PROJECT / "worker.py", "--config", config["config_path"], "--trials", "1"]
-    for option in OPTIONS:  # the workers see the same budget, metric, ... as this submission
+def worker_flags(config, storage_file):
+    """What every worker is told beyond its YAML: this submission's study flags and the storage."""
+    flags = ["--config", config["config_path"]]
+    for option in OPTIONS:
         if option.section == "study" and option.key in config["cli_overrides"] and option.key != "storage":
-            command += [f"--{option.key}", config["study"][option.key]]
-    if data_dir:
-        command += ["--data_dir", data_dir]
-    if storage_file:
-        command += ["--storage_file", storage_file]
-    return quote_command(command)
+            flags += [f"--{option.key}", str(config["study"][option.key])]
+    return flags + (["--storage_file", str(storage_file)] if storage_file else [])
 
 
-def write_array_file(config, n_tasks, data_dir, url):
+def storage_reference(config, url):
+    """A URL from the command line or the environment may hold a password: workers get it from a 0600 file."""
+    if not url or (config["study"]["storage"] and "storage" not in config["cli_overrides"]):
+        return None  # the journal file, or a URL the workers read from the YAML themselves
+    storage_file = make_run_dir(config) / "storage_url"
+    storage_file.touch(mode=0o600)
+    storage_file.write_text(url + "\n")
+    return storage_file
+
+
+def write_array_file(config, n_tasks, data_dir, storage_file):
     folder, slurm = run_dir(config), config["slurm"]
     (folder / "slurm_logs").mkdir(parents=True, exist_ok=True)
-    storage_file = None
-    if url and (not config["study"]["storage"] or "storage" in config["cli_overrides"]):
-        # A URL from the environment or the command line may hold a password: pass it by reference.
-        storage_file = folder / "storage_url"
-        storage_file.touch(mode=0o600)
-        storage_file.write_text(url + "\n")
+    python = "python" if slurm["setup"] else sys.executable  # setup lines bring their own environment
+    command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", "1"]
     script = folder / "array_job.sbatch"
     script.write_text(
         TEMPLATE.read_text().format(
@@ -219,7 +238,7 @@ def write_array_file(config, n_tasks, data_dir, url):
             directives=sbatch_directives(slurm),
             setup="\n".join(slurm["setup"]) or "# (none)",
             workdir=quote_command([os.getcwd()]),
-            worker_command=worker_command(config, data_dir, storage_file),
+            worker_command=quote_command(command + (["--data_dir", data_dir] if data_dir else [])),
         )
     )
     return script
@@ -227,15 +246,21 @@ def write_array_file(config, n_tasks, data_dir, url):
 
 def max_array_size():
     """Array indexes must stay below the cluster's MaxArraySize (default 1001)."""
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return 1001
     match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out.stdout, re.MULTILINE)
     return int(match.group(1)) if match else 1001
+
+
+DEPENDENCY = "--dependency=afterany:"
 
 
 def sbatch_commands(script, n_tasks, max_size, throttle):
     """One sbatch per chunk of at most MaxArraySize tasks, each chunk waiting for the one before so %K holds.
 
-    Returns (tasks, command) pairs; DEPENDENCY stands for the previous chunk's job id.
+    Returns (tasks, command) pairs; a chunk's DEPENDENCY gets the previous chunk's job id when submitted.
     """
     sizes = [min(max_size, n_tasks - start) for start in range(0, n_tasks, max_size)]
     return [
@@ -244,14 +269,11 @@ def sbatch_commands(script, n_tasks, max_size, throttle):
     ]
 
 
-DEPENDENCY = "--dependency=afterany:{previous}"
-
-
 def submit_arrays(study, config, commands):
     jobs = list(study.user_attrs.get("array_jobs", []))
     previous = None
     for tasks, command in commands:
-        command = [word.format(previous=previous) for word in command]
+        command = [word + previous if word == DEPENDENCY else word for word in command]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"error: {quote_command(command)} failed: {result.stderr.strip()}", file=sys.stderr)
@@ -272,14 +294,12 @@ def submit_arrays(study, config, commands):
 
 
 # ---------------------------------------------------------------- local workers
-def run_local(args, config, study):
+def run_local(args, config, study, storage_file):
     """K worker processes on this machine, each running trials until the budget is met."""
-    command = [sys.executable, str(PROJECT / "worker.py"), "--config", config["config_path"], "--trials", "0"]
-    for key, value in config["cli_overrides"].items():
-        if key in {o.key for o in OPTIONS if o.section == "study"}:
-            command += [f"--{key}", str(value)]
+    command = [sys.executable, str(PROJECT / "worker.py"), *worker_flags(config, storage_file), "--trials", "0"]
     print(f"running {args.local} local workers: {quote_command(command)}")
-    workers = [subprocess.Popen(command + ["--seed_offset", str(i)]) for i in range(args.local)]
+    first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
+    workers = [subprocess.Popen(command + ["--seed_offset", str(first + i)]) for i in range(args.local)]
     codes = [w.wait() for w in workers]
     show_status(study, config)
     if any(s in FINISHED for s in (t.state for t in study.get_trials(deepcopy=False))):
@@ -289,8 +309,17 @@ def run_local(args, config, study):
 
 # ---------------------------------------------------------------- status
 def open_existing_study(config):
-    storage = open_storage(config, storage_url(config), config["config_path"])
-    name = config["study"]["study_name"]
+    """The submitted study, for status and export; creates nothing."""
+    name, saved_url = config["study"]["study_name"], run_dir(config) / "storage_url"
+    url = storage_url(config) or (storage_url(config, saved_url) if saved_url.exists() else None)
+    if not url and not (run_dir(config) / "journal.log").exists():
+        raise ConfigError(
+            config["config_path"],
+            "study.study_name",
+            f"no study {name!r} in {run_dir(config)}",
+            "submit it first, or pass the --study_name it was submitted with",
+        )
+    storage = open_storage(config, url, config["config_path"])
     if name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
         raise ConfigError(
             config["config_path"],
@@ -304,7 +333,7 @@ def open_existing_study(config):
 def show_status(study, config):
     if "n_trials" not in config["cli_overrides"]:  # the budget of the last submission, if the YAML differs
         config["study"]["n_trials"] = study.user_attrs.get("n_trials", config["study"]["n_trials"])
-    tasks = liveness.squeue_tasks()
+    tasks = liveness.squeue_tasks(study_jobs(study))
     liveness.reconcile(study, config, tasks)
     trials = study.get_trials(deepcopy=False)
     counts = count_states(trials)
@@ -327,24 +356,19 @@ def show_status(study, config):
     failed = [t for t in trials if t.state.name == "FAIL"]
     for t in failed[-10:]:
         reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
-        print(f"  trial {t.number} FAIL: {reason}")
-    live_tasks = 0
-    if study.user_attrs.get("array_jobs"):
-        live_tasks = print_slurm_tasks(study, trials, tasks)
-    missing = remaining(study, config) - live_tasks
+        print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
+    if study_jobs(study):
+        print_slurm_tasks(study, trials, tasks)
+    missing = remaining(study, config) - queued_tasks(study, tasks)
     if missing > 0:
         print(f"{missing} trial(s) not covered by any worker: submit again to top up")
     return 0
 
 
 def print_slurm_tasks(study, trials, tasks):
-    """One line per array task and trial: SLURM's view (one squeue, at most one sacct) joined with the study.
-
-    Returns how many of the study's tasks are still pending or running.
-    """
-    job_ids = [j["job_id"] for j in study.user_attrs["array_jobs"]]
-    live = {k: v[0] for k, v in (tasks or {}).items() if k.split("_")[0] in job_ids}
-    states = {**sacct_states(job_ids), **live}
+    """One line per array task and trial: SLURM's view (one squeue, at most one sacct) joined with the study."""
+    job_ids = sorted(study_jobs(study))
+    states = {**sacct_states(job_ids), **{k: v[0] for k, v in (tasks or {}).items()}}
     by_task = {}
     for t in trials:
         if t.user_attrs.get("slurm_task", "").split("_")[0] in job_ids:
@@ -358,7 +382,6 @@ def print_slurm_tasks(study, trials, tasks):
                 f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
                 f"{value:>12}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
             )
-    return sum(1 for key in live if key not in by_task)
 
 
 def sacct_states(job_ids):
@@ -415,7 +438,9 @@ def export_best(study, config, path):
     best = best_trial(study)
     if best is None:
         raise ConfigError(config["config_path"], "study", "no COMPLETE trial yet", "wait for a trial to finish")
-    resolved = yaml.safe_load(Path(best.user_attrs["config_path"]).read_text())
+    trained = Path(best.user_attrs.get("config_path", "-"))
+    # The config the trial trained with; if its file is gone, today's YAML with the trial's params.
+    resolved = read_yaml(trained.read_text()) if trained.is_file() else resolve_config(config, best.params)
     for key in ("experiment_dir", "config_path", "cli_overrides"):
         resolved.pop(key, None)
     resolved["study"].update(
@@ -440,7 +465,12 @@ def export_best(study, config, path):
         f"# Best trial of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"
         f"# derived dimensions). Retrain it: python worker.py --config {target}\n"
     )
-    target.write_text(header + yaml.safe_dump(exported, sort_keys=False))
+    try:
+        target.write_text(header + yaml.safe_dump(exported, sort_keys=False))
+    except OSError as e:
+        raise ConfigError(
+            str(target), "--export_best", f"cannot write it ({e.strerror})", "name a writable path"
+        ) from None
     print(f"best trial {best.number} ({config['study']['optimization_metric']} = {best.value:.6g}) -> {target}")
     return 0
 

@@ -86,6 +86,7 @@ class TrialHandle:
     def __init__(self, trial, folder, stop):
         self.trial, self.folder, self.stop = trial, folder, stop
         self.checkpoint = folder / "checkpoint.pt"
+        self.saves = 0
 
     @property
     def number(self):
@@ -98,6 +99,8 @@ class TrialHandle:
         log.info("trial %d step %d: %.6g", self.trial.number, step, value)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}")
+        if self.stop.received and not self.saves:  # a trainer that never checkpoints stops here
+            raise Interrupted(self.stop.received)
 
     def load_checkpoint(self):
         if not self.checkpoint.exists():
@@ -113,6 +116,7 @@ class TrialHandle:
         partial = self.checkpoint.with_suffix(".partial")
         torch.save(state, partial)
         os.replace(partial, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
+        self.saves += 1
         if self.stop.received:
             raise Interrupted(self.stop.received)
 
@@ -210,7 +214,6 @@ def record_owner(trial, folder, config):
     """Who runs the trial, so any trial leads to its logs and any log to its trial."""
     env = os.environ
     attrs = {
-        "host": hostname(),
         "pid": os.getpid(),
         "pid_start": liveness.process_start(os.getpid()),
         "started_at": trial.user_attrs.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -227,6 +230,7 @@ def record_owner(trial, folder, config):
     if env.get("SLURM_ARRAY_JOB_ID"):
         logs = run_dir(config) / "slurm_logs" / f"optuna_{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
         attrs.update(slurm_out=f"{logs}.out", slurm_err=f"{logs}.err")
+    attrs["host"] = hostname()  # last: liveness judges a trial by its pid only once host is there
     for key, value in attrs.items():
         if value is not None and trial.user_attrs.get(key) != value:
             trial.set_user_attr(key, value)
@@ -246,7 +250,7 @@ def adopt_origin_checkpoint(study, trial, handle, config):
 
 # ---------------------------------------------------------------- running one trial
 def run_trial(study, trial, config, stop):
-    """Train the trial and tell the study. Returns its final state name, or 'REQUEUED'."""
+    """Train the trial and tell the study. Returns its state name, or REQUEUED/STOPPED when it goes on later."""
     folder = run_dir(config) / "trials" / str(trial.number)
     folder.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(folder / "worker.log")
@@ -254,25 +258,30 @@ def run_trial(study, trial, config, stop):
     logging.getLogger().addHandler(file_log)
     try:
         record_owner(trial, folder, config)
-        resolved = resolve_config(config, sample_params(trial, config.get("search_space") or {}))
-        (folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        log.info("trial %d params: %s", trial.number, trial.params)
-        handle = TrialHandle(trial, folder, stop)
-        adopt_origin_checkpoint(study, trial, handle, config)
         with heartbeat(study, trial):
-            return train_and_tell(study, trial, resolved, handle)
+            return train_and_tell(study, trial, config, TrialHandle(trial, folder, stop))
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
 
 
-def train_and_tell(study, trial, resolved, handle):
-    metric = resolved["study"]["optimization_metric"]
+def prepare_trial(study, trial, config, handle):
+    """Sample (or recall) the params, write the resolved config, continue a dead origin's checkpoint."""
+    resolved = resolve_config(config, sample_params(trial, config.get("search_space") or {}))
+    (handle.folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    log.info("trial %d params: %s", trial.number, trial.params)
+    adopt_origin_checkpoint(study, trial, handle, config)
+    return resolved
+
+
+def train_and_tell(study, trial, config, handle):
+    metric = config["study"]["optimization_metric"]
     started = time.time()
-    try:
-        metrics = load_trainer(resolved, resolved["config_path"])(resolved, handle)
-        value = metrics.get(metric) if isinstance(metrics, dict) else None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:  # anything that goes wrong from here on fails this trial only, with the reason on it
+        resolved = prepare_trial(study, trial, config, handle)
+        metrics = plain_metrics(load_trainer(resolved, resolved["config_path"])(resolved, handle))
+        value = metrics.get(metric)
+        if not isinstance(value, float) or not math.isfinite(value):
             raise ValueError(f"trainer returned {metric}={value!r}; expected a finite number")
     except optuna.TrialPruned as e:
         add_train_seconds(trial, started)
@@ -281,7 +290,7 @@ def train_and_tell(study, trial, resolved, handle):
         return "PRUNED"
     except Interrupted as e:
         add_train_seconds(trial, started)
-        return requeue_or_fail(study, trial, resolved, str(e))
+        return requeue_or_fail(study, trial, config, str(e))
     except Exception as e:
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
@@ -294,6 +303,19 @@ def train_and_tell(study, trial, resolved, handle):
     study.tell(trial, value)
     log.info("trial %d COMPLETE: %s = %.6g", trial.number, metric, value)
     return "COMPLETE"
+
+
+def plain_metrics(metrics):
+    """A JSON-safe copy: numpy and torch scalars become floats, anything else not a number its text."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"trainer returned {type(metrics).__name__}; expected a dict of metrics")
+    plain = {}
+    for key, value in metrics.items():
+        try:
+            plain[str(key)] = value if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            plain[str(key)] = str(value)
+    return plain
 
 
 def add_train_seconds(trial, started):
@@ -351,7 +373,7 @@ def work(args):
     config = read_config(args)
     source = config["config_path"]
     load_trainer(config, source)
-    prepare_data(config)
+    prepare_data(config, source)
     storage = open_storage(config, storage_url(config, args.storage_file), source)
     study = open_study(config, storage, seed_offset(args), source)
     # A worker that fails a dead worker's trial also takes over its place in the array.
