@@ -211,7 +211,9 @@ YamlLoader.yaml_implicit_resolvers = {
 YamlLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9]*)$"), list("-+0123456789"))
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    re.compile(
+        r"^[-+]?(\.[0-9]+|[0-9]+\.[0-9]*)([eE][-+]?[0-9]+)?$|^[-+]?[0-9]+[eE][-+]?[0-9]+$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"
+    ),
     list("-+0123456789."),
 )
 
@@ -444,7 +446,10 @@ def load_trainer(config, source="config"):
         module = trainer_module(config)
     except Exception as e:  # ImportError, or a SyntaxError/NameError inside the user's module
         raise ConfigError(
-            source, "study.trainer", f"cannot import {spec!r} ({e})", "name an importable package.module:function"
+            source,
+            "study.trainer",
+            f"cannot import {spec!r} ({type(e).__name__}: {e})",
+            "name an importable package.module:function",
         ) from None
     function = getattr(module, spec.partition(":")[2], None)
     if not callable(function):

@@ -22,6 +22,15 @@ The trial's life:
 - A trainer exception or a NaN metric fails the trial with the reason stored on it; PRUNED is not FAIL.
 """
 
+import signal
+
+# SLURM may signal the walltime (USR2) or preemption (TERM) while this process is still starting up:
+# note it before the heavy imports below, so that it is never lost nor fatal.
+EARLY_SIGNALS = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
 import argparse
 import contextlib
 import json
@@ -29,7 +38,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -71,7 +79,7 @@ class StopSignal:
     """Remembers SIGUSR2/SIGTERM so the trainer can finish its step and checkpoint first."""
 
     def __init__(self):
-        self.received = None
+        self.received = signal.Signals(EARLY_SIGNALS[-1]).name if EARLY_SIGNALS else None
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self.handle)
 

@@ -1,11 +1,13 @@
 """The rendered array file and the sbatch calls (a fake sbatch records them; no cluster needed)."""
 
 import os
+import signal
 import stat
 import subprocess
+import time
 
 import pytest
-from conftest import finished, load_study, run_script, write_experiment
+from conftest import finished, load_study, plugin_experiment, run_script, write_experiment
 
 from experiment import mask_password
 
@@ -185,3 +187,23 @@ def test_cluster_mode_stages_the_data_to_scratch(experiment, tmp_path):
     assert f"--data_dir {staged.parent}" in rendered(experiment)
     out = run_script("submit_study.py", "--config", experiment, "--cluster", "--no-submit_jobs", env={"SCRATCH": ""})
     assert out.returncode == 2 and "slurm.scratch" in out.stderr
+
+
+def test_array_file_forwards_a_walltime_signal_that_comes_before_the_worker(tmp_path):
+    """SLURM may send USR2 the moment a task starts: the task's shell keeps it for the worker."""
+    path = plugin_experiment(tmp_path, {"study.n_trials": 1, "training.sleep": 0.5, "training.epochs": 20})
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    task = subprocess.Popen(
+        ["bash", str(path.parent / "runs/tiny/array_job.sbatch")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.2)
+    task.send_signal(signal.SIGUSR2)
+    _, err = task.communicate(timeout=120)
+    trial = load_study(path).trials[0]
+    # outside SLURM there is no task to requeue: the trial stops at its first checkpoint, reason stated
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted by SIGUSR2", err[-2000:]
+    assert len(trial.intermediate_values) == 1

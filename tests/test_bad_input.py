@@ -59,6 +59,12 @@ BAD = [
     ({"search_space": ["model.d_pos"]}, "search_space"),
     ({"study": ["n_trials"]}, "study"),
     ({"study.storage": "postgresql://alice:s3cret@127.0.0.1:1/optuna"}, "study.storage"),
+    ({"slurm.signal_grace": 70000, "slurm.walltime": "30-00:00:00"}, "slurm.signal_grace"),
+    ({"search_space.model.d_pos": {"type": "int", "low": 2, "high": 8, "step": 0}}, "search_space.model.d_pos.step"),
+    ({"search_space.model.d_pos": {"type": "int", "low": 2, "high": 8, "step": 0.5}}, "search_space.model.d_pos.step"),
+    ({"search_space": {1: {"type": "int", "low": 1, "high": 2}}}, "search_space.1"),
+    ({"study.sampler": {"name": "TPESampler", "seed": "abc"}}, "study.sampler.seed"),
+    ({"study.grace_period": 60, "study.heartbeat_interval": 60}, "study.grace_period"),
 ]
 if not HAS_SCIPY:  # Optuna itself would only fail at the first sample
     BAD.append(({"study.sampler": {"name": "QMCSampler"}}, "study.sampler.name"))
@@ -91,6 +97,43 @@ def test_yaml_syntax_error_names_the_line(tmp_path, capsys):
     path.write_text("study:\n  n_trials: 4\n  sampler: {name: TPESampler\nmodel:\n  d_pos: 2\n")
     code = submit_study.main(["--config", str(path)])
     assert "line 4" in assert_one_line_error(capsys, code, path, "line 4")
+
+
+@pytest.mark.parametrize("walltime", [30, "30", "2:30:00", "1-0", "1-12:00", "90:00"])
+def test_every_slurm_time_format_is_accepted_as_written(tmp_path, walltime):
+    path = tmp_path / "exp" / "config.yaml"
+    write_experiment(path.parent)
+    path.write_text(path.read_text().replace("walltime: 00:10:00", f"walltime: {walltime}"))
+    assert submit_study.main(["--config", str(path), "--no-submit_jobs"]) == 0
+    assert f"#SBATCH --time={walltime}\n" in (path.parent / "runs/tiny/array_job.sbatch").read_text()
+
+
+def test_yaml_reads_numbers_as_yaml_1_2(tmp_path):
+    from experiment import load_config, read_yaml
+
+    assert read_yaml("a: 1e-4\nb: [1e-3, 2:30:00, 30]\nc: 010\nd: .inf") == {
+        "a": 1e-4,
+        "b": [1e-3, "2:30:00", 30],
+        "c": "010",
+        "d": float("inf"),
+    }
+    path = write_experiment(tmp_path / "exp")
+    path.write_text(path.read_text().replace("lr: 0.01", "lr: 1e-2"))
+    assert load_config(path)["training"]["lr"] == 0.01
+
+
+def test_a_broken_trainer_module_is_a_config_error(tmp_path, capsys):
+    path = write_experiment(tmp_path / "exp", {"study.trainer": "broken:train"})
+    (path.parent / "broken.py").write_text("def train(config, trial)\n    return {}\n")
+    err = assert_one_line_error(capsys, submit_study.main(["--config", str(path)]), path, "study.trainer")
+    assert "SyntaxError" in err
+
+
+def test_status_and_export_of_a_misnamed_study_create_nothing(experiment, capsys, tmp_path):
+    for flags in (["--status"], ["--export_best"]):
+        assert submit_study.main(["--config", str(experiment), "--study_name", "typo", *flags]) == 2
+        assert "no study 'typo'" in capsys.readouterr().err
+    assert not (experiment.parent / "runs").exists()
 
 
 def test_missing_file_and_bad_exp_id(tmp_path, capsys):
