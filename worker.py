@@ -251,8 +251,10 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     if origin is None or handle.checkpoint.exists() or not source.exists():
         return
     shutil.copy(source, handle.checkpoint)
-    for step, value in sorted(study.trials[origin].intermediate_values.items()):
+    dead = study.trials[origin]
+    for step, value in sorted(dead.intermediate_values.items()):
         trial.report(value, step)
+    trial.set_user_attr("requeues", dead.user_attrs.get("requeues", 0))  # walltimes already spent count
     log.info("trial %d continues from trial %d's checkpoint", trial.number, origin)
 
 
