@@ -595,6 +595,11 @@ def hostname():
     return socket.gethostname()
 
 
+def still_to_run(trials, budget):
+    """The budget less the trials finished or running: what workers still have to do (WAITING retries included)."""
+    return max(0, budget - sum(t.state in FINISHED or t.state == optuna.trial.TrialState.RUNNING for t in trials))
+
+
 def count_states(trials):
     counts = {state.name: 0 for state in optuna.trial.TrialState}
     for trial in trials:

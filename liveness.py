@@ -19,7 +19,7 @@ import time
 
 import optuna
 
-from experiment import FINISHED, hostname
+from experiment import hostname, still_to_run
 
 log = logging.getLogger("liveness")
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -110,16 +110,12 @@ def fail_and_retry(study, trial, reason, max_retries, n_trials):
     if attempt >= max_retries:
         log.warning("trial %d not retried: %d retries already (study.max_retries)", trial.number, attempt)
         return True
-    if count_claimed(study.get_trials(deepcopy=False)) >= n_trials:
-        return True  # the budget is already covered by finished and live trials
+    trials = study.get_trials(deepcopy=False)
+    if still_to_run(trials, n_trials) <= sum(t.state == WAITING for t in trials):
+        return True  # finished, running and already waiting trials cover the budget
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_attempt": attempt + 1})
     log.warning("trial %d re-enqueued as a retry (attempt %d of %d)", trial.number, attempt + 1, max_retries)
     return True
-
-
-def count_claimed(trials):
-    """Trials that hold a place in the budget: finished, running or waiting to run."""
-    return sum(t.state in FINISHED or t.state in (RUNNING, WAITING) for t in trials)
 
 
 def reconcile(study, config, tasks="ask"):

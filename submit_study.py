@@ -44,6 +44,7 @@ from experiment import (
     read_yaml,
     resolve_config,
     run_dir,
+    still_to_run,
     storage_url,
 )
 
@@ -151,10 +152,7 @@ def submit(args, config):
 
 
 def remaining(study, config):
-    """Trials still to run: the budget less those finished or running (WAITING retries are in it)."""
-    counts = count_states(study.get_trials(deepcopy=False))
-    finished = counts["COMPLETE"] + counts["PRUNED"]
-    return max(0, config["study"]["n_trials"] - finished - counts["RUNNING"])
+    return still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"])
 
 
 def study_jobs(study):

@@ -51,7 +51,6 @@ import yaml
 
 import liveness
 from experiment import (
-    FINISHED,
     ConfigError,
     add_experiment_flags,
     config_from_args,
@@ -63,6 +62,7 @@ from experiment import (
     resolve_config,
     run_dir,
     sample_params,
+    still_to_run,
     storage_url,
 )
 
@@ -164,8 +164,7 @@ def find_own_trial(study, task):
 def claim_trial(study, config):
     """A new trial within the budget, or None when the budget is covered."""
     budget = config["study"]["n_trials"]
-    trials = study.get_trials(deepcopy=False)
-    if sum(t.state in FINISHED or t.state == RUNNING for t in trials) >= budget:
+    if still_to_run(study.get_trials(deepcopy=False), budget) == 0:
         return None
     trial = study.ask()
     link_heartbeat_retry(study, trial)
