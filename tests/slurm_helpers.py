@@ -6,7 +6,7 @@ import time
 
 def squeue(*args):
     out = subprocess.run(["squeue", "--noheader", "--array", *args], capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    return out.stdout.splitlines()
 
 
 def wait_until(condition, timeout=240, every=0.5, what="condition"):
@@ -26,9 +26,11 @@ def wait_for_jobs(job_ids, timeout=300):
     def gone():
         left = squeue(f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r")
         for line in left:
-            task, state, reason = line.split("|")
+            task, state, reason = line.split("|", 2)
             if state == "PENDING" and reason == "BeginTime":  # a requeue waits; let it go now
                 subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"], capture_output=True)
+            if state == "PENDING" and "held" in reason:  # a launch that failed while the node was down
+                subprocess.run(["scontrol", "release", task], capture_output=True)
         return not left
 
     wait_until(gone, timeout, what=f"jobs {job_ids} to end")

@@ -7,6 +7,7 @@ WAITING, no array task with two live trials, and every retry linked to the trial
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -109,20 +110,22 @@ def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):
     path = plugin_experiment(tmp_path, {**SLOW, "study.n_trials": 3, "slurm.max_concurrent_jobs": 3})
     jobs = submit(path)
     running_trial_with_checkpoint(path)
+    pids = [t.user_attrs["pid"] for t in load_study(path).get_trials() if t.state.name == "RUNNING"]
     subprocess.run(["scontrol", "update", f"nodename={slurm}", "state=down", "reason=test"], check=True)
-    try:
-        wait_until(
-            lambda: "down" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout,
-            what="node down",
-        )
-    finally:
-        subprocess.run(["scontrol", "update", f"nodename={slurm}", "state=resume"], check=True)
+    # SLURM requeues the node's jobs at once; the node comes back once their processes are gone
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), what="the killed workers to exit")
+    time.sleep(1)
+    subprocess.run(["scontrol", "update", f"nodename={slurm}", "state=resume"], capture_output=True)
     wait_for_jobs(jobs, timeout=400)
     study = load_study(path)
     if len(finished(study)) < 3:
         wait_for_jobs(submit(path))
         study = load_study(path)
     assert_study_whole(study, 3)
+    resumed = [t for t in finished(study) if t.user_attrs["slurm_restart_count"] >= 1]
+    assert resumed, "the tasks killed with the node ran again and finished their trials"
+    assert all(sorted(t.intermediate_values) == list(range(6)) for t in resumed)
+    assert any("resumes from" in Path(t.user_attrs["log_path"]).read_text() for t in resumed)
 
 
 def test_nan_and_exception_fail_their_trials_and_the_rest_finish(slurm, tmp_path):
