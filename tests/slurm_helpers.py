@@ -21,14 +21,16 @@ def wait_until(condition, timeout=240, every=0.5, what="condition"):
 
 
 def wait_for_jobs(job_ids, timeout=300):
-    """Until none of the jobs is pending or running; requeued tasks are released at once."""
+    """Until none of the jobs is pending or running.
+
+    A requeued task waits out its credential (cred_expire=10 s on the local cluster): starting it
+    sooner makes SLURM kill it ("Job credential revoked"), so it is left to wait.
+    """
 
     def gone():
         left = squeue(f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r")
         for line in left:
             task, state, reason = line.split("|", 2)
-            if state == "PENDING" and reason == "BeginTime":  # a requeue waits; let it go now
-                subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"], capture_output=True)
             if state == "PENDING" and "held" in reason:  # a launch that failed while the node was down
                 subprocess.run(["scontrol", "release", task], capture_output=True)
         return not left
