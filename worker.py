@@ -164,24 +164,26 @@ def find_own_trial(study, task):
 def claim_trial(study, config):
     """A new trial within the budget, or None when the budget is covered."""
     budget = config["study"]["n_trials"]
-    if still_to_run(study.get_trials(deepcopy=False), budget) == 0:
-        return None
-    trial = study.ask()
-    link_heartbeat_retry(study, trial)
-    # Trial numbers are consecutive: everything numbered below ours existed when we asked.
-    ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
-    reason = None
-    if len(ahead) >= budget:
-        reason = f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}"
-    origin = trial.user_attrs.get("retry_of")
-    if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
-        reason = f"duplicate retry of trial {origin}"
-    if reason:
-        trial.set_user_attr("fail_reason", reason)
-        study.tell(trial, state=FAIL)
-        log.info("trial %d dropped (%s)", trial.number, reason)
-        return None
-    return trial
+    while still_to_run(study.get_trials(deepcopy=False), budget) > 0:
+        trial = study.ask()
+        link_heartbeat_retry(study, trial)
+        # Trial numbers are consecutive: everything numbered below ours existed when we asked.
+        ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
+        origin = trial.user_attrs.get("retry_of")
+        if len(ahead) >= budget:
+            drop(study, trial, f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}")
+            return None
+        if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
+            drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
+            continue
+        return trial
+    return None
+
+
+def drop(study, trial, reason):
+    trial.set_user_attr("fail_reason", reason)
+    study.tell(trial, state=FAIL)
+    log.info("trial %d dropped (%s)", trial.number, reason)
 
 
 def link_heartbeat_retry(study, trial):

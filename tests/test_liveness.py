@@ -115,3 +115,19 @@ def test_rdb_heartbeat_fails_and_retries_a_silent_trial(tmp_path):
     assert dead.state.name == "FAIL" and retry.state.name == "COMPLETE"
     assert retry.user_attrs["retry_of"] == 0 and retry.params == dead.params
     assert sorted(retry.intermediate_values) == list(range(5)), "the retry continued from the checkpoint"
+
+
+def test_a_retry_enqueued_twice_runs_once(experiment):
+    """SQLite can let two processes both fail a dead trial and both enqueue its retry: only one runs."""
+    assert run_script("submit_study.py", "--config", experiment, "--no-submit_jobs", "--n_trials", 2).returncode == 0
+    study = load_study(experiment)
+    dead = study.ask()
+    study.tell(dead, state=optuna.trial.TrialState.FAIL)
+    for _ in range(2):
+        study.enqueue_trial({"model.d_pos": 6, "training.lr": 0.01}, user_attrs={"retry_of": 0, "retry_attempt": 1})
+    out = run_script("worker.py", "--config", experiment, "--trials", 0, "--n_trials", 2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].user_attrs["fail_reason"] == "duplicate retry of trial 0"
+    assert "retry_of" not in trials[3].user_attrs
