@@ -83,12 +83,12 @@ def test_scancel_of_one_task_mid_trial(slurm, tmp_path):
 
 
 def test_trial_longer_than_its_walltime_resumes_after_requeue(slurm, tmp_path):
-    # 40 s of training in a 1-minute walltime: SLURM's USR2 comes 10-40 s in (it checks limits every ~30 s)
+    # 45 s of training in a 1-minute walltime: SLURM's USR2 comes 10-40 s in (it checks limits every ~30 s)
     path = plugin_experiment(
         tmp_path,
         {
             "training.sleep": 1.0,
-            "training.epochs": 40,
+            "training.epochs": 45,
             "study.n_trials": 1,
             "slurm.walltime": "1",
             "slurm.signal_grace": 50,
@@ -101,7 +101,7 @@ def test_trial_longer_than_its_walltime_resumes_after_requeue(slurm, tmp_path):
     trial = study.trials[0]
     assert trial.state.name == "COMPLETE" and trial.user_attrs["requeues"] >= 1
     assert trial.user_attrs["slurm_restart_count"] >= 1
-    assert sorted(trial.intermediate_values) == list(range(40))
+    assert sorted(trial.intermediate_values) == list(range(45))
     log = Path(trial.user_attrs["log_path"]).read_text()
     assert "checkpointed before the walltime" in log and "resumes from" in log
 
