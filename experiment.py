@@ -35,6 +35,8 @@ SLURM_LIST = re.compile(r"^[A-Za-z0-9_.,-]+$")
 CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,|&*:\[\]()-]+$")
 DIRECTIVE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%/+=-]+)?$")
 DEFAULT_TRAINER = "ishigami_lstm:train"
+# What the array file itself decides: a directive in the YAML must not change or bypass it.
+OWN_DIRECTIVES = {"--wrap", "--array", "--output", "--error", "--open-mode", "--signal", "--requeue", "--ntasks"}
 
 
 class ConfigError(Exception):
@@ -82,12 +84,12 @@ def _mapping_with_name(value):
         return "must be a mapping with a 'name' (an Optuna class) and its options"
 
 
-def _list_of(pattern, what):
-    def check(value):
-        if not isinstance(value, list) or not all(isinstance(v, str) and pattern.match(v) for v in value):
-            return f"must be a list of {what}"
-
-    return check
+def _directives(value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and DIRECTIVE.match(v) for v in value):
+        return "must be a list of '--option[=value]' strings of safe characters"
+    ours = [v for v in value if v.split("=")[0] in OWN_DIRECTIVES]
+    if ours:
+        return f"sets {ours[0].split('=')[0]}, which submit_study.py controls"
 
 
 def _text(value):
@@ -172,7 +174,7 @@ OPTIONS = [
         "slurm",
         "extra_directives",
         [],
-        _list_of(DIRECTIVE, "'--option[=value]' strings"),
+        _directives,
         "more #SBATCH directives, e.g. --mail-type=END",
     ),
     Option("slurm", "setup", [], _setup_lines, "shell lines run before the worker (module load ..., source ...)"),

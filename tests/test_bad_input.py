@@ -31,6 +31,8 @@ BAD = [
     ({"study.study_name": "../escape"}, "study.study_name"),
     ({"slurm.extra_directives": ["--wrap=id;reboot"]}, "slurm.extra_directives"),
     ({"slurm.extra_directives": "--mail-type=END"}, "slurm.extra_directives"),
+    ({"slurm.extra_directives": ["--wrap=id"]}, "slurm.extra_directives"),
+    ({"slurm.extra_directives": ["--array=0-999"]}, "slurm.extra_directives"),
     ({"slurm.partition": "gpu\n#SBATCH --wrap=id"}, "slurm.partition"),
     ({"slurm.setup": "module load cuda"}, "slurm.setup"),
     ({"slurm.signal_grace": 900}, "slurm.signal_grace"),
