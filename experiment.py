@@ -192,7 +192,9 @@ def add_experiment_flags(parser, sections):
     for option in OPTIONS:
         if option.section in sections and not isinstance(option.default, (dict, list)):
             kind = int if isinstance(option.default, int) else str
-            parser.add_argument(f"--{option.key}", type=kind, help=f"{option.help} [{option.section}.{option.key}]")
+            parser.add_argument(
+                f"--{option.key}", type=kind, help=f"{option.help} [{option.section}.{option.key}]".replace("%", "%%")
+            )
 
 
 def config_from_args(args):
@@ -279,7 +281,8 @@ def load_config(path, overrides=None):
         problem = value is not None and option.check(value)
         if problem:
             key = f"{option.section}.{option.key}"
-            raise ConfigError(source, key, f"{value!r} {problem}", f"correct {key} ({option.help}) or --{option.key}")
+            flag = "" if isinstance(option.default, (dict, list)) else f" or --{option.key}"
+            raise ConfigError(source, key, f"{value!r} {problem}", f"correct {key} ({option.help}){flag}")
 
     base = path.resolve().parent
     config["experiment_dir"] = str(base)
@@ -298,7 +301,12 @@ def load_config(path, overrides=None):
             f"{str(run_dir(config))!r} contains spaces, quotes or '%'",
             "choose a runs_dir (and folder) without them: SLURM log paths cannot hold them",
         )
-    if (study["storage"] or "").startswith("sqlite:///") and not study["storage"].startswith("sqlite:////"):
+    storage = study["storage"] or ""
+    if (
+        storage.startswith("sqlite:///")
+        and not storage.startswith("sqlite:////")
+        and "storage" not in config["cli_overrides"]
+    ):
         study["storage"] = f"sqlite:///{base / study['storage'][len('sqlite:///') :]}"  # relative to the YAML
     data = config.get("data")
     if isinstance(data, dict) and isinstance(data.get("dir"), str):
@@ -348,12 +356,15 @@ def _check_search_space(config, source):
     for name, spec in space.items():
         key = f"search_space.{name}"
         if not isinstance(name, str):
-            raise ConfigError(source, key, "is not a dotted path", "name a config key such as model.d_pos")
+            raise ConfigError(source, key, "is not a dotted path", f"name a key of the config ({_sections(config)})")
         try:
             get_dotted(config, name)
         except KeyError:
             raise ConfigError(
-                source, key, f"'{name}' is not a key of the config", "name an existing dotted path such as model.d_pos"
+                source,
+                key,
+                f"'{name}' is not a key of the config",
+                f"name an existing dotted path ({_sections(config)})",
             ) from None
         if not isinstance(spec, dict):
             raise ConfigError(source, key, "is not a mapping", "write {type: int|float|categorical, ...}")
@@ -378,12 +389,19 @@ def _check_search_space(config, source):
         _check_range(spec, key, source, int if kind == "int" else float)
 
 
+def _sections(config):
+    ours = {"study", "slurm", "search_space", "experiment_dir", "config_path", "cli_overrides"}
+    return "sections: " + ", ".join(k for k in config if k not in ours)
+
+
 def _check_range(spec, key, source, number):
     kinds = (int,) if number is int else (int, float)
     for bound in ("low", "high", "step"):
         value = spec.get(bound)
         if bound == "step" and value is None:
             continue
+        if value is None:
+            raise ConfigError(source, f"{key}.{bound}", "is missing", f"give {bound} as {number.__name__}")
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise ConfigError(
                 source, f"{key}.{bound}", f"{value!r} is not a number", f"give {bound} as {number.__name__}"
@@ -541,7 +559,15 @@ def storage_url(config, storage_file=None):
 
 def make_run_dir(config):
     folder = run_dir(config)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds the storage and the checkpoints
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds the storage and the checkpoints
+    except OSError as e:
+        raise ConfigError(
+            config["config_path"],
+            "study.runs_dir",
+            f"cannot create {folder} ({e.strerror})",
+            "point runs_dir at a writable directory",
+        ) from None
     return folder
 
 
@@ -566,10 +592,11 @@ def open_storage(config, url=None, source="config"):
             )
         return optuna.storages.get_storage(url)
     except Exception as e:  # any driver error: unreachable, bad URL, missing driver
+        why = mask_password((str(e).splitlines() or [""])[0])
         raise ConfigError(
             source,
             "study.storage",
-            f"cannot open {mask_password(url)} ({type(e).__name__})",
+            f"cannot open {mask_password(url)} ({type(e).__name__}: {why})",
             "check the URL, the server and its driver",
         ) from None
 

@@ -75,12 +75,18 @@ def squeue_tasks(job_ids):
 
 
 def process_start(pid):
-    """The process's start time in clock ticks, so a recycled pid is not mistaken for our worker."""
+    """The process's start time in clock ticks, so a recycled pid is not mistaken for our worker.
+
+    None when the process is gone, or a zombie (killed, not yet reaped by its parent).
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[19])
-    except (OSError, ValueError, IndexError):
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
         return None
+    if not fields or fields[0] == "Z":
+        return None
+    return int(fields[19])
 
 
 def is_dead(trial, tasks, now=None):

@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--status | head` ends quietly
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = parse_args(argv)
     try:
@@ -124,7 +126,12 @@ def submit(args, config):
             "or PostgreSQL never does",
             file=sys.stderr,
         )
-    study.set_user_attr("n_trials", config["study"]["n_trials"])  # the budget status reports against
+    before, budget = study.user_attrs.get("n_trials"), config["study"]["n_trials"]
+    if before is not None and before != budget:
+        print(f"budget: {before} -> {budget} finished trials")
+    study.set_user_attr("n_trials", budget)  # the budget status reports against
+    if not config.get("search_space"):
+        print(f"warning: {source}: search_space is empty: every trial trains the same config", file=sys.stderr)
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
@@ -358,6 +365,11 @@ def show_status(study, config):
     if study_jobs(study):
         print_slurm_tasks(study, trials, tasks)
     missing = remaining(study, config) - queued_tasks(study, tasks)
+    crashed = [
+        t for t in failed if not t.user_attrs.get("fail_reason", "worker died").startswith(("worker died", "surplus"))
+    ]
+    if missing > 0 and crashed:
+        print(f"{len(crashed)} trial(s) failed in the trainer (reasons above, tracebacks in their worker.log)")
     if missing > 0:
         print(f"{missing} trial(s) not covered by any worker: submit again to top up")
     return 0
@@ -401,6 +413,8 @@ def trial_seconds(trial):
     """Training time of a finished trial; time since the start of a running one."""
     if trial.state == liveness.RUNNING and trial.datetime_start:
         return (datetime.now() - trial.datetime_start).total_seconds()
+    if "train_seconds" not in trial.user_attrs and trial.datetime_start and trial.datetime_complete:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()  # failed before it counted
     return trial.user_attrs.get("train_seconds", 0)
 
 
@@ -458,12 +472,15 @@ def export_best(study, config, path):
         },
         **resolved,
     }
-    target = Path(path) if path else Path(config["experiment_dir"]) / "best_trial.yaml"
+    target = Path(path or config["experiment_dir"])
+    if target.is_dir() or path.endswith("/") or not path:
+        target = target / "best_trial.yaml"
     header = (
         f"# Best trial of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"
         f"# derived dimensions). Retrain it: python worker.py --config {target}\n"
     )
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(header + yaml.safe_dump(exported, sort_keys=False))
     except OSError as e:
         raise ConfigError(

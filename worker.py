@@ -291,7 +291,9 @@ def train_and_tell(study, trial, config, handle):
     try:  # anything that goes wrong from here on fails this trial only, with the reason on it
         resolved = prepare_trial(study, trial, config, handle)
         metrics = plain_metrics(load_trainer(resolved, resolved["config_path"])(resolved, handle))
-        value = metrics.get(metric)
+        if metric not in metrics:
+            raise KeyError(f"the trainer's metrics {sorted(metrics)} have no {metric!r} (study.optimization_metric)")
+        value = metrics[metric]
         if not isinstance(value, float) or not math.isfinite(value):
             raise ValueError(f"trainer returned {metric}={value!r}; expected a finite number")
     except optuna.TrialPruned as e:
@@ -319,7 +321,7 @@ def train_and_tell(study, trial, config, handle):
 def plain_metrics(metrics):
     """A JSON-safe copy: numpy and torch scalars become floats, anything else not a number its text."""
     if not isinstance(metrics, dict):
-        raise TypeError(f"trainer returned {type(metrics).__name__}; expected a dict of metrics")
+        raise TypeError(f"trainer returned a {type(metrics).__name__}; expected a dict such as {{'val_loss': 0.1}}")
     plain = {}
     for key, value in metrics.items():
         try:
@@ -368,7 +370,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)  # progress: the task's .out
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # We send the heartbeats ourselves (heartbeat() below), so ask/tell with them is by design.
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
@@ -392,10 +394,12 @@ def work(args):
     stop = StopSignal()
     failed = done = 0
     trial = find_own_trial(study, liveness.slurm_task_key())
-    while args.trials == 0 or done < args.trials + taken_over:
+    while (args.trials == 0 or done < args.trials + taken_over) and not stop.received:
         if trial is None:
             optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
             trial = claim_trial(study, config)
+            if trial is None and args.trials == 0 and liveness.reconcile(study, config, tasks=None):
+                continue  # a local worker died meanwhile (pid check, no SLURM query): take its retry
         else:
             log.info("resuming trial %d after a requeue", trial.number)
             trial = optuna.trial.Trial(study, trial._trial_id)

@@ -153,7 +153,7 @@ def test_rendered_file_runs_a_trial_and_quotes_hostile_paths(tmp_path):
         cwd=tmp_path,
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert len(finished(load_study(path))) == 1
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
 

@@ -145,6 +145,6 @@ def test_nan_and_exception_fail_their_trials_and_the_rest_finish(slurm, tmp_path
     wait_for_jobs([job])
     assert (
         "budget of 3 finished trials is covered"
-        in (path.parent / f"runs/tiny/slurm_logs/optuna_{job}_0.err").read_text()
+        in (path.parent / f"runs/tiny/slurm_logs/optuna_{job}_0.out").read_text()
     )
     assert len(load_study(path).trials) == len(study.trials)

@@ -110,7 +110,7 @@ def test_rdb_heartbeat_fails_and_retries_a_silent_trial(tmp_path):
     optuna.trial.Trial(study, study.trials[0]._trial_id).set_user_attr("host", "another-node")
     time.sleep(4)
     out = run_script("worker.py", "--config", path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     dead, retry = study.get_trials()
     assert dead.state.name == "FAIL" and retry.state.name == "COMPLETE"
     assert retry.user_attrs["retry_of"] == 0 and retry.params == dead.params
@@ -126,7 +126,7 @@ def test_a_retry_enqueued_twice_runs_once(experiment):
     for _ in range(2):
         study.enqueue_trial({"model.d_pos": 6, "training.lr": 0.01}, user_attrs={"retry_of": 0, "retry_attempt": 1})
     out = run_script("worker.py", "--config", experiment, "--trials", 0, "--n_trials", 2)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE"]
     assert trials[2].user_attrs["fail_reason"] == "duplicate retry of trial 0"

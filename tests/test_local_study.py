@@ -15,7 +15,7 @@ from conftest import PROJECT, enqueue, finished, load_study, plugin_experiment, 
 
 def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(experiment):
     out = run_script("submit_study.py", "--config", experiment, "--local", 2, "--n_trials", 5)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     study = load_study(experiment)
     assert len(finished(study)) == 5
     assert [t for t in study.get_trials() if t.state.name in ("RUNNING", "WAITING")] == []
@@ -40,7 +40,7 @@ def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(
 
     # Retrain from best_trial.yaml alone: same params, same (deterministic CPU) result.
     retrain = run_script("worker.py", "--config", best_file)
-    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    assert retrain.returncode == 0, (retrain.stdout + retrain.stderr)[-3000:]
     again = load_study(best_file, exported["study"]["study_name"]).trials[0]
     assert again.state.name == "COMPLETE"
     assert math.isclose(again.value, study.best_value, rel_tol=1e-4)
@@ -61,10 +61,10 @@ def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(
 
 def test_worker_debug_run_prints_params_epochs_and_result(experiment):
     out = run_script("worker.py", "--config", experiment)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "trial 0 params: {'model.d_pos'" in out.stderr
-    assert "trial 0 step 0:" in out.stderr and "trial 0 step 1:" in out.stderr
-    assert "trial 0 COMPLETE: val_mae_mean =" in out.stderr
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "trial 0 params: {'model.d_pos'" in out.stdout
+    assert "trial 0 step 0:" in out.stdout and "trial 0 step 1:" in out.stdout
+    assert "trial 0 COMPLETE: val_mae_mean =" in out.stdout
 
 
 def test_each_trial_reads_the_yaml_fresh_and_recomputes_derived_dims(tmp_path):
@@ -72,7 +72,7 @@ def test_each_trial_reads_the_yaml_fresh_and_recomputes_derived_dims(tmp_path):
     path = plugin_experiment(tmp_path, {"training.edit_yaml_to": 12})
     study = enqueue(path, {"model.d_pos": 6, "training.lr": 0.01}, {"model.d_pos": 12, "training.lr": 0.01})
     out = run_script("worker.py", "--config", path, "--trials", 2)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     trials = load_study(path).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     resolved = [yaml.safe_load((path.parent / "runs/tiny/trials" / str(n) / "config.yaml").read_text()) for n in (0, 1)]
@@ -87,7 +87,7 @@ def test_exception_and_nan_fail_only_their_trial(tmp_path):
     path = plugin_experiment(tmp_path, {"study.n_trials": 3, "training.misbehave": True})
     enqueue(path, {"model.d_pos": 2, "training.lr": 0.01}, {"model.d_pos": 4, "training.lr": 0.01})
     out = run_script("submit_study.py", "--config", path, "--local", 2)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     study = load_study(path)
     failed = {t.params["model.d_pos"]: t.user_attrs["fail_reason"] for t in study.trials if t.state.name == "FAIL"}
     assert failed[2] == "RuntimeError: boom: the trainer crashed"
@@ -118,13 +118,13 @@ def test_status_shows_counts_budget_best_and_running_trials(tmp_path):
     assert "trial 0 FAIL: worker died: pid" in out.stdout and "WAITING 1" in out.stdout
     # ...which the next worker runs, continuing from the dead trial's last checkpoint.
     out = run_script("worker.py", "--config", path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     dead, retry = load_study(path).trials
     assert retry.state.name == "COMPLETE" and retry.user_attrs["retry_of"] == 0
     assert retry.params == dead.params
     assert sorted(retry.intermediate_values) == list(range(8))
     resumed_at = len(dead.intermediate_values)
-    assert f"trial 1 step {resumed_at - 1}:" not in out.stderr and f"trial 1 step {resumed_at}:" in out.stderr
+    assert f"trial 1 step {resumed_at - 1}:" not in out.stdout and f"trial 1 step {resumed_at}:" in out.stdout
 
 
 def wait_for(condition, timeout=120):
@@ -144,3 +144,33 @@ def test_status_of_unknown_study_is_a_clear_error(experiment):
     out = run_script("submit_study.py", "--config", experiment, "--status")
     assert out.returncode == 2 and "no study 'tiny'" in out.stderr
     assert optuna.__version__ == "5.0.0"
+
+
+def test_a_local_study_heals_when_one_of_its_workers_is_killed(tmp_path):
+    path = plugin_experiment(tmp_path, {"training.sleep": 0.5, "training.epochs": 6, "study.n_trials": 4})
+    launcher = subprocess.Popen(
+        [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    trials_dir = path.parent / "runs/tiny/trials"
+    wait_for(
+        lambda: any((d / "checkpoint.pt").exists() for d in trials_dir.glob("*")) if trials_dir.exists() else False
+    )
+    victim = next(t for t in load_study(path).get_trials() if t.state.name == "RUNNING" and "host" in t.user_attrs)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, _ = launcher.communicate(timeout=300)
+    study = load_study(path)
+    assert len(finished(study)) == 4, out[-3000:]
+    assert study.trials[victim.number].state.name == "FAIL"
+    retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number)
+    assert retry.state.name == "COMPLETE" and retry.params == victim.params
+
+
+def test_help_lists_the_flags_of_the_option_table():
+    for script in ("submit_study.py", "worker.py"):
+        out = run_script(script, "--help")
+        assert out.returncode == 0, out.stderr
+        assert "--n_trials" in out.stdout and "--study_name" in out.stdout
+    assert "--max_concurrent_jobs" in run_script("submit_study.py", "--help").stdout

@@ -47,7 +47,7 @@ def test_array_of_8_with_3_concurrent_one_gpu_each(slurm, tmp_path):
         assert t.user_attrs["cuda_visible_devices"] in {"0", "1", "2", "3"}
         assert t.user_attrs["slurm_array_job_id"] == jobs[0] and t.user_attrs["node"] == slurm
         assert Path(t.user_attrs["slurm_out"]).exists() and Path(t.user_attrs["slurm_err"]).exists()
-        assert f"trial {t.number} COMPLETE" in Path(t.user_attrs["slurm_err"]).read_text() or t.state.name == "PRUNED"
+        assert f"trial {t.number} COMPLETE" in Path(t.user_attrs["slurm_out"]).read_text() or t.state.name == "PRUNED"
     for a in done:  # trials that ran at the same time had different GPUs
         for b in done:
             if (
