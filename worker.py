@@ -394,7 +394,9 @@ def work(args):
     stop = StopSignal()
     failed = done = 0
     trial = find_own_trial(study, liveness.slurm_task_key())
-    while (args.trials == 0 or done < args.trials + taken_over) and not stop.received:
+    # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
+    # send early, one does: it runs to its first checkpoint and continues after the requeue.
+    while (args.trials == 0 or done < args.trials + taken_over) and stop.received != "SIGTERM":
         if trial is None:
             optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
             trial = claim_trial(study, config)
