@@ -94,8 +94,18 @@ def main(argv=None):
 
 # ---------------------------------------------------------------- submit
 def submit(args, config):
+    storage, url, data_dir = check_and_prepare(args, config)
+    study = open_study(config, storage, 0, config["config_path"])
+    take_stock(study, config, url)
+    storage_file = storage_reference(config, url)
+    if args.local is not None:
+        return run_local(args, config, study, storage_file)
+    return submit_array(args, config, study, data_dir, storage_file)
+
+
+def check_and_prepare(args, config):
+    """Everything that can be wrong is checked before a file is written or a study created."""
     source = config["config_path"]
-    # Everything that can be wrong is checked before a file is written or a study created.
     load_trainer(config, source)
     build_sampler(config, 0, source), build_pruner(config, source)
     if args.local is not None and args.local < 1:
@@ -114,8 +124,11 @@ def submit(args, config):
     storage = storage or open_storage(config, None, source)  # the journal file, once all checks passed
     if args.group_access:
         run_dir(config).chmod(0o750)
+    return storage, url, data_dir
 
-    study = open_study(config, storage, 0, source)
+
+def take_stock(study, config, url):
+    """Say where the study stands, record the budget, and fail + retry trials whose workers died."""
     print(
         f"study {study.study_name}: {len(study.get_trials(deepcopy=False))} trials so far, "
         f"storage {mask_password(url) if url else run_dir(config) / 'journal.log'}"
@@ -126,19 +139,22 @@ def submit(args, config):
             "or PostgreSQL never does",
             file=sys.stderr,
         )
+    if not config.get("search_space"):
+        print(
+            f"warning: {config['config_path']}: search_space is empty: every trial trains the same config",
+            file=sys.stderr,
+        )
     before, budget = study.user_attrs.get("n_trials"), config["study"]["n_trials"]
     if before is not None and before != budget:
         print(f"budget: {before} -> {budget} finished trials")
     study.set_user_attr("n_trials", budget)  # the budget status reports against
-    if not config.get("search_space"):
-        print(f"warning: {source}: search_space is empty: every trial trains the same config", file=sys.stderr)
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
 
-    storage_file = storage_reference(config, url)
-    if args.local is not None:
-        return run_local(args, config, study, storage_file)
+
+def submit_array(args, config, study, data_dir, storage_file):
+    """Render the array file for the trials still missing and submit it (or print it: dry run)."""
     queued = queued_tasks(study, liveness.squeue_tasks(study_jobs(study)))
     missing = remaining(study, config) - queued
     script = write_array_file(config, max(missing, 1), data_dir, storage_file)
