@@ -113,7 +113,7 @@ class TrialHandle:
     def load_checkpoint(self):
         if not self.checkpoint.exists():
             return None
-        import torch
+        import torch  # only trainers that checkpoint need it; the worker's start-up stays light
 
         log.info("trial %d resumes from %s", self.trial.number, self.checkpoint)
         return torch.load(self.checkpoint, weights_only=False)
