@@ -33,6 +33,7 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import enum
 import json
 import logging
 import math
@@ -49,11 +50,12 @@ from pathlib import Path
 import optuna
 import yaml
 
+import config_versions
 import liveness
 from experiment import (
     ConfigError,
     add_experiment_flags,
-    config_from_args,
+    flag_overrides,
     hostname,
     load_trainer,
     open_storage,
@@ -64,11 +66,22 @@ from experiment import (
     sample_params,
     still_to_run,
     storage_url,
+    yaml_from_args,
 )
 
 log = logging.getLogger("worker")
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
+
+
+class Outcome(enum.Enum):
+    """How one trial's run in this process ended."""
+
+    COMPLETE = "COMPLETE"
+    PRUNED = "PRUNED"
+    FAIL = "FAIL"
+    REQUEUED = "REQUEUED"  # checkpointed before the walltime; its own task was requeued and resumes it
+    STOPPED = "STOPPED"  # checkpointed and left RUNNING: SLURM's requeue or the next reconcile continues it
 
 
 class Interrupted(Exception):
@@ -143,8 +156,30 @@ def parse_args(argv=None):
 
 
 def read_config(args):
-    """The experiment YAML, fresh from disk, as this worker was told to see it."""
-    config = config_from_args(args)
+    """The experiment YAML, fresh from disk, as this worker was told to see it.
+
+    A file that is mid-edit, invalid or changes what a running study cannot change is not used:
+    the worker goes on with the version in force (config_versions.py) and says why.
+    """
+    config = config_versions.load(yaml_from_args(args), flag_overrides(args), worker=True)
+    return with_data_dir(config, args)
+
+
+def pinned_config(trial, config, args):
+    """A trial that resumes, or continues as a retry, keeps the config version it started with."""
+    version = trial.user_attrs.get("config_version")
+    if not version or version == config.get("config_version"):
+        return config
+    folder = config_versions.versions_folder(config)
+    pinned = config_versions.at_version(version, config["config_path"], flag_overrides(args), folder)
+    if pinned is None:
+        log.warning("trial %d: its config version %s is not kept in %s; using today's", trial.number, version, folder)
+        return config
+    log.info("trial %d keeps its config version %s", trial.number, version)
+    return with_data_dir(pinned, args)
+
+
+def with_data_dir(config, args):
     if args.data_dir:
         config.setdefault("data", {})["dir"] = str(Path(args.data_dir).resolve())
     return config
@@ -227,6 +262,7 @@ def record_owner(trial, folder, config):
         "pid_start": liveness.process_start(os.getpid()),
         "started_at": trial.user_attrs.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config_path": str(folder / "config.yaml"),
+        "config_version": config.get("config_version"),
         "log_path": str(folder / "worker.log"),
         "slurm_task": liveness.slurm_task_key(),
         "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
@@ -261,7 +297,7 @@ def adopt_origin_checkpoint(study, trial, handle, config):
 
 # ---------------------------------------------------------------- running one trial
 def run_trial(study, trial, config, stop):
-    """Train the trial and tell the study. Returns its state name, or REQUEUED/STOPPED when it goes on later."""
+    """Train the trial and tell the study; the Outcome says whether it ended or goes on later."""
     folder = run_dir(config) / "trials" / str(trial.number)
     folder.mkdir(parents=True, exist_ok=True)
     file_log = logging.FileHandler(folder / "worker.log")
@@ -300,7 +336,7 @@ def train_and_tell(study, trial, config, handle):
         add_train_seconds(trial, started)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d PRUNED (%s)", trial.number, e)
-        return "PRUNED"
+        return Outcome.PRUNED
     except Interrupted as e:
         add_train_seconds(trial, started)
         return requeue_or_fail(study, trial, config, str(e))
@@ -308,14 +344,14 @@ def train_and_tell(study, trial, config, handle):
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
         study.tell(trial, state=FAIL)
-        return "FAIL"
+        return Outcome.FAIL
     add_train_seconds(trial, started)
     (handle.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     trial.set_user_attr("metrics", metrics)
     trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
     study.tell(trial, value)
     log.info("trial %d COMPLETE: %s = %.6g", trial.number, metric, value)
-    return "COMPLETE"
+    return Outcome.COMPLETE
 
 
 def plain_metrics(metrics):
@@ -342,27 +378,45 @@ def requeue_or_fail(study, trial, config, signal_name):
     if not task:  # a local run stopped by hand
         trial.set_user_attr("fail_reason", f"interrupted by {signal_name}")
         study.tell(trial, state=FAIL)
-        return "FAIL"
+        return Outcome.FAIL
     if signal_name == "SIGTERM":
         # Preemption or node failure: SLURM requeues the task and it resumes this trial.
         # scancel: the task is gone, and the next reconcile retries the trial from this checkpoint.
         log.info("trial %d checkpointed after SIGTERM; left RUNNING for its task %s", trial.number, task)
-        return "STOPPED"
+        return Outcome.STOPPED
     if requeues >= settings["max_requeues"]:
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         reason = f"walltime reached after {requeues} requeues (study.max_requeues)"
         liveness.fail_and_retry(study, frozen, reason, settings["max_retries"], settings["n_trials"])
-        return "FAIL"
-    trial.set_user_attr("requeues", requeues + 1)
-    job = os.environ.get("SLURM_JOB_ID", task)
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    log.info(
-        "trial %d checkpointed before the walltime; task %s requeued (%s)",
-        trial.number,
-        task,
-        result.stderr.strip() or "ok",
-    )
-    return "REQUEUED"
+        return Outcome.FAIL
+    trial.set_user_attr("requeues", requeues + 1)  # the walltime is spent whether or not the requeue works
+    problem = requeue_task(task)
+    if problem:
+        log.warning(
+            "trial %d checkpointed before the walltime, but task %s could not be requeued (%s); the trial stays "
+            "RUNNING and the next reconcile retries it from its checkpoint",
+            trial.number,
+            task,
+            problem,
+        )
+        return Outcome.STOPPED
+    log.info("trial %d checkpointed before the walltime; task %s requeued", trial.number, task)
+    return Outcome.REQUEUED
+
+
+def requeue_task(task):
+    """Requeue exactly this array task; None on success, else what went wrong.
+
+    Always `<array job>_<task>`: one task of every array runs under the array's own job id, and
+    `scontrol requeue <that id>` would requeue (and SIGTERM) every task of the array.
+    """
+    try:
+        result = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol requeue {task}: {e}"
+    if result.returncode != 0:
+        return f"scontrol requeue {task} exited {result.returncode}: {result.stderr.strip()}"
+    return None
 
 
 # ---------------------------------------------------------------- main loop
@@ -408,10 +462,11 @@ def work(args):
         if trial is None:
             log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
             break
-        state = run_trial(study, trial, config, stop)
-        failed += state == "FAIL"
+        config = pinned_config(trial, config, args)
+        outcome = run_trial(study, trial, config, stop)
+        failed += outcome is Outcome.FAIL
         done += 1
-        if state in ("REQUEUED", "STOPPED") or stop.received:
+        if outcome in (Outcome.REQUEUED, Outcome.STOPPED) or stop.received:
             break
         trial = None
         config = read_config(args)  # fresh from disk for the next trial

@@ -106,6 +106,37 @@ def test_trial_longer_than_its_walltime_resumes_after_requeue(slurm, tmp_path):
     assert "checkpointed before the walltime" in log and "resumes from" in log
 
 
+def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
+    # Three tasks at once, each with 45 s of training in a 1-minute walltime. The task that runs under
+    # the array's own job id checkpoints every 0.5 s, the others every 5 s: it requeues itself first,
+    # while they are mid-step. Requeueing by that job id would requeue (SIGTERM) the whole array.
+    path = plugin_experiment(
+        tmp_path,
+        {
+            "training.sleep": 5.0,
+            "training.epochs": 9,
+            "training.fine_steps_on_array_id": 10,
+            "study.n_trials": 3,
+            "slurm.max_concurrent_jobs": 3,
+            "slurm.walltime": "1",
+            "slurm.signal_grace": 50,
+        },
+    )
+    wait_for_jobs(submit(path), timeout=500)
+    study = load_study(path)
+    assert_study_whole(study, 3)
+    done = finished(study)
+    holder = [t for t in done if t.user_attrs["slurm_job_id"] == t.user_attrs["slurm_array_job_id"]]
+    assert len(holder) == 1, "one task of the array runs under the array's own job id"
+    for t in done:
+        assert t.user_attrs.get("requeues", 0) >= 1, f"trial {t.number} outlived its walltime"
+        restarts = t.user_attrs["slurm_restart_count"]
+        assert restarts == t.user_attrs["requeues"], f"trial {t.number}: {restarts} restarts, not all its own"
+        assert sorted(t.intermediate_values) == list(range(90 if t in holder else 9))
+        out = Path(t.user_attrs["slurm_out"]).read_text()
+        assert "SIGTERM received" not in out and f"task {t.user_attrs['slurm_task']} requeued" in out
+
+
 def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):
     path = plugin_experiment(tmp_path, {**SLOW, "study.n_trials": 3, "slurm.max_concurrent_jobs": 3})
     jobs = submit(path)
