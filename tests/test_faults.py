@@ -82,44 +82,21 @@ def test_scancel_of_one_task_mid_trial(slurm, tmp_path):
     assert study.trials[victim.number].user_attrs["fail_reason"].startswith("worker died")
 
 
-def test_trial_longer_than_its_walltime_resumes_after_requeue(slurm, tmp_path):
-    # 45 s of training in a 1-minute walltime: SLURM's USR2 comes 10-40 s in (it checks limits every ~30 s)
-    path = plugin_experiment(
-        tmp_path,
-        {
-            "training.sleep": 1.0,
-            "training.epochs": 45,
-            "study.n_trials": 1,
-            "slurm.walltime": "1",
-            "slurm.signal_grace": 50,
-        },
-    )
-    jobs = submit(path)
-    wait_for_jobs(jobs, timeout=400)
-    study = load_study(path)
-    assert_study_whole(study, 1)
-    trial = study.trials[0]
-    assert trial.state.name == "COMPLETE" and trial.user_attrs["requeues"] >= 1
-    assert trial.user_attrs["slurm_restart_count"] >= 1
-    assert sorted(trial.intermediate_values) == list(range(45))
-    log = Path(trial.user_attrs["log_path"]).read_text()
-    assert "checkpointed before the walltime" in log and "resumes from" in log
-
-
 def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
-    # Three tasks at once, each with 45 s of training in a 1-minute walltime. The task that runs under
-    # the array's own job id checkpoints every 0.5 s, the others every 5 s: it requeues itself first,
-    # while they are mid-step. Requeueing by that job id would requeue (SIGTERM) the whole array.
+    # Three tasks at once, each with 40 s of training in a 1-minute walltime: SLURM's USR2 comes 5-35 s
+    # in (it checks limits every 30 s). The task that runs under the array's own job id checkpoints every
+    # 0.5 s, the others every 5 s: it requeues itself first, while they are mid-step. Requeueing by that
+    # job id would requeue (and SIGTERM) every task of the array.
     path = plugin_experiment(
         tmp_path,
         {
             "training.sleep": 5.0,
-            "training.epochs": 9,
+            "training.epochs": 8,
             "training.fine_steps_on_array_id": 10,
             "study.n_trials": 3,
             "slurm.max_concurrent_jobs": 3,
             "slurm.walltime": "1",
-            "slurm.signal_grace": 50,
+            "slurm.signal_grace": 55,
         },
     )
     wait_for_jobs(submit(path), timeout=500)
@@ -132,9 +109,12 @@ def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
         assert t.user_attrs.get("requeues", 0) >= 1, f"trial {t.number} outlived its walltime"
         restarts = t.user_attrs["slurm_restart_count"]
         assert restarts == t.user_attrs["requeues"], f"trial {t.number}: {restarts} restarts, not all its own"
-        assert sorted(t.intermediate_values) == list(range(90 if t in holder else 9))
-        out = Path(t.user_attrs["slurm_out"]).read_text()
-        assert "SIGTERM received" not in out and f"task {t.user_attrs['slurm_task']} requeued" in out
+        assert sorted(t.intermediate_values) == list(range(80 if t in holder else 8)), "it resumed every time"
+        events = [line for line in Path(t.user_attrs["slurm_out"]).read_text().splitlines() if "step" not in line]
+        for before, line in zip(events, events[1:], strict=False):  # only its own requeue stops a task
+            if "SIGTERM received" in line:
+                assert "requeued" in before or "SIGTERM received" in before, events
+        assert "resumes from" in Path(t.user_attrs["log_path"]).read_text()
 
 
 def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):
