@@ -199,8 +199,16 @@ def add_experiment_flags(parser, sections):
 
 def config_from_args(args):
     """The experiment YAML that --config/--exp_id name, fresh from disk, with the given flags applied."""
-    overrides = {o.key: getattr(args, o.key, None) for o in OPTIONS if getattr(args, o.key, None) is not None}
-    return load_config(experiment_yaml(args.exp_id, args.config, args.experiments_dir), overrides)
+    return load_config(yaml_from_args(args), flag_overrides(args))
+
+
+def yaml_from_args(args):
+    return experiment_yaml(args.exp_id, args.config, args.experiments_dir)
+
+
+def flag_overrides(args):
+    """The study/slurm options given as flags."""
+    return {o.key: getattr(args, o.key, None) for o in OPTIONS if getattr(args, o.key, None) is not None}
 
 
 # ---------------------------------------------------------------- loading the YAML
@@ -235,18 +243,35 @@ def experiment_yaml(exp_id=None, config=None, experiments_dir="experiments"):
     return Path(experiments_dir) / exp_id / "config.yaml"
 
 
-def load_config(path, overrides=None):
-    """Read and validate the experiment YAML, fresh from disk, with CLI overrides applied.
+def load_config(path, overrides=None, text=None):
+    """Read and validate the experiment YAML, fresh from disk (or `text`, a saved version of it), with CLI overrides.
 
     Returns the whole config with `study` and `slurm` filled with defaults and paths made absolute.
     Raises ConfigError for anything that would fail later.
     """
     path = Path(path)
     source = str(path)
+    config = parse_yaml(read_text(path) if text is None else text, source)
+    _fill_sections(config, overrides or {}, source)
+    base = path.resolve().parent
+    config["experiment_dir"] = str(base)
+    config["config_path"] = str(path.resolve())
+    config["cli_overrides"] = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _resolve_paths(config, base, source)
+    _check_search_space(config, source)
+    _check_slurm(config, source)
+    return config
+
+
+def read_text(path):
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except OSError as e:
-        raise ConfigError(source, "(file)", f"cannot read it ({e.strerror})", "pass an existing YAML file") from None
+        raise ConfigError(str(path), "(file)", f"cannot read it ({e.strerror})", "pass an existing YAML file") from None
+
+
+def parse_yaml(text, source):
+    """The YAML's top-level mapping, as the user wrote it."""
     try:
         config = read_yaml(text)
     except yaml.YAMLError as e:
@@ -258,8 +283,11 @@ def load_config(path, overrides=None):
         raise ConfigError(
             source, "(top level)", "is not a mapping", "write 'key: value' pairs, see config.example.yaml"
         )
+    return config
 
-    config = copy.deepcopy(config)
+
+def _fill_sections(config, overrides, source):
+    """study: and slurm: with the overrides applied, defaults filled in and every value checked."""
     for section, known in SECTION_KEYS.items():
         values = config.get(section) or {}
         if not isinstance(values, dict):
@@ -271,9 +299,8 @@ def load_config(path, overrides=None):
             )
         config[section] = values
     for option in OPTIONS:
-        value = (overrides or {}).get(option.key)
-        if value is not None:
-            config[option.section][option.key] = value
+        if overrides.get(option.key) is not None:
+            config[option.section][option.key] = overrides[option.key]
         config[option.section].setdefault(option.key, copy.deepcopy(option.default))
         value = config[option.section][option.key]
         if option.key in ("walltime", "mem_per_cpu") and isinstance(value, int) and not isinstance(value, bool):
@@ -284,10 +311,9 @@ def load_config(path, overrides=None):
             flag = "" if isinstance(option.default, (dict, list)) else f" or --{option.key}"
             raise ConfigError(source, key, f"{value!r} {problem}", f"correct {key} ({option.help}){flag}")
 
-    base = path.resolve().parent
-    config["experiment_dir"] = str(base)
-    config["config_path"] = str(path.resolve())
-    config["cli_overrides"] = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+def _resolve_paths(config, base, source):
+    """The default study name, and paths relative to the YAML made absolute."""
     study = config["study"]
     if not study["study_name"]:
         if not SAFE_NAME.match(base.name):
@@ -311,9 +337,6 @@ def load_config(path, overrides=None):
     data = config.get("data")
     if isinstance(data, dict) and isinstance(data.get("dir"), str):
         data["dir"] = str(base / os.path.expandvars(os.path.expanduser(data["dir"])))
-    _check_search_space(config, source)
-    _check_slurm(config, source)
-    return config
 
 
 def _check_slurm(config, source):

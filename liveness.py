@@ -119,7 +119,10 @@ def fail_and_retry(study, trial, reason, max_retries, n_trials):
     trials = study.get_trials(deepcopy=False)
     if still_to_run(trials, n_trials) <= sum(t.state == WAITING for t in trials):
         return True  # finished, running and already waiting trials cover the budget
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_attempt": attempt + 1})
+    retry = {"retry_of": trial.number, "retry_attempt": attempt + 1}
+    if trial.user_attrs.get("config_version"):
+        retry["config_version"] = trial.user_attrs["config_version"]  # its checkpoint's shapes depend on it
+    study.enqueue_trial(trial.params, user_attrs=retry)
     log.warning("trial %d re-enqueued as a retry (attempt %d of %d)", trial.number, attempt + 1, max_retries)
     return True
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import optuna
 import yaml
 
+import config_versions
 import liveness
 from experiment import (
     FINISHED,
@@ -35,6 +36,7 @@ from experiment import (
     build_sampler,
     config_from_args,
     count_states,
+    flag_overrides,
     load_trainer,
     make_run_dir,
     mask_password,
@@ -42,11 +44,13 @@ from experiment import (
     open_study,
     prepare_data,
     quote_command,
+    read_text,
     read_yaml,
     resolve_config,
     run_dir,
     still_to_run,
     storage_url,
+    yaml_from_args,
 )
 
 PROJECT = Path(__file__).resolve().parent
@@ -81,12 +85,11 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = parse_args(argv)
     try:
-        config = config_from_args(args)
-        if args.status:
-            return show_status(open_existing_study(config), config)
-        if args.export_best is not None:
-            return export_best(open_existing_study(config), config, args.export_best)
-        return submit(args, config)
+        if args.status or args.export_best is not None:  # these work on while the YAML on disk is mid-edit
+            config = config_versions.load(yaml_from_args(args), flag_overrides(args))
+            study = open_existing_study(config)
+            return show_status(study, config) if args.status else export_best(study, config, args.export_best)
+        return submit(args, config_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -96,6 +99,8 @@ def main(argv=None):
 def submit(args, config):
     storage, url, data_dir = check_and_prepare(args, config)
     study = open_study(config, storage, 0, config["config_path"])
+    config_versions.check_study(study, config)
+    config_versions.adopt(config_versions.versions_folder(config), config, read_text(config["config_path"]))
     take_stock(study, config, url)
     storage_file = storage_reference(config, url)
     if args.local is not None:
@@ -148,6 +153,7 @@ def take_stock(study, config, url):
     if before is not None and before != budget:
         print(f"budget: {before} -> {budget} finished trials")
     study.set_user_attr("n_trials", budget)  # the budget status reports against
+    study.set_user_attr("optimization_metric", config["study"]["optimization_metric"])
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
@@ -223,11 +229,16 @@ def sbatch_directives(slurm):
     return "\n".join(lines)
 
 
+FROM_ELSEWHERE = ("storage", "study_name", "runs_dir")  # by reference (a password), or named above
+
+
 def worker_flags(config, storage_file):
     """What every worker is told beyond its YAML: this submission's study flags and the storage."""
-    flags = ["--config", config["config_path"]]
+    # The study's name and place always: an edit of the YAML cannot point a running array at another study.
+    flags = ["--config", config["config_path"], "--study_name", config["study"]["study_name"]]
+    flags += ["--runs_dir", config["study"]["runs_dir"]]
     for option in OPTIONS:
-        if option.section == "study" and option.key in config["cli_overrides"] and option.key != "storage":
+        if option.key in config["cli_overrides"] and option.section == "study" and option.key not in FROM_ELSEWHERE:
             flags += [f"--{option.key}", str(config["study"][option.key])]
     return flags + (["--storage_file", str(storage_file)] if storage_file else [])
 
@@ -362,6 +373,8 @@ def show_status(study, config):
     finished = counts["COMPLETE"] + counts["PRUNED"]
     print(f"study {study.study_name}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
+    for line in config_versions.status_lines(config, trials):
+        print(line)
     best = best_trial(study)
     if best:
         metric = config["study"]["optimization_metric"]
@@ -469,7 +482,7 @@ def export_best(study, config, path):
     trained = Path(best.user_attrs.get("config_path", "-"))
     # The config the trial trained with; if its file is gone, today's YAML with the trial's params.
     resolved = read_yaml(trained.read_text()) if trained.is_file() else resolve_config(config, best.params)
-    for key in ("experiment_dir", "config_path", "cli_overrides"):
+    for key in ("experiment_dir", "config_path", "cli_overrides", "config_version"):
         resolved.pop(key, None)
     resolved["study"].update(
         study_name=f"{study.study_name}_best{best.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}

@@ -71,8 +71,7 @@ def run_script(script, *args, env=None, timeout=300, cwd=None):
 
 
 def load_study(config_path, study_name=None):
-    config = yaml.safe_load(Path(config_path).read_text())
-    name = study_name or config["study"]["study_name"]
+    name = study_name or yaml.safe_load(Path(config_path).read_text())["study"]["study_name"]
     journal = Path(config_path).parent / "runs" / name / "journal.log"
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 

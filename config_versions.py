@@ -1,0 +1,291 @@
+"""Which version of the experiment YAML a running study uses, and which edits it may take.
+
+Workers read the YAML fresh for every trial, so that a user can change a study while it runs. A
+save that breaks the file (a syntax error mid-edit, an editor that truncates before it writes)
+must not end the array. So every valid version is kept in runs/<study>/config_versions/:
+
+    <version>.yaml   the YAML's text; <version> is a short hash of what it says (comments aside)
+    current.json     the version in force and when it was adopted
+    problem.json     while the file on disk cannot be used: since when, and why
+
+A worker adopts what it reads only when the file has stopped changing, is valid, keeps every key
+the version in force had (a truncated file can still parse), and changes nothing a running study
+cannot change (the metric, the direction, where the study lives, how its params are sampled:
+see unsafe_changes). Otherwise it goes on with the version in force and says why, in its log and
+in status. submit_study.py adopts any valid version the stored study can take, lost keys and all:
+submitting is the user saying so. A trial keeps the version it started with when it resumes after
+a requeue or continues as a retry, because its checkpoint's shapes depend on it.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from experiment import ConfigError, load_config, parse_yaml, read_text, run_dir
+
+log = logging.getLogger("config")
+FOLDER = "config_versions"
+SETTLE_S = 1.0  # a file modified more recently than this may still be being written
+SETTLE_TIMEOUT_S = 15.0
+# What a study already running cannot change: its trials and storage were made with these.
+# (study_name and runs_dir: the array command passes them as flags, so an edit cannot move a running array.)
+FIXED = ("optimization_metric", "optimization_direction", "storage")
+
+
+# ---------------------------------------------------------------- reading the YAML
+def load(path, overrides, worker=False):
+    """The config to use now: the YAML on disk if it can be adopted, else the version in force.
+
+    A worker waits for the file to settle, adopts what it can and records what it cannot; status
+    and export only read. The versions are found without the YAML through the flags (the array
+    command carries --study_name and --runs_dir), else in their default place beside the YAML.
+    """
+    folder = default_folder(path, overrides)
+    try:
+        text = read_settled(path) if worker else read_text(path)
+        config = load_config(path, overrides, text)
+    except ConfigError as e:
+        return fall_back(folder, path, overrides, str(e), worker, error=e)
+    folder = versions_folder(config)
+    in_force = current(folder)
+    if in_force:
+        old = at_version(in_force["version"], path, overrides, folder)
+        problems = (unsafe_changes(old, config) + lost_keys(old, config)) if old else []
+        if problems:
+            return fall_back(folder, path, overrides, f"{path}: {problems[0]}", worker)
+    if worker:
+        adopt(folder, config, text)
+    return config
+
+
+def fall_back(folder, path, overrides, problem, record, error=None):
+    """Go on with the version in force, and leave the problem where status shows it."""
+    in_force = current(folder) if folder else None
+    config = at_version(in_force["version"], path, overrides, folder) if in_force else None
+    if config is None:
+        raise error or ConfigError(str(path), "(file)", problem, "correct the YAML")
+    if record:
+        note_problem(folder, problem)
+    log.warning("%s; using the version of %s (%s)", problem, in_force["adopted_at"], in_force["version"])
+    return config
+
+
+def read_settled(path, settle=SETTLE_S, timeout=SETTLE_TIMEOUT_S):
+    """The file's text once it has stopped changing: an editor may be half-way through writing it."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            before = path.stat()
+        except OSError:
+            return read_text(path)  # the one-line error for a missing file
+        text = read_text(path)
+        after = path.stat()
+        unchanged = (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
+        if unchanged and time.time() - after.st_mtime >= settle or time.monotonic() > deadline:
+            return text
+        time.sleep(settle / 4)
+
+
+def version_of(text, source="config"):
+    """A short hash of what the YAML says: the same settings give the same version, comments aside."""
+    said = json.dumps(parse_yaml(text, source), sort_keys=True, default=str)
+    return hashlib.sha256(said.encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------- the versions folder
+def versions_folder(config):
+    return run_dir(config) / FOLDER
+
+
+def default_folder(path, overrides):
+    """Where the versions are when the YAML cannot say: the flags' run directory, else the one
+    study beside the YAML (runs/<study>/) whose versions came from this file."""
+    base = Path(path).resolve().parent
+    runs = base / os.path.expandvars(os.path.expanduser(overrides.get("runs_dir") or "runs"))
+    if overrides.get("study_name"):
+        return runs / overrides["study_name"] / FOLDER
+    here = str(Path(path).resolve())
+    mine = [f.parent for f in runs.glob(f"*/{FOLDER}/current.json") if (current(f.parent) or {}).get("path") == here]
+    return mine[0] if len(mine) == 1 else None
+
+
+def current(folder):
+    """{"version", "adopted_at"} of the version in force, or None before the first one."""
+    try:
+        return json.loads((Path(folder) / "current.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def at_version(version, path, overrides, folder):
+    """The config as the given version says, or None when that version is not kept."""
+    try:
+        text = (Path(folder) / f"{version}.yaml").read_text()
+        config = load_config(path, overrides, text)
+    except (OSError, ConfigError):
+        return None
+    config["config_version"] = version
+    return config
+
+
+def adopt(folder, config, text):
+    """Keep this valid version and make it the one in force."""
+    version = version_of(text)
+    config["config_version"] = version
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder / f"{version}.yaml"
+    if not kept.exists():
+        write_atomic(kept, text)
+    in_force = current(folder)
+    if not in_force or in_force["version"] != version:
+        in_force_now = {"version": version, "adopted_at": now(), "path": config["config_path"]}
+        write_atomic(folder / "current.json", json.dumps(in_force_now))
+        if in_force:
+            log.info("config version %s adopted (was %s)", version, in_force["version"])
+    (folder / "problem.json").unlink(missing_ok=True)
+
+
+def note_problem(folder, problem):
+    """Record since when the file on disk cannot be used; the first time counts."""
+    marker = Path(folder) / "problem.json"
+    try:
+        since = json.loads(marker.read_text())["since"]
+    except (OSError, ValueError, KeyError):
+        since = now()
+    write_atomic(marker, json.dumps({"since": since, "problem": problem}))
+
+
+def write_atomic(path, text):
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+# ---------------------------------------------------------------- what may change
+def unsafe_changes(old, new):
+    """What `new` changes that a study already run with `old` cannot take."""
+    problems = [
+        f"study.{key} changed from {old['study'][key]!r} to {new['study'][key]!r}, which a running study cannot take"
+        for key in FIXED
+        if old["study"][key] != new["study"][key]
+    ]
+    old_space, new_space = old.get("search_space") or {}, new.get("search_space") or {}
+    for name in sorted(set(old_space) & set(new_space)):
+        if sampling_kind(old_space[name]) != sampling_kind(new_space[name]):
+            problems.append(
+                f"search_space.{name} changes how it is sampled ({sampling_kind(old_space[name])} -> "
+                f"{sampling_kind(new_space[name])}), which Optuna cannot mix with the study's earlier trials"
+            )
+    return problems
+
+
+def sampling_kind(spec):
+    """What Optuna cannot change for a param once trials have it: int/float/categorical, log, the choices."""
+    if spec["type"] == "categorical":
+        return ("categorical", tuple(spec["choices"]))
+    return (spec["type"], bool(spec.get("log")))
+
+
+def distribution_kind(distribution):
+    """sampling_kind() of a distribution stored with a trial."""
+    import optuna.distributions as d
+
+    if isinstance(distribution, d.CategoricalDistribution):
+        return ("categorical", tuple(distribution.choices))
+    return ("int" if isinstance(distribution, d.IntDistribution) else "float", bool(distribution.log))
+
+
+def lost_keys(old, new):
+    """Keys the version in force had that this one lacks: a file cut short can still be valid YAML."""
+    gone = sorted(dotted_keys(old) - dotted_keys(new))
+    if not gone:
+        return []
+    return [f"lacks {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} (maybe saved half-way); submit to adopt it"]
+
+
+def dotted_keys(config, prefix=""):
+    keys = set()
+    for key, value in config.items():
+        if prefix == "" and key in ("experiment_dir", "config_path", "cli_overrides", "config_version"):
+            continue
+        name = f"{prefix}{key}"
+        keys.add(name)
+        if isinstance(value, dict) and name != "search_space":
+            keys |= dotted_keys(value, f"{name}.")
+    return keys | {f"search_space.{k}" for k in (config.get("search_space") or {}) if not prefix}
+
+
+def check_study(study, config):
+    """submit_study.py: refuse a YAML that contradicts the study stored under the same name."""
+    source, settings = config["config_path"], config["study"]
+    wanted, stored = settings["optimization_direction"], [d.name.lower() for d in study.directions]
+    if [wanted] != stored:
+        raise ConfigError(
+            source,
+            "study.optimization_direction",
+            f"{wanted!r}, but study {study.study_name!r} was created to {' and '.join(stored)}",
+            "restore it, or choose a new study_name for a new study",
+        )
+    metric = study.user_attrs.get("optimization_metric")
+    if metric and metric != settings["optimization_metric"]:
+        raise ConfigError(
+            source,
+            "study.optimization_metric",
+            f"{settings['optimization_metric']!r}, but study {study.study_name!r} optimizes {metric!r}",
+            "restore it, or choose a new study_name for a new study",
+        )
+    stored_space = {}
+    for trial in study.get_trials(deepcopy=False):
+        stored_space.update(trial.distributions)
+    for name, spec in (config.get("search_space") or {}).items():
+        if name in stored_space and distribution_kind(stored_space[name]) != sampling_kind(spec):
+            raise ConfigError(
+                source,
+                f"search_space.{name}",
+                f"{sampling_kind(spec)} differs from the study's trials {distribution_kind(stored_space[name])}",
+                "restore type, log and choices (ranges may change), or choose a new study_name",
+            )
+
+
+def status_lines(config, trials):
+    """What status says about versions: a problem with the file on disk, and which trials ran which version."""
+    folder = versions_folder(config)
+    lines = []
+    in_force = current(folder)
+    try:
+        problem = json.loads((folder / "problem.json").read_text())
+    except (OSError, ValueError):
+        problem = None
+    if problem and in_force:
+        lines.append(
+            f"warning: {config['config_path']} on disk cannot be used since {problem['since']} "
+            f"({problem['problem']}); workers use the version of {in_force['adopted_at']} ({in_force['version']})"
+        )
+    ran = {}
+    for t in trials:
+        if t.user_attrs.get("config_version"):
+            ran.setdefault(t.user_attrs["config_version"], []).append(t.number)
+    if len(ran) > 1 or (ran and in_force and in_force["version"] not in ran):
+        for version, numbers in ran.items():
+            mark = "  (in force)" if in_force and version == in_force["version"] else ""
+            lines.append(f"  config {version}: trials {compact(numbers)}{mark}")
+    return lines
+
+
+def compact(numbers):
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs, numbers = [], sorted(numbers)
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
