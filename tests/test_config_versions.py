@@ -11,8 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import PROJECT, load_study, plugin_experiment, run_script, write_experiment
+from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
 import config_versions
 
@@ -146,3 +148,44 @@ def test_a_safe_edit_reaches_new_trials_and_a_retry_keeps_its_version(tmp_path):
     assert all(resolved(t)["training"]["sleep"] == 0.01 for t in new)
     status = run_script("submit_study.py", "--config", path, "--status").stdout
     assert f"config {old_version}: trials" in status and "(in force)" in status
+
+
+@pytest.mark.slurm
+def test_editing_the_yaml_while_an_array_runs(slurm, tmp_path):
+    path = plugin_experiment(
+        tmp_path, {"study.n_trials": 4, "slurm.max_concurrent_jobs": 2, "training.sleep": 1.0, "training.epochs": 6}
+    )
+    good = path.read_text()
+    out = run_script("submit_study.py", "--config", path)
+    assert out.returncode == 0, out.stderr
+    jobs = submitted_jobs(out.stdout)
+    study = load_study(path, "tiny")
+    wait_until(lambda: [t for t in study.get_trials() if t.state.name == "RUNNING"], what="a first trial")
+    settled(path, BROKEN)
+    broken_at = time.time()
+
+    def started_while_broken():  # a trial of a task that began after the bad save, with a checkpoint
+        for t in study.get_trials():
+            folder = path.parent / "runs/tiny/trials" / str(t.number)
+            if t.state.name == "RUNNING" and t.datetime_start.timestamp() > broken_at:
+                if (folder / "checkpoint.pt").exists() and "pid" in t.user_attrs:
+                    return t
+
+    victim = wait_until(started_while_broken, what="a trial started on the last valid version")
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    assert "cannot be used since" in status and "workers use the version of" in status
+    settled(path, good.replace("batch_size: 64", "batch_size: 32"))  # a safe edit of the trainer's config
+    fixed_at = time.time()
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # its retry must keep the version it started with
+    wait_for_jobs(jobs)
+    wait_for_jobs(submitted_jobs(run_script("submit_study.py", "--config", path, "--n_trials", 5).stdout))
+    trials = load_study(path, "tiny").trials
+    assert len([t for t in trials if t.state.name == "COMPLETE"]) == 5, [(t.number, t.state) for t in trials]
+    first_version = trials[0].user_attrs["config_version"]
+    assert victim.user_attrs["config_version"] == first_version
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == victim.number)
+    assert retry.user_attrs["config_version"] == first_version and resolved(retry)["training"]["batch_size"] == 64
+    new = [t for t in trials if t.datetime_start.timestamp() > fixed_at + 1 and "retry_of" not in t.user_attrs]
+    assert new and all(resolved(t)["training"]["batch_size"] == 32 for t in new), "new trials use the edit"
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    assert "cannot be used" not in status and f"config {first_version}: trials" in status
