@@ -439,15 +439,18 @@ def main(argv=None):
 def work(args):
     config = read_config(args)
     source = config["config_path"]
-    load_trainer(config, source)
-    prepare_data(config, source)
     storage = open_storage(config, storage_url(config, args.storage_file), source)
     study = open_study(config, storage, seed_offset(args), source)
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
+    trial = find_own_trial(study, liveness.slurm_task_key())
+    if trial is None and not still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"]):
+        log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
+        return 0  # decided before importing the trainer, which may take seconds (torch)
+    load_trainer(config, source)
+    prepare_data(config, source)
     stop = StopSignal()
     failed = done = 0
-    trial = find_own_trial(study, liveness.slurm_task_key())
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
     while (args.trials == 0 or done < args.trials + taken_over) and stop.received != "SIGTERM":
