@@ -127,8 +127,10 @@ class TrialHandle:
         try:
             with open(partial, "wb") as f:  # through a Python file a full disk is OSError ENOSPC, not RuntimeError
                 torch.save(state, f)
-        except BaseException:
+        except BaseException as e:
             partial.unlink(missing_ok=True)  # a failed write (full disk) leaves no half file behind
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, str(partial)) from e  # name the file that could not be written
             raise
         os.replace(partial, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
         self.saves += 1

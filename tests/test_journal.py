@@ -4,8 +4,10 @@ Real journal files, real worker processes. The full-filesystem test mounts a sma
 outside CI it skips with the reason, with CI=true it must run.
 """
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,7 +130,7 @@ def a_checkpoint(path):
 
 
 def test_torn_line_between_the_ops_of_running_workers(tmp_path):
-    path = plugin_experiment(tmp_path, {"training.sleep": 0.3, "training.epochs": 6, "study.n_trials": 4})
+    path = plugin_experiment(tmp_path, {"training.sleep": 0.8, "training.epochs": 6, "study.n_trials": 4})
     run = subprocess.Popen(
         [sys.executable, "submit_study.py", "--config", path, "--local", "2"],
         cwd=Path(journal.__file__).parent,
@@ -138,6 +140,8 @@ def test_torn_line_between_the_ops_of_running_workers(tmp_path):
     )
     wait_for(lambda: a_checkpoint(path), what="a checkpoint")
     tear(journal_of(path))
+    repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
+    assert repair.returncode == 1 and "journal not rewritten: workers alive (trial" in repair.stdout, repair.stdout
     output = run.communicate(timeout=240)[0]
     assert run.returncode == 0, output[-3000:]
     assert "Traceback" not in output and "sealed a torn line" in output
@@ -174,3 +178,87 @@ JournalFileOpenLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)
 """
+
+
+# ---------------------------------------------------------------- a real full filesystem
+@pytest.fixture
+def full_disk_runs(tmp_path):
+    """A 4 MiB tmpfs mounted where the experiment's runs/ go: a filesystem that really fills up."""
+    runs = tmp_path / "exp" / "runs"
+    runs.mkdir(parents=True)
+    problem = None if os.geteuid() == 0 and shutil.which("mount") else "it mounts a tmpfs: needs root"
+    if not problem:
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(runs)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        problem = out.returncode and f"mount -t tmpfs failed: {out.stderr.strip()}"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the full-filesystem test cannot run: {problem}")
+        pytest.skip(f"{problem}; run as root (CI does) to fill a real filesystem")
+    yield runs
+    subprocess.run(["umount", "--lazy", str(runs)], capture_output=True, timeout=60, check=True)
+
+
+def fill(folder):
+    """Write a filler file until the filesystem is full (ENOSPC); returns it."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_filesystem_mid_study_loses_at_most_the_torn_ops(tmp_path, full_disk_runs):
+    path = plugin_experiment(tmp_path, {"training.sleep": 0.5, "training.epochs": 6, "study.n_trials": 4})
+    log = journal_of(path)
+    run = subprocess.Popen(
+        [sys.executable, "submit_study.py", "--config", path, "--local", "2"],
+        cwd=Path(journal.__file__).parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: len(a_checkpoint(path)) >= 2, what="both workers' first checkpoints")
+    filler = fill(full_disk_runs)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, out[-2000:] + err[-3000:]  # its workers could not finish their trials
+    assert "Traceback" not in err and "Logging error" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, err  # one line per worker, naming the file, the cause, the fix and what happens
+    assert all(f"{full_disk_runs}/tiny/" in e and "no space left on device (ENOSPC); fix: free" in e for e in errors)
+    assert all("the trial stays RUNNING and is retried from its last checkpoint" in e for e in errors)
+    assert not list(full_disk_runs.glob("tiny/trials/*/*.partial")), "a failed checkpoint write is cleaned up"
+    before = {t.number for t in load_study(path).trials if t.state.name == "COMPLETE"}
+
+    writer = load_study(path)  # one more writer (the tool's storage) runs into the full disk mid-append
+    with pytest.raises(OSError) as full:
+        for _ in range(1000):
+            writer.set_user_attr("note", "x" * 300)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(log)
+    status = run_script("submit_study.py", "--config", path, "--status")
+    assert status.returncode in (0, 3) and "Traceback" not in status.stderr, status.stderr
+
+    filler.unlink()  # space again: the same command goes on where the study stopped
+    again = run_script("submit_study.py", "--config", path, "--local", 2, timeout=240)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    study = load_study(path)
+    assert len(finished(study)) == 4 and {t.number for t in finished(study)} >= before
+    retries = [t for t in finished(study) if "retry_of" in t.user_attrs]
+    assert retries and all(sorted(t.intermediate_values) == list(range(6)) for t in retries)
+    assert any("checkpoint" in Path(t.user_attrs["log_path"]).read_text() for t in retries)
+    bad = journal.scan(log)[1]
+    print(f"full disk: {errors[0]}\n{len(bad)} torn op(s) at (line, byte) {[(b.line, b.offset) for b in bad]}")
+    assert len(bad) <= len(errors) + 1, [b.problem for b in bad]  # at most the op each failed process was writing
+
+    repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert len(strict_load(log).trials) == len(study.trials) == len(optuna_cli_trials(log))
