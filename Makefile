@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WHICH := $(if $(EXP),--exp_id $(EXP),--config $(CONFIG)) $(if $(STUDY),--study_name $(STUDY))
 
-.PHONY: help venv demo submit dry-run status best cluster test lint bench clean
+.PHONY: help venv demo submit dry-run status best doctor cluster test lint bench clean
 help:
 	@echo "make demo      virtualenv + a real study of the example with 2 local workers, then best_trial.yaml"
 	@echo "make test      the whole test suite (starts the local SLURM cluster when run as root)"
@@ -18,6 +18,7 @@ help:
 	@echo "make dry-run   write and print the array file, submit nothing"
 	@echo "make status    trials by state, budget, best so far, running trials and SLURM tasks"
 	@echo "make best      write best_trial.yaml (retrain: python worker.py --config best_trial.yaml)"
+	@echo "make doctor    check the storage (torn journal lines, stale lock, trials without a worker) and repair it"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
 	@echo "make bench     storage and status-at-scale benchmarks (bench/README.md)"
 
@@ -41,6 +42,9 @@ status: venv
 
 best: venv
 	$(PY) submit_study.py $(WHICH) --export_best $(ARGS)
+
+doctor: venv
+	$(PY) submit_study.py $(WHICH) --check_storage --repair $(ARGS)
 
 cluster:
 	bash scripts/local_cluster.sh up

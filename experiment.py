@@ -11,6 +11,7 @@ the same name, its check, and the #SBATCH line it renders to all come from that 
 """
 
 import copy
+import errno
 import importlib
 import os
 import re
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import optuna
 import yaml
+
+import journal
 
 # Heartbeats and fail_stale_trials are marked experimental; they are what Optuna offers for dead workers.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -596,10 +599,7 @@ def make_run_dir(config):
 
 def open_storage(config, url=None, source="config"):
     if not url:
-        path = str(make_run_dir(config) / "journal.log")
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        return journal.open_journal(make_run_dir(config) / "journal.log")
     if url.startswith("sqlite:///") and "timeout=" not in url:
         url += ("&" if "?" in url else "?") + "timeout=60"  # the 5 s default loses trials under load
     settings = config["study"]
@@ -633,6 +633,19 @@ def open_study(config, storage, seed_offset=0, source="config"):
         pruner=build_pruner(config, source),
         load_if_exists=True,
     )
+
+
+FULL = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
+
+
+def full_filesystem(error):
+    """A full disk or an exceeded quota: the filesystem's fault, neither the trial's nor the input's."""
+    return isinstance(error, OSError) and error.errno in FULL
+
+
+def full_filesystem_error(error, where, consequence):
+    """The one line a script exits with on a full filesystem: which file, what, the fix, what happens next."""
+    return f"error: {error.filename or where}: {FULL[error.errno]}; fix: free space or raise the quota; {consequence}"
 
 
 def mask_password(url):

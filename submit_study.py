@@ -26,6 +26,7 @@ import optuna
 import yaml
 
 import config_versions
+import journal
 import liveness
 from experiment import (
     FINISHED,
@@ -37,6 +38,8 @@ from experiment import (
     config_from_args,
     count_states,
     flag_overrides,
+    full_filesystem,
+    full_filesystem_error,
     load_trainer,
     make_run_dir,
     mask_password,
@@ -71,6 +74,16 @@ def parse_args(argv=None):
     parser.add_argument("--group_access", action="store_true", help="let the group read the run directory")
     parser.add_argument("--status", action="store_true", help="show the study and its SLURM tasks")
     parser.add_argument(
+        "--check_storage",
+        action="store_true",
+        help="report torn journal lines, a stale journal lock and RUNNING trials without a worker",
+    )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --check_storage: back up, then fix them (the journal is rewritten only while no worker lives)",
+    )
+    parser.add_argument(
         "--export_best",
         nargs="?",
         const="",
@@ -85,14 +98,23 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = parse_args(argv)
     try:
-        if args.status or args.export_best is not None:  # these work on while the YAML on disk is mid-edit
+        if args.repair and not args.check_storage:
+            raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
+        if args.status or args.export_best is not None or args.check_storage:  # these work while the YAML is mid-edit
             config = config_versions.load(yaml_from_args(args), flag_overrides(args))
+            if args.check_storage:
+                return check_storage(config, args.repair)
             study = open_existing_study(config)
             return show_status(study, config) if args.status else export_best(study, config, args.export_best)
         return submit(args, config_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not full_filesystem(e):
+            raise
+        print(full_filesystem_error(e, run_dir(config), "then run the same command again"), file=sys.stderr)
+        return 3
 
 
 # ---------------------------------------------------------------- submit
@@ -464,6 +486,100 @@ def duration(seconds):
 
 def now():
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+# ---------------------------------------------------------------- storage check and repair
+def check_storage(config, repair):
+    """--check_storage: the journal's bad lines, a stale lock, RUNNING trials whose worker is gone.
+
+    With --repair, after a backup of the journal: the stale lock is removed, the stuck trials are
+    failed and retried (as any reconcile does), and the journal is rewritten without its bad lines
+    so that Optuna's own reader reads it again; that only while no worker of the study lives, since
+    live readers hold byte offsets into it. Exit 0 when the storage is (now) sound, else 1.
+    """
+    path = journal_file(config)
+    bad = report_journal(path) if path else []
+    lock_age = path and journal.stale_lock(path)
+    if lock_age:
+        print(f"stale lock {journal.lock_path(path)}: {lock_age:.0f} s old, its holder died mid-append")
+    study = open_existing_study(config)
+    tasks = liveness.squeue_tasks(study_jobs(study))
+    stuck = stuck_trials(study, tasks)
+    if not repair:
+        return storage_verdict(config, len(bad) + bool(lock_age) + len(stuck), repair)
+    if path and (bad or lock_age or stuck):
+        print(f"backup: {journal.backup(path)}")
+    if lock_age:
+        journal.break_lock(path)  # before the reconcile below, whose writes would wait for it
+        print("removed the stale lock")
+    if stuck:
+        print(f"failed and re-enqueued: trials {liveness.reconcile(study, config, tasks)}")
+    fixed = rewrite_journal(path, study, tasks, len(bad)) if bad else 0
+    return storage_verdict(config, len(bad) - fixed, repair)
+
+
+def journal_file(config):
+    """The study's journal file, when it uses the default storage."""
+    saved = run_dir(config) / "storage_url"
+    if storage_url(config) or saved.exists():
+        print("storage: not the journal file: only trials without a worker are checked")
+        return None
+    return run_dir(config) / "journal.log"
+
+
+def report_journal(path):
+    if not path.exists():
+        return []  # open_existing_study says there is no study
+    ops, bad = journal.scan(path)
+    print(f"journal {path}: {ops} ops, {len(bad)} bad line(s)")
+    for entry in bad:
+        print(f"  line {entry.line} (byte {entry.offset}): {entry.problem}")
+    return bad
+
+
+def stuck_trials(study, tasks):
+    """RUNNING trials whose worker is gone, judged as the reconcile judges them (liveness.is_dead)."""
+    stuck = [t for t in study.get_trials(deepcopy=False, states=(liveness.RUNNING,)) if liveness.is_dead(t, tasks)]
+    for t in stuck:
+        where = t.user_attrs.get("slurm_task") or f"pid {t.user_attrs.get('pid', '?')}"
+        print(f"trial {t.number} RUNNING without a worker ({where} on {t.user_attrs.get('host', '?')} is gone)")
+    return stuck
+
+
+def live_workers(study, tasks):
+    """What makes a rewrite unsafe: trials whose worker lives, and tasks SLURM still holds."""
+    if tasks is None:
+        return ["SLURM cannot be asked about the study's array jobs"]
+    running = study.get_trials(deepcopy=False, states=(liveness.RUNNING,))
+    alive = [
+        f"trial {t.number} (pid {t.user_attrs.get('pid', '?')})" for t in running if not liveness.is_dead(t, tasks)
+    ]
+    return alive + [f"task {key} {state}" for key, (state, *_) in sorted(tasks.items()) if state not in liveness.GONE]
+
+
+def rewrite_journal(path, study, tasks, n_bad):
+    """Rewrite the journal without its bad lines if no worker lives; returns the problems it fixed."""
+    alive = live_workers(study, tasks)
+    if alive:
+        print(
+            f"journal not rewritten: workers alive ({', '.join(alive[:5])}); they skip the bad lines "
+            "meanwhile: run --check_storage --repair again once the study is idle"
+        )
+        return 0
+    kept = journal.rewrite(path)
+    print(f"journal rewritten without its {n_bad} bad line(s): {kept} ops kept, caches dropped")
+    trials = journal.strict_read(path)
+    print(f"Optuna's own reader reads it: {trials} trials")
+    return n_bad
+
+
+def storage_verdict(config, left, repair):
+    if not left:
+        print("storage OK" if not repair else "storage OK after the repair")
+        return 0
+    which = quote_command(["--config", config["config_path"], "--study_name", config["study"]["study_name"]])
+    print(f"{left} problem(s) left; fix: python submit_study.py {which} --check_storage --repair")
+    return 1
 
 
 # ---------------------------------------------------------------- best trial

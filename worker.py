@@ -56,6 +56,8 @@ from experiment import (
     ConfigError,
     add_experiment_flags,
     flag_overrides,
+    full_filesystem,
+    full_filesystem_error,
     hostname,
     load_trainer,
     open_storage,
@@ -135,7 +137,14 @@ class TrialHandle:
         import torch
 
         partial = self.checkpoint.with_suffix(".partial")
-        torch.save(state, partial)
+        try:
+            with open(partial, "wb") as f:  # through a Python file a full disk is OSError ENOSPC, not RuntimeError
+                torch.save(state, f)
+        except BaseException as e:
+            partial.unlink(missing_ok=True)  # a failed write (full disk) leaves no half file behind
+            if isinstance(e, OSError) and not e.filename:
+                raise OSError(e.errno, e.strerror, str(partial)) from e  # name the file that could not be written
+            raise
         os.replace(partial, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
         self.saves += 1
         if self.stop.received:
@@ -341,6 +350,8 @@ def train_and_tell(study, trial, config, handle):
         add_train_seconds(trial, started)
         return requeue_or_fail(study, trial, config, str(e))
     except Exception as e:
+        if full_filesystem(e):
+            raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
         study.tell(trial, state=FAIL)
@@ -434,6 +445,14 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if not full_filesystem(e):
+            raise
+        print(full_filesystem_error(e, "the run directory", STAYS_RUNNING), file=sys.stderr)
+        return 3
+
+
+STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint by the next reconcile"
 
 
 def work(args):

@@ -12,6 +12,7 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
+import journal  # noqa: E402  (the project, on the path above)
 
 TINY = {
     "study": {
@@ -72,12 +73,7 @@ def run_script(script, *args, env=None, timeout=300, cwd=None):
 
 def load_study(config_path, study_name=None):
     name = study_name or yaml.safe_load(Path(config_path).read_text())["study"]["study_name"]
-    journal = Path(config_path).parent / "runs" / name / "journal.log"
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    storage = optuna.storages.JournalStorage(
-        JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))
-    )
+    storage = journal.open_journal(Path(config_path).parent / "runs" / name / "journal.log")  # as the tool does
     return optuna.load_study(study_name=name, storage=storage)
 
 

@@ -1,0 +1,208 @@
+"""The study's journal file: open it, seal torn lines, read it tolerantly, check and repair it.
+
+Optuna's JournalFileBackend appends one JSON op per line, under a lock file. A writer interrupted
+mid-append (full disk, exceeded quota, node crash) leaves a torn line without its newline; Optuna's
+next writer glues its op onto it, and from then on Optuna's reader raises JSONDecodeError on every
+load (optuna#5138): the study is dead. Here:
+
+- Appending: under the lock, a torn last line is first sealed with a newline, so every op gets a
+  line of its own. The journal is only ever appended to: every live reader keeps byte offsets into
+  it, and a rewrite would make them skip or repeat ops.
+- Reading: a line that holds no op (a sealed torn op, garbage) is skipped with a warning naming its
+  line and byte offset; a whole op glued onto a torn one (written by a plain Optuna writer) is
+  recovered. An unterminated last line is an append in progress, or a torn one not sealed yet:
+  it is read once it has its newline.
+- Checking and repairing: scan() lists the bad lines, stale_lock() a lock left by a dead process;
+  rewrite() drops the bad lines so that Optuna's own strict reader reads the study again. It must
+  only run while no worker is alive (the caller checks that) and after backup().
+
+Ops are numbered by their order in the file, bad lines not counted, so every process (and a later
+BaseJournalSnapshot, which stores the number of ops it has applied) agrees on the numbering, before
+and after a rewrite. All private Optuna use of the project lives in this module.
+"""
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal._file import LOCK_FILE_SUFFIX, get_lock_file
+
+log = logging.getLogger("journal")
+OP_START = b'{"op_code":'  # how Optuna's JournalStorage serializes every op
+LOCK_GRACE_S = 30  # Optuna's lock grace: a lock file unchanged this long is broken by the waiters
+# Caches derived from the journal (a snapshot of its replay, say) sit beside it and match this
+# pattern; a rewrite deletes them, since they count ops and bytes of the old file.
+CACHE_PATTERN = "{name}.snapshot*"
+BACKUP_PATTERN = "{name}.bak-{stamp}"
+UNTERMINATED = "unterminated last line (an append in progress, or a torn one that the next append seals)"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the journal: its op (or None), and what is wrong with it (or "")."""
+
+    line: int  # 1-based
+    offset: int  # byte offset of the line
+    size: int  # bytes, newline included
+    op: dict | None
+    op_bytes: bytes  # the op's own bytes: the whole line, or the op glued onto a torn one
+    problem: str = ""
+
+
+def decode(line):
+    """(op, its bytes, problem) for one line: a whole op, an op glued onto a torn one, or nothing."""
+    text = line.rstrip(b"\n")
+    op = _op(text)
+    if op is not None:
+        return op, text, ""
+    start = text.find(OP_START, 1)
+    while start > 0:  # the torn op is lost; a whole op written after it is not
+        op = _op(text[start:])
+        if op is not None:
+            return op, text[start:], "a torn op with a whole op glued on: the torn op is lost, the glued one is read"
+        start = text.find(OP_START, start + 1)
+    return None, b"", "not a whole op (a torn append: full disk, quota or crash): skipped, that op is lost"
+
+
+def _op(text):
+    try:
+        op = json.loads(text)
+    except ValueError:  # JSONDecodeError, or bytes that are no UTF-8
+        return None
+    return op if isinstance(op, dict) and "op_code" in op else None
+
+
+def entries(f, offset=0, line=1, tail=False):
+    """The journal's lines from (offset, line) on. Without tail, an unterminated last line is left out."""
+    f.seek(offset)
+    for raw in f:
+        if not raw.endswith(b"\n") and not tail:
+            return  # an append in progress, or a torn one that the next append seals
+        op, op_bytes, problem = decode(raw)
+        if not raw.endswith(b"\n"):
+            problem = UNTERMINATED
+        yield Entry(line, offset, len(raw), op, op_bytes, problem)
+        offset, line = offset + len(raw), line + 1
+
+
+class JournalFile(JournalFileBackend):
+    """Optuna's journal file backend that seals torn lines before appending and skips bad lines."""
+
+    def __init__(self, path):
+        super().__init__(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        self._positions = {0: (0, 1)}  # op number -> (byte offset, line) where reading it starts
+        self._warned = set()
+
+    def read_logs(self, log_number_from):
+        number = log_number_from if log_number_from in self._positions else 0
+        offset, line = self._positions[number]
+        with open(self._file_path, "rb") as f:
+            for entry in entries(f, offset, line):
+                if entry.problem and entry.offset not in self._warned:
+                    self._warned.add(entry.offset)
+                    log.warning("%s: line %d (byte %d): %s", self._file_path, entry.line, entry.offset, entry.problem)
+                if entry.op is not None:
+                    number += 1
+                self._positions[number] = (entry.offset + entry.size, entry.line + 1)
+                if entry.op is not None and number > log_number_from:
+                    yield entry.op
+
+    def append_logs(self, logs):
+        data = b"".join(json.dumps(op, separators=(",", ":")).encode() + b"\n" for op in logs)
+        with get_lock_file(self._lock):
+            try:
+                fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        # Sealed, the torn line is skipped by every reader; unsealed, our op would be lost with it.
+                        log.warning("%s: sealed a torn line at byte %d (an interrupted append)", self._file_path, size)
+                        data = b"\n" + data
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)  # on NFS, close reports delayed write errors too
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
+
+
+def _write_all(fd, data):
+    while data:  # a full disk may take part of it, then fail
+        data = data[os.write(fd, data) :]
+
+
+def open_journal(path):
+    """The study storage for a journal file, as every part of the project (and the tests) opens it."""
+    return optuna.storages.JournalStorage(JournalFile(path))
+
+
+# ---------------------------------------------------------------- check and repair
+def scan(path):
+    """(number of ops, [entries with a problem]) of the journal file, its unterminated last line included."""
+    with open(path, "rb") as f:
+        every = list(entries(f, tail=True))
+    return sum(e.op is not None for e in every), [e for e in every if e.problem]
+
+
+def lock_path(path):
+    return Path(str(path) + LOCK_FILE_SUFFIX)
+
+
+def stale_lock(path, now=None):
+    """Age in seconds of a lock file older than Optuna's grace (its holder died mid-append), else None."""
+    try:
+        age = (now or time.time()) - lock_path(path).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return age if age > LOCK_GRACE_S else None
+
+
+def break_lock(path):
+    """Remove the lock file the way Optuna's waiters do after the grace (rename, then unlink)."""
+    try:
+        JournalFileOpenLock(str(path)).release()
+    except RuntimeError:
+        pass  # somebody else removed it first
+
+
+def backup(path):
+    """A copy of the journal beside it, before anything changes; returns its path."""
+    target = Path(BACKUP_PATTERN.format(name=path, stamp=time.strftime("%Y%m%d-%H%M%S")))
+    shutil.copy2(path, target)
+    return target
+
+
+def rewrite(path):
+    """Keep only the ops, one per line, in their order; then drop the caches derived from the old file.
+
+    Only while no worker of the study is alive: live readers hold byte offsets into the old file.
+    Returns the number of ops kept.
+    """
+    path = Path(path)
+    with get_lock_file(JournalFileOpenLock(str(path))):  # a stray writer (the optuna CLI) waits
+        with open(path, "rb") as f:
+            kept = [e.op_bytes + b"\n" for e in entries(f, tail=True) if e.op is not None]
+        partial = path.with_name(path.name + ".repair")
+        try:
+            with open(partial, "wb") as f:
+                f.write(b"".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)  # never half a journal, even on a full disk
+        finally:
+            partial.unlink(missing_ok=True)
+    for cache in path.parent.glob(CACHE_PATTERN.format(name=path.name)):
+        cache.unlink()
+    return len(kept)
+
+
+def strict_read(path):
+    """How many trials Optuna's own reader, strict about every line, finds in the journal (raises if it cannot)."""
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return sum(len(storage.get_all_trials(s._study_id, deepcopy=False)) for s in storage.get_all_studies())
