@@ -144,6 +144,13 @@ OPTIONS = [
         _matches(re.compile(r"^[\w.]+:\w+$"), "package.module:function"),
         "trainer function, package.module:function",
     ),
+    Option(
+        "study",
+        "objective",
+        None,
+        _matches(re.compile(r"^[\w.]+:\w+$"), "package.module:function"),
+        "a plain Optuna objective(trial), package.module:function; replaces trainer and search_space",
+    ),
     Option("slurm", "max_concurrent_jobs", 4, _int_at_least(1), "array tasks running at once (%K)"),
     Option(
         "slurm",
@@ -476,45 +483,81 @@ def resolve_config(config, params):
     return (update(resolved) or resolved) if update else resolved  # in place or returned, both work
 
 
-# ---------------------------------------------------------------- trainer plug-in
-def trainer_module(config):
-    module_name = config["study"]["trainer"].partition(":")[0]
-    project = str(Path(__file__).resolve().parent)
-    for folder in (config.get("experiment_dir"), project):  # the experiment's own code first
+# ---------------------------------------------------------------- the user's code: a trainer or a plain objective
+PROJECT = Path(__file__).resolve().parent
+EXAMPLE_TRAINERS = {"ishigami_lstm"}
+TOOL_MODULES = {p.stem for p in PROJECT.glob("*.py")} - EXAMPLE_TRAINERS
+
+
+def code_key(config):
+    """The study key that names the user's code: a plain Optuna objective wins over a trainer."""
+    return "objective" if config["study"]["objective"] else "trainer"
+
+
+def trainer_module(config, key="trainer"):
+    """The module of study.trainer (or study.objective), imported by one rule for both.
+
+    It is looked up in the experiment's folder, then in the folder the study was submitted from
+    (the array file runs there), then on PYTHONPATH as it was at submit time (the array file sets it).
+    """
+    name = config["study"][key].partition(":")[0]
+    if name.split(".")[0] in TOOL_MODULES:
+        raise ConfigError(
+            config["config_path"],
+            f"study.{key}",
+            f"module {name.split('.')[0]!r} has the name of one of Parallel Optuna's own modules",
+            f"rename your module (not one of {', '.join(sorted(TOOL_MODULES))})",
+        )
+    for folder in (os.getcwd(), config.get("experiment_dir")):  # each goes first: the experiment's own code wins
         if folder and folder not in sys.path:
             sys.path.insert(0, folder)
-    return importlib.import_module(module_name)
+    if str(PROJECT) not in sys.path:
+        sys.path.append(str(PROJECT))  # the example trainer
+    return importlib.import_module(name)
 
 
 def load_trainer(config, source="config"):
-    spec = config["study"]["trainer"]
-    try:
-        module = trainer_module(config)
-    except Exception as e:  # ImportError, or a SyntaxError/NameError inside the user's module
-        raise ConfigError(
-            source,
-            "study.trainer",
-            f"cannot import {spec!r} ({type(e).__name__}: {e})",
-            "name an importable package.module:function",
-        ) from None
-    function = getattr(module, spec.partition(":")[2], None)
-    if not callable(function):
-        raise ConfigError(source, "study.trainer", f"{spec!r} has no such function", "name a function of that module")
+    """The trainer function; its METRICS, if it declares them, must name the study's metric."""
+    function, module = load_function(config, "trainer", source)
     metrics = getattr(module, "METRICS", None)
     metric = config["study"]["optimization_metric"]
     if metrics and metric not in metrics:
         raise ConfigError(
             source,
             "study.optimization_metric",
-            f"{metric!r} is not a metric of {spec}",
+            f"{metric!r} is not a metric of {config['study']['trainer']}",
             f"use one of {', '.join(metrics)}",
         )
     return function
 
 
+def load_objective(config, source="config"):
+    """The plain Optuna objective(trial) of study.objective (or --objective)."""
+    return load_function(config, "objective", source)[0]
+
+
+def load_function(config, key, source):
+    spec = config["study"][key]
+    try:
+        module = trainer_module(config, key)
+    except ConfigError:
+        raise
+    except Exception as e:  # ImportError, or a SyntaxError/NameError inside the user's module
+        raise ConfigError(
+            source,
+            f"study.{key}",
+            f"cannot import {spec!r} ({type(e).__name__}: {e})",
+            "name a package.module:function importable from the experiment's folder, where you submit, or PYTHONPATH",
+        ) from None
+    function = getattr(module, spec.partition(":")[2], None)
+    if not callable(function):
+        raise ConfigError(source, f"study.{key}", f"{spec!r} has no such function", "name a function of that module")
+    return function, module
+
+
 def prepare_data(config, source="config"):
     """Let the trainer write its data once (optional `prepare(config)` in its module), then check it is there."""
-    prepare = getattr(trainer_module(config), "prepare", None)
+    prepare = None if config["study"]["objective"] else getattr(trainer_module(config), "prepare", None)
     if prepare:
         prepare(config)
     data_dir = (config.get("data") or {}).get("dir")

@@ -12,6 +12,7 @@ still missing (n_trials - finished - running), so a re-submission tops up what w
 """
 
 import argparse
+import copy
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ import config_versions
 import journal
 import liveness
 from experiment import (
+    DEFAULT_TRAINER,
     FINISHED,
     OPTIONS,
     ConfigError,
@@ -40,6 +42,7 @@ from experiment import (
     flag_overrides,
     full_filesystem,
     full_filesystem_error,
+    load_objective,
     load_trainer,
     make_run_dir,
     mask_password,
@@ -133,7 +136,10 @@ def submit(args, config):
 def check_and_prepare(args, config):
     """Everything that can be wrong is checked before a file is written or a study created."""
     source = config["config_path"]
-    load_trainer(config, source)
+    if config["study"]["objective"]:
+        load_objective(config, source)  # an import error fails here, not in every array task
+    else:
+        load_trainer(config, source)
     build_sampler(config, 0, source), build_pruner(config, source)
     if args.local is not None and args.local < 1:
         raise ConfigError("--local", "local", f"{args.local} workers", "pass --local 1 or more")
@@ -166,7 +172,11 @@ def take_stock(study, config, url):
             "or PostgreSQL never does",
             file=sys.stderr,
         )
-    if not config.get("search_space"):
+    if config["study"]["objective"]:
+        if config.get("search_space") or config["study"]["trainer"] != DEFAULT_TRAINER:
+            objective = config["study"]["objective"]
+            print(f"note: study.objective {objective} runs; the YAML's trainer and search_space are not used")
+    elif not config.get("search_space"):
         print(
             f"warning: {config['config_path']}: search_space is empty: every trial trains the same config",
             file=sys.stderr,
@@ -291,11 +301,18 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
             signal_grace=slurm["signal_grace"],
             directives=sbatch_directives(slurm),
             setup="\n".join(slurm["setup"]) or "# (none)",
+            pythonpath=pythonpath_line(),
             workdir=quote_command([os.getcwd()]),
             worker_command=quote_command(command + (["--data_dir", data_dir] if data_dir else [])),
         )
     )
     return script
+
+
+def pythonpath_line():
+    """The array tasks import the user's code with the PYTHONPATH of the submission."""
+    path = os.environ.get("PYTHONPATH")
+    return f"export PYTHONPATH={quote_command([path])}" if path else "# (PYTHONPATH was not set at submit time)"
 
 
 def max_array_size():
@@ -597,7 +614,10 @@ def export_best(study, config, path):
         raise ConfigError(config["config_path"], "study", "no COMPLETE trial yet", "wait for a trial to finish")
     trained = Path(best.user_attrs.get("config_path", "-"))
     # The config the trial trained with; if its file is gone, today's YAML with the trial's params.
-    resolved = read_yaml(trained.read_text()) if trained.is_file() else resolve_config(config, best.params)
+    if trained.is_file():
+        resolved = read_yaml(trained.read_text())
+    else:  # a plain objective's params are suggested by the objective again (best_trial.params)
+        resolved = copy.deepcopy(config) if config["study"]["objective"] else resolve_config(config, best.params)
     for key in ("experiment_dir", "config_path", "cli_overrides", "config_version"):
         resolved.pop(key, None)
     resolved["study"].update(

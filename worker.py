@@ -52,6 +52,7 @@ import yaml
 
 import config_versions
 import liveness
+import trial_control
 from experiment import (
     ConfigError,
     add_experiment_flags,
@@ -59,6 +60,7 @@ from experiment import (
     full_filesystem,
     full_filesystem_error,
     hostname,
+    load_objective,
     load_trainer,
     open_storage,
     open_study,
@@ -86,8 +88,15 @@ class Outcome(enum.Enum):
     STOPPED = "STOPPED"  # checkpointed and left RUNNING: SLURM's requeue or the next reconcile continues it
 
 
-class Interrupted(Exception):
-    """Raised from save_checkpoint() once a stop signal arrived and the state is safely on disk."""
+# Raised from save_checkpoint() (or by a plain objective) once a stop signal arrived and the state is on disk.
+Interrupted = trial_control.Stop
+# What the tool records on a trial: liveness, status and retries trust them, so an objective may not set them.
+TOOL_ATTRS = {
+    *("host", "pid", "pid_start", "started_at", "finished_at", "config_path", "config_version", "log_path"),
+    *("slurm_task", "slurm_array_job_id", "slurm_array_task_id", "slurm_job_id", "slurm_restart_count"),
+    *("slurm_out", "slurm_err", "node", "cuda_visible_devices", "metrics", "train_seconds", "fail_reason"),
+    *("retry_of", "retry_attempt", "requeues"),
+}
 
 
 class StopSignal:
@@ -95,12 +104,26 @@ class StopSignal:
 
     def __init__(self):
         self.received = signal.Signals(EARLY_SIGNALS[-1]).name if EARLY_SIGNALS else None
+        self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if self.interrupt_now:  # the objective has no safe point of its own: stop it here, rerun it later
+            self.interrupt_now = False
+            log.warning("%s received: the objective is stopped and runs again after the requeue", self.received)
+            raise Interrupted(self.received)
         log.warning("%s received: checkpointing at the next save_checkpoint()", self.received)
+
+
+class ObjectiveTrial(optuna.trial.Trial):
+    """The optuna.Trial a plain objective gets: all of it, except that the tool's own attributes are kept safe."""
+
+    def set_user_attr(self, key, value):
+        if key in TOOL_ATTRS:
+            raise ValueError(f"user attribute {key!r} is the tool's own (liveness and status use it); use another name")
+        super().set_user_attr(key, value)
 
 
 class TrialHandle:
@@ -334,13 +357,11 @@ def train_and_tell(study, trial, config, handle):
     metric = config["study"]["optimization_metric"]
     started = time.time()
     try:  # anything that goes wrong from here on fails this trial only, with the reason on it
-        resolved = prepare_trial(study, trial, config, handle)
-        metrics = plain_metrics(load_trainer(resolved, resolved["config_path"])(resolved, handle))
-        if metric not in metrics:
-            raise KeyError(f"the trainer's metrics {sorted(metrics)} have no {metric!r} (study.optimization_metric)")
+        run = run_objective if config["study"]["objective"] else run_trainer
+        metrics = run(study, trial, config, handle)
         value = metrics[metric]
         if not isinstance(value, float) or not math.isfinite(value):
-            raise ValueError(f"trainer returned {metric}={value!r}; expected a finite number")
+            raise ValueError(f"{metric} is {value!r}; expected a finite number")
     except optuna.TrialPruned as e:
         add_train_seconds(trial, started)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -348,7 +369,7 @@ def train_and_tell(study, trial, config, handle):
         return Outcome.PRUNED
     except Interrupted as e:
         add_train_seconds(trial, started)
-        return requeue_or_fail(study, trial, config, str(e))
+        return requeue_or_fail(study, trial, config, str(e) or handle.stop.received or "a stop")
     except Exception as e:
         if full_filesystem(e):
             raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
@@ -363,6 +384,41 @@ def train_and_tell(study, trial, config, handle):
     study.tell(trial, value)
     log.info("trial %d COMPLETE: %s = %.6g", trial.number, metric, value)
     return Outcome.COMPLETE
+
+
+def run_trainer(study, trial, config, handle):
+    """The trainer API: the YAML's search space sampled into the config, the trainer's metrics back."""
+    metric = config["study"]["optimization_metric"]
+    resolved = prepare_trial(study, trial, config, handle)
+    metrics = plain_metrics(load_trainer(resolved, resolved["config_path"])(resolved, handle))
+    if metric not in metrics:
+        raise KeyError(f"the trainer's metrics {sorted(metrics)} have no {metric!r} (study.optimization_metric)")
+    return metrics
+
+
+def run_objective(study, trial, config, handle):
+    """A plain Optuna objective(trial), unchanged: it suggests its own params and returns its value."""
+    objective = load_objective(config, config["config_path"])
+    (handle.folder / "config.yaml").write_text(yaml.safe_dump(public(config), sort_keys=False))
+    adopt_origin_checkpoint(study, trial, handle, config)
+    trial_control.Running.folder, trial_control.Running.stop = handle.folder, handle.stop
+    handle.stop.interrupt_now = True  # until the objective asks stop_requested() itself
+    try:
+        if handle.stop.received:
+            raise Interrupted(handle.stop.received)  # the signal came first: requeue before starting
+        value = objective(ObjectiveTrial(study, trial._trial_id))
+    finally:
+        handle.stop.interrupt_now = False
+        trial_control.Running.folder = trial_control.Running.stop = None
+    if isinstance(value, (list, tuple)):
+        raise TypeError(f"the objective returned {len(value)} values; this study has one objective")
+    log.info("trial %d params: %s", trial.number, optuna.trial.Trial(study, trial._trial_id).params)
+    return {config["study"]["optimization_metric"]: plain_metrics({"value": value})["value"]}
+
+
+def public(config):
+    """The user's config without the tool's own bookkeeping keys."""
+    return {k: v for k, v in config.items() if k not in ("experiment_dir", "config_path", "cli_overrides")}
 
 
 def plain_metrics(metrics):
@@ -466,8 +522,9 @@ def work(args):
     if trial is None and not still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"]):
         log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
         return 0  # decided before importing the trainer, which may take seconds (torch)
-    load_trainer(config, source)
+    load_objective(config, source) if config["study"]["objective"] else load_trainer(config, source)
     prepare_data(config, source)
+    enqueue_exported_params(study, config)
     stop = StopSignal()
     failed = done = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
@@ -493,6 +550,13 @@ def work(args):
         trial = None
         config = read_config(args)  # fresh from disk for the next trial
     return 1 if failed else 0
+
+
+def enqueue_exported_params(study, config):
+    """A best_trial.yaml of a plain objective retrains its params: its objective suggests them again."""
+    params = (config.get("best_trial") or {}).get("params")
+    if config["study"]["objective"] and params and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(params)
 
 
 def seed_offset(args):

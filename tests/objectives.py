@@ -1,0 +1,59 @@
+"""Plain Optuna objectives for the tests, copied into an experiment's folder as objectives.py.
+
+`steady` polls trial_control at each step (a save point); `oblivious` never does, so a walltime
+interrupts it and it runs again, with the same params, after the requeue. Both take STEP_S per step.
+"""
+
+import json
+import time
+
+import optuna
+
+import trial_control
+
+STEPS, STEP_S = 30, 1.5
+
+
+def steady(trial):
+    x = trial.suggest_float("x", -2, 2)
+    state_file = trial_control.trial_dir(trial) / "state.json"
+    start = json.loads(state_file.read_text())["step"] if state_file.exists() else 0
+    for step in range(start, STEPS):
+        time.sleep(STEP_S)
+        trial.report(x * x + 1 / (step + 1), step)
+        if trial_control.stop_requested():
+            state_file.write_text(json.dumps({"step": step + 1}))
+            raise trial_control.Stop()
+    return x * x
+
+
+def oblivious(trial):
+    """Never asks to stop; its first run outlasts any walltime signal, a rerun is short."""
+    x = trial.suggest_float("x", -2, 2)
+    runs = trial.user_attrs.get("runs", 0) + 1
+    trial.set_user_attr("runs", runs)
+    for step in range(STEPS if runs == 1 else 2):
+        time.sleep(STEP_S)
+        trial.report(x * x + 1 / (step + 1), step)
+    return x * x
+
+
+def mixed(trial):
+    return steady(trial) if trial.number % 2 == 0 else oblivious(trial)
+
+
+def quick(trial):
+    """A plain objective with pruning and the user's own attributes."""
+    x, kind = trial.suggest_float("x", -2, 2), trial.suggest_categorical("kind", ["a", "b"])
+    trial.set_user_attr("note", f"kind {kind}")
+    for step in range(3):
+        trial.report(x * x + step, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    return x * x + (0.5 if kind == "b" else 0.0)
+
+
+def steals_host(trial):
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("host", "elsewhere")
+    return 0.0

@@ -1,0 +1,39 @@
+"""Test trainer: the example, or a slow stand-in (training.sleep per epoch).
+
+With training.misbehave, the enqueued lr 0.01 (never sampled exactly) with d_pos 2 raises, with 4 reports NaN.
+"""
+import os
+import pathlib
+import time
+
+import yaml
+
+import ishigami_lstm
+from ishigami_lstm import METRICS, prepare, update_config  # noqa: F401 (the tool looks for them in this module)
+
+
+def train(config, trial):
+    d_pos = config["model"]["d_pos"]
+    misbehave = config["training"].get("misbehave") and config["training"]["lr"] == 0.01
+    if misbehave and d_pos == 2:
+        raise RuntimeError("boom: the trainer crashed")
+    if misbehave and d_pos == 4:
+        trial.report(float("nan"), 0)
+    if config["training"].get("edit_yaml_to"):  # edit the experiment YAML on disk mid-study
+        path = pathlib.Path(config["config_path"])
+        data = yaml.safe_load(path.read_text())
+        data["model"]["d_hidden"] = config["training"]["edit_yaml_to"]
+        data["training"]["edit_yaml_to"] = None  # a YAML that drops keys is not adopted mid-study
+        path.write_text(yaml.safe_dump(data))
+    if config["training"].get("sleep"):
+        epochs, sleep = config["training"]["epochs"], config["training"]["sleep"]
+        fine = config["training"].get("fine_steps_on_array_id")  # the same time, in finer steps, on that task
+        if fine and os.environ.get("SLURM_JOB_ID") == os.environ.get("SLURM_ARRAY_JOB_ID", "-"):
+            epochs, sleep = epochs * fine, sleep / fine
+        state = trial.load_checkpoint() or {"epoch": 0}
+        for epoch in range(state["epoch"], epochs):
+            time.sleep(sleep)
+            trial.report(1.0 / (epoch + 1), epoch)
+            trial.save_checkpoint({"epoch": epoch + 1})
+        return {"val_mae_mean": 0.5, "val_rmse_mean": 0.5, "val_r2_mean": 0.5}
+    return ishigami_lstm.train(config, trial)

@@ -1,0 +1,84 @@
+"""Plain Optuna objectives, unchanged, run by the tool: locally, on the array, through a walltime."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PROJECT, finished, load_study, run_script, write_experiment
+from slurm_helpers import submitted_jobs, wait_for_jobs
+
+
+def objective_experiment(tmp_path, objective, changes=None):
+    changes = {"study.objective": f"objectives:{objective}", "data.dir": None, **(changes or {})}
+    path = write_experiment(tmp_path / "exp", changes)
+    shutil.copy(PROJECT / "tests" / "objectives.py", path.parent / "objectives.py")
+    return path
+
+
+def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
+    path = objective_experiment(tmp_path, "quick", {"study.n_trials": 6, "study.pruner": {"name": "MedianPruner"}})
+    out = run_script("submit_study.py", "--config", path, "--local", 2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "note: study.objective objectives:quick runs; the YAML's trainer and search_space are not used" in out.stdout
+    study = load_study(path)
+    assert len(finished(study)) == 6
+    assert set(study.best_trial.params) == {"x", "kind"} and study.best_trial.user_attrs["note"].startswith("kind")
+    assert all(t.user_attrs["host"] and t.user_attrs["config_version"] for t in study.trials)
+    best = path.parent / "best_trial.yaml"
+    exported = yaml.safe_load(best.read_text())
+    assert exported["study"]["objective"] == "objectives:quick" and exported["best_trial"]["params"]
+    retrained = run_script("worker.py", "--config", best)
+    assert retrained.returncode == 0, retrained.stdout + retrained.stderr
+    again = load_study(best, f"tiny_best{study.best_trial.number}")
+    assert again.trials[0].params == study.best_trial.params and again.trials[0].value == study.best_value
+
+
+def test_the_objective_flag_wins_over_the_yaml_and_bad_modules_fail_at_submit(tmp_path):
+    path = objective_experiment(tmp_path, "quick")
+    (path.parent / "liveness.py").write_text("def objective(trial):\n    return 0.0\n")
+    for flag, words in [
+        ("nowhere:objective", "cannot import 'nowhere:objective'"),
+        ("objectives:missing", "'objectives:missing' has no such function"),
+        ("liveness:objective", "has the name of one of Parallel Optuna's own modules"),
+    ]:
+        out = run_script("submit_study.py", "--config", path, "--objective", flag, "--no-submit_jobs")
+        assert out.returncode == 2 and words in out.stderr and "study.objective" in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+    assert not (path.parent / "runs").exists(), "nothing created on bad input"
+    out = run_script("worker.py", "--config", path, "--objective", "objectives:steals_host", "--n_trials", 1)
+    trial = load_study(path).trials[0]
+    assert trial.state.name == "FAIL" and "'host' is the tool's own" in trial.user_attrs["fail_reason"]
+    assert trial.user_attrs["host"] != "elsewhere"
+
+
+@pytest.mark.slurm
+def test_examples_run_on_the_cluster(slurm, tmp_path):
+    for example in ("plain_objective", "trainer_api"):
+        folder = tmp_path / example
+        shutil.copytree(PROJECT / "examples" / example, folder)
+        out = run_script("submit_study.py", "--config", folder / "config.yaml", "--n_trials", 2, "--walltime", 10)
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_for_jobs(submitted_jobs(out.stdout))
+        study = load_study(folder / "config.yaml")
+        assert len(finished(study)) == 2, [(t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
+        assert all(t.user_attrs["slurm_task"] for t in study.trials)
+
+
+@pytest.mark.slurm
+def test_a_plain_objective_through_the_walltime(slurm, tmp_path):
+    # Both trials outlive a 1-minute walltime (SLURM's USR2 comes 5-35 s in). Trial 0 saves its state when
+    # trial_control says so and continues; trial 1 never asks, so it is stopped and runs again from the start.
+    path = objective_experiment(
+        tmp_path, "mixed", {"study.n_trials": 2, "slurm.walltime": "1", "slurm.signal_grace": 55}
+    )
+    out = run_script("submit_study.py", "--config", path)
+    assert out.returncode == 0, out.stderr
+    wait_for_jobs(submitted_jobs(out.stdout), timeout=400)
+    steady, oblivious = load_study(path).trials
+    assert steady.state.name == "COMPLETE" and steady.user_attrs["requeues"] >= 1
+    assert sorted(steady.intermediate_values) == list(range(30)), "it continued from its own state"
+    assert oblivious.state.name == "COMPLETE" and oblivious.user_attrs["runs"] == 2
+    assert oblivious.user_attrs["requeues"] == 1 and oblivious.user_attrs["slurm_restart_count"] == 1
+    log = Path(oblivious.user_attrs["log_path"]).read_text()
+    assert "the objective is stopped and runs again after the requeue" in log
