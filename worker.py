@@ -518,11 +518,15 @@ def work(args):
     study = open_study(config, storage, seed_offset(args), source)
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
+    optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
     trial = find_own_trial(study, liveness.slurm_task_key())
     if trial is None and not still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"]):
         log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
         return 0  # decided before importing the trainer, which may take seconds (torch)
-    load_objective(config, source) if config["study"]["objective"] else load_trainer(config, source)
+    if config["study"]["objective"]:
+        load_objective(config, source)
+    else:
+        load_trainer(config, source)
     prepare_data(config, source)
     enqueue_exported_params(study, config)
     stop = StopSignal()
