@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from experiment import ConfigError, load_config, parse_yaml, read_text, run_dir
+from experiment import ConfigError, directions, load_config, parse_yaml, read_text, run_dir
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"
@@ -226,12 +226,12 @@ def dotted_keys(config, prefix=""):
 def check_study(study, config):
     """submit_study.py: refuse a YAML that contradicts the study stored under the same name."""
     source, settings = config["config_path"], config["study"]
-    wanted, stored = settings["optimization_direction"], [d.name.lower() for d in study.directions]
-    if [wanted] != stored:
+    wanted, stored = directions(config), [d.name.lower() for d in study.directions]
+    if wanted != stored:
         raise ConfigError(
             source,
             "study.optimization_direction",
-            f"{wanted!r}, but study {study.study_name!r} was created to {' and '.join(stored)}",
+            f"{' and '.join(wanted)}, but study {study.study_name!r} was created to {' and '.join(stored)}",
             "restore it, or choose a new study_name for a new study",
         )
     metric = study.user_attrs.get("optimization_metric")

@@ -82,6 +82,16 @@ def _one_of(*choices):
     return check
 
 
+def _one_or_list(check):
+    def check_each(value):
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            return "must not be an empty list"
+        return next((problem for problem in map(check, values) if problem), None)
+
+    return check_each
+
+
 def _mapping_with_name(value):
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return "must be a mapping with a 'name' (an Optuna class) and its options"
@@ -123,13 +133,25 @@ OPTIONS = [
         "study",
         "optimization_metric",
         "val_mae_mean",
-        _matches(SAFE_NAME, "a metric name"),
-        "metric returned by the trainer that Optuna optimizes",
+        _one_or_list(_matches(SAFE_NAME, "a metric name")),
+        "metric returned by the trainer that Optuna optimizes (a list, or a,b, for several objectives)",
     ),
-    Option("study", "optimization_direction", "minimize", _one_of("minimize", "maximize"), "minimize or maximize"),
+    Option(
+        "study",
+        "optimization_direction",
+        "minimize",
+        _one_or_list(_one_of("minimize", "maximize")),
+        "minimize or maximize (a list, or minimize,maximize, for several objectives)",
+    ),
     Option("study", "storage", None, _text, "Optuna storage URL (default: journal file in the run directory)"),
     Option("study", "sampler", {"name": "TPESampler"}, _mapping_with_name, "sampler: {name: ..., options}"),
-    Option("study", "pruner", {"name": "MedianPruner"}, _mapping_with_name, "pruner: {name: ..., options}"),
+    Option(
+        "study",
+        "pruner",
+        None,
+        _mapping_with_name,
+        "pruner: {name: ..., options} (default: MedianPruner; none with several objectives)",
+    ),
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
     Option(
@@ -268,6 +290,7 @@ def load_config(path, overrides=None, text=None):
     config["config_path"] = str(path.resolve())
     config["cli_overrides"] = {k: v for k, v in (overrides or {}).items() if v is not None}
     _resolve_paths(config, base, source)
+    _check_objectives(config, source)
     _check_search_space(config, source)
     _check_slurm(config, source)
     return config
@@ -315,11 +338,16 @@ def _fill_sections(config, overrides, source):
         value = config[option.section][option.key]
         if option.key in ("walltime", "mem_per_cpu") and isinstance(value, int) and not isinstance(value, bool):
             value = config[option.section][option.key] = str(value)  # 30 = 30 minutes, 4096 = 4096 MB
-        problem = value is not None and option.check(value)
-        if problem:
-            key = f"{option.section}.{option.key}"
-            flag = "" if isinstance(option.default, (dict, list)) else f" or --{option.key}"
-            raise ConfigError(source, key, f"{value!r} {problem}", f"correct {key} ({option.help}){flag}")
+        if option.key in ("optimization_metric", "optimization_direction") and "," in (value or ""):
+            value = config[option.section][option.key] = value.split(",")  # --optimization_direction min...,max...
+        if value is not None and option.check(value):
+            _bad_option(option, value, source)
+
+
+def _bad_option(option, value, source):
+    key = f"{option.section}.{option.key}"
+    flag = "" if isinstance(option.default, (dict, list)) else f" or --{option.key}"
+    raise ConfigError(source, key, f"{value!r} {option.check(value)}", f"correct {key} ({option.help}){flag}")
 
 
 def _resolve_paths(config, base, source):
@@ -347,6 +375,37 @@ def _resolve_paths(config, base, source):
     data = config.get("data")
     if isinstance(data, dict) and isinstance(data.get("dir"), str):
         data["dir"] = str(base / os.path.expandvars(os.path.expanduser(data["dir"])))
+
+
+def metric_names(config):
+    """The study's metrics, one per objective."""
+    metric = config["study"]["optimization_metric"]
+    return metric if isinstance(metric, list) else [metric]
+
+
+def directions(config):
+    direction = config["study"]["optimization_direction"]
+    return direction if isinstance(direction, list) else [direction]
+
+
+def _check_objectives(config, source):
+    """One metric per direction; several objectives (Pareto front) cannot be pruned."""
+    study = config["study"]
+    if len(metric_names(config)) != len(directions(config)):
+        raise ConfigError(
+            source,
+            "study.optimization_direction",
+            f"{len(directions(config))} direction(s) for {len(metric_names(config))} metric(s)",
+            "give one direction per optimization_metric",
+        )
+    pruner = (study["pruner"] or {}).get("name")
+    if len(directions(config)) > 1 and pruner not in (None, "NopPruner"):
+        raise ConfigError(
+            source,
+            "study.pruner",
+            f"{pruner} cannot prune a study with several objectives (Optuna reports one value per step)",
+            "remove study.pruner",
+        )
 
 
 def _check_slurm(config, source):
@@ -520,14 +579,14 @@ def load_trainer(config, source="config"):
     """The trainer function; its METRICS, if it declares them, must name the study's metric."""
     function, module = load_function(config, "trainer", source)
     metrics = getattr(module, "METRICS", None)
-    metric = config["study"]["optimization_metric"]
-    if metrics and metric not in metrics:
-        raise ConfigError(
-            source,
-            "study.optimization_metric",
-            f"{metric!r} is not a metric of {config['study']['trainer']}",
-            f"use one of {', '.join(metrics)}",
-        )
+    for metric in metric_names(config):
+        if metrics and metric not in metrics:
+            raise ConfigError(
+                source,
+                "study.optimization_metric",
+                f"{metric!r} is not a metric of {config['study']['trainer']}",
+                f"use one of {', '.join(metrics)}",
+            )
     return function
 
 
@@ -581,7 +640,8 @@ def build_sampler(config, seed_offset=0, source="config"):
 
 
 def build_pruner(config, source="config"):
-    return _build(optuna.pruners, dict(config["study"]["pruner"]), "study.pruner", source)
+    spec = config["study"]["pruner"] or {"name": "NopPruner" if len(directions(config)) > 1 else "MedianPruner"}
+    return _build(optuna.pruners, dict(spec), "study.pruner", source)
 
 
 def _build(namespace, spec, key, source):
@@ -671,7 +731,7 @@ def open_study(config, storage, seed_offset=0, source="config"):
     return optuna.create_study(
         storage=storage,
         study_name=config["study"]["study_name"],
-        direction=config["study"]["optimization_direction"],
+        directions=directions(config),
         sampler=build_sampler(config, seed_offset, source),
         pruner=build_pruner(config, source),
         load_if_exists=True,

@@ -123,7 +123,8 @@ def train(config, trial):
         metrics = {
             f"val_{name}_mean": sum(s[name] for s in fold_scores) / len(fold_scores) for name in ("mae", "rmse", "r2")
         }
-        trial.report(metrics[config["study"]["optimization_metric"]], epoch)
+        metric = config["study"]["optimization_metric"]
+        trial.report(metrics[metric if isinstance(metric, str) else metric[0]], epoch)  # the first of several
         trial.save_checkpoint(
             {
                 "epoch": epoch + 1,

@@ -46,6 +46,7 @@ from experiment import (
     load_trainer,
     make_run_dir,
     mask_password,
+    metric_names,
     open_storage,
     open_study,
     prepare_data,
@@ -76,6 +77,7 @@ def parse_args(argv=None):
     parser.add_argument("--local", type=int, metavar="K", help="run the study here with K worker processes")
     parser.add_argument("--group_access", action="store_true", help="let the group read the run directory")
     parser.add_argument("--status", action="store_true", help="show the study and its SLURM tasks")
+    parser.add_argument("--trial", type=int, metavar="N", help="with --export_best: export trial N (a Pareto member)")
     parser.add_argument(
         "--check_storage",
         action="store_true",
@@ -108,7 +110,9 @@ def main(argv=None):
             if args.check_storage:
                 return check_storage(config, args.repair)
             study = open_existing_study(config)
-            return show_status(study, config) if args.status else export_best(study, config, args.export_best)
+            if args.status:
+                return show_status(study, config)
+            return export_best(study, config, args.export_best, args.trial)
         return submit(args, config_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -416,8 +420,12 @@ def show_status(study, config):
         print(line)
     best = best_trial(study)
     if best:
-        metric = config["study"]["optimization_metric"]
-        print(f"best: trial {best.number}  {metric} = {best.value:.6g}  params {best.params}")
+        print(f"best: trial {best.number}  {values_text(config, best)}  params {best.params}")
+    elif len(study.directions) > 1 and counts["COMPLETE"]:
+        front = study.best_trials
+        print(f"Pareto front: {len(front)} trial(s)")
+        for t in front[:10]:
+            print(f"  trial {t.number}  {values_text(config, t)}  params {t.params}")
     running = [t for t in trials if t.state == liveness.RUNNING]
     if running:
         print("running:")
@@ -601,58 +609,93 @@ def storage_verdict(config, left, repair):
 
 # ---------------------------------------------------------------- best trial
 def best_trial(study):
+    """The best trial of a single-objective study; None before the first COMPLETE or with several objectives."""
+    if len(study.directions) > 1:
+        return None
     try:
         return study.best_trial
     except ValueError:
         return None
 
 
-def export_best(study, config, path):
-    """best_trial.yaml: a complete experiment YAML for retraining the best trial, plus its results."""
-    best = best_trial(study)
-    if best is None:
-        raise ConfigError(config["config_path"], "study", "no COMPLETE trial yet", "wait for a trial to finish")
-    trained = Path(best.user_attrs.get("config_path", "-"))
+def export_best(study, config, path, number=None):
+    """best_trial.yaml: a complete experiment YAML for retraining the best trial (or trial `number`),
+    plus its results. With several objectives, the Pareto front: every member, each retrainable."""
+    source = config["config_path"]
+    if number is not None:
+        chosen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        if chosen is None or chosen.state.name != "COMPLETE":
+            raise ConfigError(source, "--trial", f"trial {number} is no COMPLETE trial", "name a COMPLETE trial")
+        members = [chosen]
+    else:
+        members = [best_trial(study)] if len(study.directions) == 1 else study.best_trials
+    if not members or members[0] is None:
+        raise ConfigError(source, "study", "no COMPLETE trial yet", "wait for a trial to finish")
+    if len(members) == 1 and (number is not None or len(study.directions) == 1):
+        exported = retrainable(study, config, members[0])
+        retrain = "python worker.py --config {target}"
+    else:
+        exported = {"pareto_front": [retrainable(study, config, t) for t in members]}
+        retrain = "make best ARGS=\"--trial <number>\", then python worker.py --config trial_<number>.yaml"
+    target = export_target(config, path, number)
+    which = "Best trial(s)" if number is None else f"Trial {number}"
+    header = (
+        f"# {which} of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"
+        f"# derived dimensions). Retrain: {retrain.format(target=target)}\n"
+    )
+    write_export(target, header + yaml.safe_dump(exported, sort_keys=False))
+    shown = ", ".join(f"{t.number} ({values_text(config, t)})" for t in members[:5])
+    what = "best trial" if number is None else "trial"
+    print(f"{what if len(members) == 1 else f'{len(members)} Pareto-optimal trials'} {shown} -> {target}")
+    return 0
+
+
+def retrainable(study, config, trial):
+    """One trial as an experiment YAML that retrains it (a new study of one trial), with its results."""
+    trained = Path(trial.user_attrs.get("config_path", "-"))
     # The config the trial trained with; if its file is gone, today's YAML with the trial's params.
     if trained.is_file():
         resolved = read_yaml(trained.read_text())
     else:  # a plain objective's params are suggested by the objective again (best_trial.params)
-        resolved = copy.deepcopy(config) if config["study"]["objective"] else resolve_config(config, best.params)
-    for key in ("experiment_dir", "config_path", "cli_overrides", "config_version"):
+        resolved = copy.deepcopy(config) if config["study"]["objective"] else resolve_config(config, trial.params)
+    for key in ("experiment_dir", "config_path", "cli_overrides", "config_version", "best_trial"):
         resolved.pop(key, None)
     resolved["study"].update(
-        study_name=f"{study.study_name}_best{best.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}
+        study_name=f"{study.study_name}_best{trial.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}
     )
     resolved["search_space"] = {}
-    exported = {
-        "best_trial": {
-            "study_name": study.study_name,
-            "number": best.number,
-            "metric": config["study"]["optimization_metric"],
-            "direction": config["study"]["optimization_direction"],
-            "value": best.value,
-            "params": best.params,
-            "metrics": best.user_attrs.get("metrics", {}),
-            "exported_at": now(),
-        },
-        **resolved,
+    results = {
+        "study_name": study.study_name,
+        "number": trial.number,
+        "metric": config["study"]["optimization_metric"],
+        "direction": config["study"]["optimization_direction"],
+        "value": trial.values if len(trial.values) > 1 else trial.value,
+        "params": trial.params,
+        "metrics": trial.user_attrs.get("metrics", {}),
+        "exported_at": now(),
     }
+    return {"best_trial": results, **resolved}
+
+
+def values_text(config, trial):
+    names = metric_names(config)
+    return ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, trial.values, strict=False))
+
+
+def export_target(config, path, number):
     target = Path(path or config["experiment_dir"])
     if target.is_dir() or path.endswith("/") or not path:
-        target = target / "best_trial.yaml"
-    header = (
-        f"# Best trial of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"
-        f"# derived dimensions). Retrain it: python worker.py --config {target}\n"
-    )
+        target = target / ("best_trial.yaml" if number is None else f"trial_{number}.yaml")
+    return target
+
+
+def write_export(target, text):
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(header + yaml.safe_dump(exported, sort_keys=False))
+        target.write_text(text)
     except OSError as e:
-        raise ConfigError(
-            str(target), "--export_best", f"cannot write it ({e.strerror})", "name a writable path"
-        ) from None
-    print(f"best trial {best.number} ({config['study']['optimization_metric']} = {best.value:.6g}) -> {target}")
-    return 0
+        problem = f"cannot write it ({e.strerror})"
+        raise ConfigError(str(target), "--export_best", problem, "name a writable path") from None
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from experiment import (
     hostname,
     load_objective,
     load_trainer,
+    metric_names,
     open_storage,
     open_study,
     prepare_data,
@@ -126,6 +127,9 @@ class ObjectiveTrial(optuna.trial.Trial):
         super().set_user_attr(key, value)
 
 
+PROGRESS = "progress.jsonl"  # the curve of a trial with several objectives, one {"step", "value"} a line
+
+
 class TrialHandle:
     """What a trainer gets besides its config: report, and checkpoints that survive a requeue."""
 
@@ -141,9 +145,14 @@ class TrialHandle:
     def report(self, value, step):
         if not math.isfinite(value):
             raise ValueError(f"metric is {value} at step {step}")
-        self.trial.report(value, step)
+        single = len(self.trial.study.directions) == 1
+        if single:
+            self.trial.report(value, step)
+        else:  # Optuna keeps no curve for several objectives, nor prunes them: the trial's folder keeps it
+            with open(self.folder / PROGRESS, "a") as f:
+                f.write(json.dumps({"step": step, "value": value}) + "\n")
         log.info("trial %d step %d: %.6g", self.trial.number, step, value)
-        if self.trial.should_prune():
+        if single and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}")
         if self.stop.received and not self.saves:  # a trainer that never checkpoints stops here
             raise Interrupted(self.stop.received)
@@ -320,6 +329,8 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     if origin is None or handle.checkpoint.exists() or not source.exists():
         return
     shutil.copy(source, handle.checkpoint)
+    if (source.parent / PROGRESS).exists():
+        shutil.copy(source.parent / PROGRESS, handle.folder / PROGRESS)
     dead = study.trials[origin]
     for step, value in sorted(dead.intermediate_values.items()):
         trial.report(value, step)
@@ -354,14 +365,15 @@ def prepare_trial(study, trial, config, handle):
 
 
 def train_and_tell(study, trial, config, handle):
-    metric = config["study"]["optimization_metric"]
+    names = metric_names(config)
     started = time.time()
     try:  # anything that goes wrong from here on fails this trial only, with the reason on it
         run = run_objective if config["study"]["objective"] else run_trainer
         metrics = run(study, trial, config, handle)
-        value = metrics[metric]
-        if not isinstance(value, float) or not math.isfinite(value):
-            raise ValueError(f"{metric} is {value!r}; expected a finite number")
+        values = [metrics[name] for name in names]
+        for name, value in zip(names, values, strict=True):
+            if not isinstance(value, float) or not math.isfinite(value):
+                raise ValueError(f"{name} is {value!r}; expected a finite number")
     except optuna.TrialPruned as e:
         add_train_seconds(trial, started)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -381,18 +393,19 @@ def train_and_tell(study, trial, config, handle):
     (handle.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     trial.set_user_attr("metrics", metrics)
     trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    study.tell(trial, value)
-    log.info("trial %d COMPLETE: %s = %.6g", trial.number, metric, value)
+    study.tell(trial, values if len(values) > 1 else values[0])
+    shown = ", ".join(f"{name} = {value:.6g}" for name, value in zip(names, values, strict=True))
+    log.info("trial %d COMPLETE: %s", trial.number, shown)
     return Outcome.COMPLETE
 
 
 def run_trainer(study, trial, config, handle):
     """The trainer API: the YAML's search space sampled into the config, the trainer's metrics back."""
-    metric = config["study"]["optimization_metric"]
     resolved = prepare_trial(study, trial, config, handle)
     metrics = plain_metrics(load_trainer(resolved, resolved["config_path"])(resolved, handle))
-    if metric not in metrics:
-        raise KeyError(f"the trainer's metrics {sorted(metrics)} have no {metric!r} (study.optimization_metric)")
+    for metric in metric_names(config):
+        if metric not in metrics:
+            raise KeyError(f"the trainer's metrics {sorted(metrics)} have no {metric!r} (study.optimization_metric)")
     return metrics
 
 
@@ -410,10 +423,11 @@ def run_objective(study, trial, config, handle):
     finally:
         handle.stop.interrupt_now = False
         trial_control.Running.folder = trial_control.Running.stop = None
-    if isinstance(value, (list, tuple)):
-        raise TypeError(f"the objective returned {len(value)} values; this study has one objective")
     log.info("trial %d params: %s", trial.number, optuna.trial.Trial(study, trial._trial_id).params)
-    return {config["study"]["optimization_metric"]: plain_metrics({"value": value})["value"]}
+    names, values = metric_names(config), list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(values) != len(names):
+        raise TypeError(f"the objective returned {len(values)} value(s) for {len(names)} objective(s) ({names})")
+    return plain_metrics(dict(zip(names, values, strict=True)))
 
 
 def public(config):
@@ -530,7 +544,7 @@ def work(args):
     prepare_data(config, source)
     enqueue_exported_params(study, config)
     stop = StopSignal()
-    failed = done = 0
+    failed = done = in_a_row = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
     while (args.trials == 0 or done < args.trials + taken_over) and stop.received != "SIGTERM":
@@ -548,7 +562,11 @@ def work(args):
         config = pinned_config(trial, config, args)
         outcome = run_trial(study, trial, config, stop)
         failed += outcome is Outcome.FAIL
+        in_a_row = in_a_row + 1 if outcome is Outcome.FAIL else 0
         done += 1
+        if in_a_row >= MAX_FAILS_IN_A_ROW:
+            log.error("%d trials in a row failed: this worker stops (reasons: make status)", in_a_row)
+            break
         if outcome in (Outcome.REQUEUED, Outcome.STOPPED) or stop.received:
             break
         trial = None
@@ -561,6 +579,9 @@ def enqueue_exported_params(study, config):
     params = (config.get("best_trial") or {}).get("params")
     if config["study"]["objective"] and params and not study.get_trials(deepcopy=False):
         study.enqueue_trial(params)
+
+
+MAX_FAILS_IN_A_ROW = 3  # failed trials do not count toward the budget: a broken trainer must not loop forever
 
 
 def seed_offset(args):

@@ -57,3 +57,9 @@ def steals_host(trial):
     trial.suggest_float("x", 0, 1)
     trial.set_user_attr("host", "elsewhere")
     return 0.0
+
+
+def two(trial):
+    """Two objectives: the Pareto front is x in [0, 1]."""
+    x = trial.suggest_float("x", -2, 3)
+    return x * x, (x - 1) ** 2
