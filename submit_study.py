@@ -4,7 +4,7 @@
     python submit_study.py --config config.example.yaml --no-submit_jobs   # dry run: write and print
     python submit_study.py --config config.example.yaml --local 2   # no SLURM: 2 worker processes here
     python submit_study.py --config config.example.yaml --status    # trials, budget, best, SLURM tasks
-    python submit_study.py --config config.example.yaml --export_best   # best_trial.yaml
+    python submit_study.py --config config.example.yaml --export_best   # best_trial.yaml + best_trial.pt
 
 Submitting again with the same study name resumes the study: the array asks only for the trials
 still missing (n_trials - finished - running), so a re-submission tops up what was lost and a larger
@@ -25,6 +25,7 @@ from pathlib import Path
 import optuna
 import yaml
 
+import checkpoints
 import config_versions
 import liveness
 from experiment import (
@@ -75,7 +76,7 @@ def parse_args(argv=None):
         nargs="?",
         const="",
         metavar="PATH",
-        help="write the best trial (default: best_trial.yaml beside the experiment YAML)",
+        help="write the best trial (default: best_trial.yaml beside the experiment YAML) and its weights (.pt)",
     )
     return parser.parse_args(argv)
 
@@ -401,7 +402,16 @@ def show_status(study, config):
         print(f"{len(crashed)} trial(s) failed in the trainer (reasons above, tracebacks in their worker.log)")
     if missing > 0:
         print(f"{missing} trial(s) not covered by any worker: submit again to top up")
+    print(disk_line(study, config))
     return 0
+
+
+def disk_line(study, config):
+    """The run directory's size (du, at most 10 s), after deleting the checkpoints nobody will read."""
+    files, freed = checkpoints.clean(study, config)
+    used = checkpoints.disk_usage(run_dir(config))
+    line = f"disk: {run_dir(config)} " + (checkpoints.size(used) if used is not None else "? (du took over 10 s)")
+    return line + (f" ({files} old checkpoint/weights files deleted, {checkpoints.size(freed)} freed)" if files else "")
 
 
 def print_slurm_tasks(study, trials, tasks):
@@ -510,13 +520,26 @@ def export_best(study, config, path):
     )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        weights = export_weights(config, best, target.with_suffix(".pt"))
+        exported["best_trial"]["weights"] = str(weights) if weights else None
         target.write_text(header + yaml.safe_dump(exported, sort_keys=False))
     except OSError as e:
         raise ConfigError(
             str(target), "--export_best", f"cannot write it ({e.strerror})", "name a writable path"
         ) from None
     print(f"best trial {best.number} ({config['study']['optimization_metric']} = {best.value:.6g}) -> {target}")
+    checkpoints.clean(study, config)
     return 0
+
+
+def export_weights(config, best, target):
+    """best_trial.pt beside best_trial.yaml: the trial's saved weights, else its last checkpoint."""
+    source = checkpoints.export_weights(config, best.number, target)
+    if source is None:
+        print(f"trial {best.number} left no weights.pt nor checkpoint.pt: only its config is exported")
+        return None
+    print(f"best trial {best.number}'s {source.name} -> {target}")
+    return target
 
 
 if __name__ == "__main__":

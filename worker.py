@@ -50,6 +50,7 @@ from pathlib import Path
 import optuna
 import yaml
 
+import checkpoints
 import config_versions
 import liveness
 from experiment import (
@@ -106,7 +107,7 @@ class TrialHandle:
 
     def __init__(self, trial, folder, stop):
         self.trial, self.folder, self.stop = trial, folder, stop
-        self.checkpoint = folder / "checkpoint.pt"
+        self.checkpoint = folder / checkpoints.CHECKPOINT
         self.saves = 0
 
     @property
@@ -132,14 +133,22 @@ class TrialHandle:
         return torch.load(self.checkpoint, weights_only=False)
 
     def save_checkpoint(self, state):
-        import torch
-
-        partial = self.checkpoint.with_suffix(".partial")
-        torch.save(state, partial)
-        os.replace(partial, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
+        save_atomically(state, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
         self.saves += 1
         if self.stop.received:
             raise Interrupted(self.stop.received)
+
+    def save_weights(self, state):
+        """The trained model (e.g. model.state_dict()): `make best` exports the best trial's as best_trial.pt."""
+        save_atomically(state, self.folder / checkpoints.WEIGHTS)
+
+
+def save_atomically(state, path):
+    import torch  # only trainers that save need it; the worker's start-up stays light
+
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------- command line
@@ -287,7 +296,9 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     source = run_dir(config) / "trials" / str(origin) / "checkpoint.pt"
     if origin is None or handle.checkpoint.exists() or not source.exists():
         return
-    shutil.copy(source, handle.checkpoint)
+    partial = handle.checkpoint.with_suffix(".partial")
+    shutil.copy(source, partial)
+    os.replace(partial, handle.checkpoint)  # once it exists the copy is whole: cleanup may delete the source
     dead = study.trials[origin]
     for step, value in sorted(dead.intermediate_values.items()):
         trial.report(value, step)
@@ -464,6 +475,7 @@ def work(args):
             break
         config = pinned_config(trial, config, args)
         outcome = run_trial(study, trial, config, stop)
+        clean_checkpoints(study, config)
         failed += outcome is Outcome.FAIL
         done += 1
         if outcome in (Outcome.REQUEUED, Outcome.STOPPED) or stop.received:
@@ -471,6 +483,13 @@ def work(args):
         trial = None
         config = read_config(args)  # fresh from disk for the next trial
     return 1 if failed else 0
+
+
+def clean_checkpoints(study, config):
+    """A safe point: this trial is told. Delete what nobody will read again (checkpoints.py)."""
+    files, freed = checkpoints.clean(study, config)
+    if files:
+        log.info("deleted %d checkpoint/weights files of finished trials (%s freed)", files, checkpoints.size(freed))
 
 
 def seed_offset(args):

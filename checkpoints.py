@@ -1,0 +1,129 @@
+"""The trials' files that cost disk: what `make best` exports, what is kept, what is deleted.
+
+Per trial, runs/<study>/trials/<number>/ may hold
+    checkpoint.pt   the latest state the trainer stored with save_checkpoint(): a requeue resumes from it,
+                    a retry of a dead trial continues from it
+    weights.pt      the trained model the trainer stored with save_weights()
+
+$SCRATCH has a quota, so `clean` deletes what nobody will read again. It keeps
+  - every file of a RUNNING or WAITING trial;
+  - the checkpoint of a FAIL trial while a retry of it waits or runs without its own copy yet
+    (worker.adopt_origin_checkpoint copies it; the copy is renamed into place, so once the
+    retry's checkpoint exists it is whole), and for FAIL_GRACE_S after the trial failed
+    (liveness enqueues the retry right after failing it; a retry is never enqueued later);
+  - the weights of the study.keep_best best COMPLETE trials, or their last checkpoint if the
+    trainer saved no weights (the Pareto front, for a multi-objective study).
+Everything else goes: PRUNED trials, COMPLETE trials outside the best, FAIL trials nobody continues.
+Workers clean after every trial they run; status and export clean too. Metrics, configs and
+logs are never deleted.
+"""
+
+import contextlib
+import shutil
+import subprocess
+from datetime import datetime
+
+import optuna
+
+from experiment import run_dir
+
+CHECKPOINT, WEIGHTS = "checkpoint.pt", "weights.pt"
+FAIL_GRACE_S = 600  # liveness enqueues a retry right after the fail: well within this
+State = optuna.trial.TrialState
+
+
+def trial_folder(config, number):
+    return run_dir(config) / "trials" / str(number)
+
+
+def best_numbers(study, trials, keep):
+    """The trials whose weights are kept: the `keep` best COMPLETE ones."""
+    if len(study.directions) > 1:
+        return {t.number for t in study.best_trials}
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    complete.sort(key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    return {t.number for t in complete[:keep]}
+
+
+def retries(trials, config):
+    """(FAIL trials that have a retry, those whose checkpoint a retry still has to copy)."""
+    retried, pending = set(), set()
+    for t in trials:
+        origin = t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))  # ours, or Optuna's heartbeat
+        if origin is None:
+            continue
+        retried.add(origin)
+        copied = (trial_folder(config, t.number) / CHECKPOINT).exists()
+        if t.state == State.WAITING or (t.state == State.RUNNING and not copied):
+            pending.add(origin)
+    return retried, pending
+
+
+def still_needed(trial, retried, pending, now):
+    """A FAIL trial's checkpoint: a retry will copy it, or one may still be enqueued (right after the fail)."""
+    if trial.number in pending:
+        return True
+    recent = trial.datetime_complete is None or (now - trial.datetime_complete).total_seconds() < FAIL_GRACE_S
+    return trial.number not in retried and recent
+
+
+def removable(study, config, trials, now=None):
+    """The files of finished trials that no retry, resume or export will read."""
+    now = now or datetime.now()
+    best, (retried, pending) = best_numbers(study, trials, config["study"]["keep_best"]), retries(trials, config)
+    paths = []
+    for t in trials:
+        folder = trial_folder(config, t.number)
+        if t.state in (State.RUNNING, State.WAITING):
+            continue
+        if t.number in best:
+            if (folder / WEIGHTS).exists():
+                paths.append(folder / CHECKPOINT)  # the weights are what make best exports
+        elif t.state != State.FAIL or not still_needed(t, retried, pending, now):
+            paths += [folder / CHECKPOINT, folder / WEIGHTS]
+    return paths
+
+
+def clean(study, config, now=None):
+    """Delete the checkpoints and weights nobody will read again; returns (files, bytes) freed."""
+    files = freed = 0
+    for path in removable(study, config, study.get_trials(deepcopy=False), now):
+        with contextlib.suppress(OSError):  # already gone, or not ours to delete: never an error
+            size = path.stat().st_size
+            path.unlink()
+            files, freed = files + 1, freed + size
+    return files, freed
+
+
+def best_weights(config, number):
+    """The file that holds the trial's trained model: its weights, else its last checkpoint."""
+    folder = trial_folder(config, number)
+    return next((folder / name for name in (WEIGHTS, CHECKPOINT) if (folder / name).exists()), None)
+
+
+def export_weights(config, number, target):
+    """Copy the trial's weights (or last checkpoint) to target, atomically; returns the source or None."""
+    source = best_weights(config, number)
+    if source is None:
+        return None
+    partial = target.with_suffix(".partial")
+    shutil.copy(source, partial)
+    partial.replace(target)
+    return source
+
+
+def disk_usage(folder, timeout=10):
+    """Bytes under folder, from `du`; None when du takes longer than timeout (a slow shared filesystem)."""
+    try:
+        out = subprocess.run(["du", "-sk", str(folder)], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = out.stdout.split()  # du exits 1 when a file vanished mid-walk, and still prints the total
+    return int(words[0]) * 1024 if words and words[0].isdigit() else None
+
+
+def size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
