@@ -5,6 +5,8 @@
     python submit_study.py --config config.example.yaml --local 2   # no SLURM: 2 worker processes here
     python submit_study.py --config config.example.yaml --status    # trials, budget, best, SLURM tasks
     python submit_study.py --config config.example.yaml --export_best   # best_trial.yaml + best_trial.pt
+    python submit_study.py --config config.example.yaml --report        # plots in runs/<study>/report/
+    python submit_study.py --config config.example.yaml --dashboard 8080   # optuna-dashboard, 127.0.0.1 only
 
 Submitting again with the same study name resumes the study: the array asks only for the trials
 still missing (n_trials - finished - running), so a re-submission tops up what was lost and a larger
@@ -28,6 +30,7 @@ import yaml
 import checkpoints
 import config_versions
 import liveness
+import report
 from experiment import (
     FINISHED,
     OPTIONS,
@@ -78,6 +81,10 @@ def parse_args(argv=None):
         metavar="PATH",
         help="write the best trial (default: best_trial.yaml beside the experiment YAML) and its weights (.pt)",
     )
+    parser.add_argument("--report", action="store_true", help="plots of the study as PNGs in runs/<study>/report/")
+    parser.add_argument(
+        "--dashboard", nargs="?", const=8080, type=int, metavar="PORT", help="optuna-dashboard on 127.0.0.1:PORT"
+    )
     return parser.parse_args(argv)
 
 
@@ -86,14 +93,21 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     args = parse_args(argv)
     try:
-        if args.status or args.export_best is not None:  # these work on while the YAML on disk is mid-edit
-            config = config_versions.load(yaml_from_args(args), flag_overrides(args))
-            study = open_existing_study(config)
-            return show_status(study, config) if args.status else export_best(study, config, args.export_best)
+        if args.status or args.export_best is not None or args.report or args.dashboard is not None:
+            config = config_versions.load(yaml_from_args(args), flag_overrides(args))  # works mid-edit too
+            return look(args, open_existing_study(config), config)
         return submit(args, config_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def look(args, study, config):
+    if args.report:
+        return report.write_report(study, config)
+    if args.dashboard is not None:
+        return report.serve_dashboard(study, config, args.dashboard)
+    return show_status(study, config) if args.status else export_best(study, config, args.export_best)
 
 
 # ---------------------------------------------------------------- submit
