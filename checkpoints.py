@@ -114,6 +114,8 @@ def export_weights(config, number, target):
 
 def disk_usage(folder, timeout=10):
     """Bytes under folder, from `du`; None when du takes longer than timeout (a slow shared filesystem)."""
+    if not folder.is_dir():
+        return 0
     try:
         out = subprocess.run(["du", "-sk", str(folder)], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
