@@ -14,7 +14,7 @@ import pytest
 from conftest import PROJECT, load_study, run_script, write_experiment
 
 import report
-from experiment import load_config
+from experiment import load_config, open_storage
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values", "timeline")
 X = optuna.distributions.FloatDistribution(0, 1)
@@ -114,3 +114,13 @@ def test_the_dashboard_serves_our_trials_on_localhost_read_only(tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
+
+
+def test_a_multi_objective_study_also_gets_its_pareto_front(tmp_path):
+    path = write_experiment(tmp_path / "exp")
+    config = load_config(path)
+    study = optuna.create_study(storage=open_storage(config), study_name="tiny", directions=["minimize", "maximize"])
+    for x in (0.1, 0.5, 0.9):
+        study.tell(study.ask({"x": X}), [x, x * x])
+    assert report.write_report(study, config) == 0
+    assert (path.parent / "runs/tiny/report/pareto_front.png").stat().st_size > 5000
