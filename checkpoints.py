@@ -9,11 +9,12 @@ $SCRATCH has a quota, so `clean` deletes what nobody will read again. It keeps
   - every file of a RUNNING or WAITING trial;
   - the checkpoint of a FAIL trial while a retry of it waits or runs without its own copy yet
     (worker.adopt_origin_checkpoint copies it; the copy is renamed into place, so once the
-    retry's checkpoint exists it is whole), and for FAIL_GRACE_S after the trial failed
-    (liveness enqueues the retry right after failing it; a retry is never enqueued later);
+    retry's checkpoint exists it is whole); a FAIL trial without a retry keeps it until the study
+    is finished (liveness enqueues a retry right after failing a trial: never lose it in between);
   - the weights of the study.keep_best best COMPLETE trials, or their last checkpoint if the
     trainer saved no weights (the Pareto front, for a multi-objective study).
-Everything else goes: PRUNED trials, COMPLETE trials outside the best, FAIL trials nobody continues.
+Everything else goes: PRUNED trials, COMPLETE trials outside the best, FAIL trials nobody continues
+(cancelled, crashed, surplus) once the study is finished.
 Workers clean after every trial they run; status and export clean too. Metrics, configs and
 logs are never deleted.
 """
@@ -21,14 +22,12 @@ logs are never deleted.
 import contextlib
 import shutil
 import subprocess
-from datetime import datetime
 
 import optuna
 
-from experiment import run_dir
+from experiment import run_dir, still_to_run
 
 CHECKPOINT, WEIGHTS = "checkpoint.pt", "weights.pt"
-FAIL_GRACE_S = 600  # liveness enqueues a retry right after the fail: well within this
 State = optuna.trial.TrialState
 
 
@@ -59,18 +58,20 @@ def retries(trials, config):
     return retried, pending
 
 
-def still_needed(trial, retried, pending, now):
-    """A FAIL trial's checkpoint: a retry will copy it, or one may still be enqueued (right after the fail)."""
-    if trial.number in pending:
-        return True
-    recent = trial.datetime_complete is None or (now - trial.datetime_complete).total_seconds() < FAIL_GRACE_S
-    return trial.number not in retried and recent
+def study_finished(trials, budget):
+    """The budget is met and nothing runs or waits: no trial will be retried any more."""
+    return still_to_run(trials, budget) == 0 and not any(t.state in (State.RUNNING, State.WAITING) for t in trials)
 
 
-def removable(study, config, trials, now=None):
+def fail_kept(number, retried, pending, done):
+    """A FAIL trial's checkpoint stays while a retry will copy it, or one may yet be enqueued."""
+    return number in pending or (number not in retried and not done)
+
+
+def removable(study, config, trials):
     """The files of finished trials that no retry, resume or export will read."""
-    now = now or datetime.now()
     best, (retried, pending) = best_numbers(study, trials, config["study"]["keep_best"]), retries(trials, config)
+    done = study_finished(trials, config["study"]["n_trials"])
     paths = []
     for t in trials:
         folder = trial_folder(config, t.number)
@@ -79,15 +80,15 @@ def removable(study, config, trials, now=None):
         if t.number in best:
             if (folder / WEIGHTS).exists():
                 paths.append(folder / CHECKPOINT)  # the weights are what make best exports
-        elif t.state != State.FAIL or not still_needed(t, retried, pending, now):
+        elif t.state != State.FAIL or not fail_kept(t.number, retried, pending, done):
             paths += [folder / CHECKPOINT, folder / WEIGHTS]
     return paths
 
 
-def clean(study, config, now=None):
+def clean(study, config):
     """Delete the checkpoints and weights nobody will read again; returns (files, bytes) freed."""
     files = freed = 0
-    for path in removable(study, config, study.get_trials(deepcopy=False), now):
+    for path in removable(study, config, study.get_trials(deepcopy=False)):
         with contextlib.suppress(OSError):  # already gone, or not ours to delete: never an error
             size = path.stat().st_size
             path.unlink()
