@@ -14,7 +14,7 @@ $SCRATCH has a quota, so `clean` deletes what nobody will read again. It keeps
   - the weights of the study.keep_best best COMPLETE trials, or their last checkpoint if the
     trainer saved no weights (the Pareto front, for a multi-objective study).
 Everything else goes: PRUNED trials, COMPLETE trials outside the best, FAIL trials nobody continues
-(cancelled, crashed, surplus) once the study is finished.
+(cancelled, crashed, surplus) once the study is finished, and the half-written files of killed workers.
 Workers clean after every trial they run; status and export clean too. Metrics, configs and
 logs are never deleted.
 """
@@ -77,6 +77,7 @@ def removable(study, config, trials):
         folder = trial_folder(config, t.number)
         if t.state in (State.RUNNING, State.WAITING):
             continue
+        paths += [folder / "checkpoint.partial", folder / "weights.partial"]  # a write its worker never finished
         if t.number in best:
             if (folder / WEIGHTS).exists():
                 paths.append(folder / CHECKPOINT)  # the weights are what make best exports

@@ -48,7 +48,7 @@ def trial_with_files(study, path, state=None, value=None, names=("checkpoint.pt"
 
 def files_left(path):
     folder = path.parent / "runs/tiny/trials"
-    return {(int(p.parent.name), p.name) for p in folder.glob("*/*.pt")}
+    return {(int(p.parent.name), p.name) for p in folder.glob("*/*") if p.suffix in (".pt", ".partial")}
 
 
 def test_cleanup_keeps_running_best_and_retry_sources_and_deletes_the_rest(tmp_path):
@@ -59,6 +59,7 @@ def test_cleanup_keeps_running_best_and_retry_sources_and_deletes_the_rest(tmp_p
     second = trial_with_files(study, path, "COMPLETE", 0.2, names=("checkpoint.pt",))  # no weights saved
     dominated = trial_with_files(study, path, "COMPLETE", 0.9)
     pruned = trial_with_files(study, path, "PRUNED")
+    half_written = trial_with_files(study, path, "FAIL", names=("checkpoint.partial",))  # killed mid-save
     running = trial_with_files(study, path)
     copied = trial_with_files(study, path, "FAIL")  # its retry runs and has copied the checkpoint
     study.enqueue_trial({"x": 0.5}, user_attrs={"retry_of": copied})
@@ -77,6 +78,7 @@ def test_cleanup_keeps_running_best_and_retry_sources_and_deletes_the_rest(tmp_p
         (dominated, "weights.pt"),
         (pruned, "checkpoint.pt"),
         (pruned, "weights.pt"),
+        (half_written, "checkpoint.partial"),
         (copied, "checkpoint.pt"),
         (copied, "weights.pt"),
     }
