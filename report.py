@@ -131,6 +131,12 @@ def log_time(text):
 
 
 # ---------------------------------------------------------------- the dashboard
+def this_node():
+    """This machine's full name: a cluster's login alias may lead to another login node."""
+    name = socket.getfqdn()
+    return socket.gethostname() if name.startswith("localhost") else name
+
+
 class QuietHandler(WSGIRequestHandler):
     def log_message(self, *args):  # the dashboard polls every few seconds: no line per request
         pass
@@ -161,7 +167,7 @@ def serve_dashboard(study, config, port):
     port = server.server_port  # the one the system chose for 0
     print(
         f"dashboard of study {study.study_name}: http://127.0.0.1:{port}/dashboard (read-only; Ctrl-C stops it)\n"
-        f"from your laptop: ssh -N -L {port}:127.0.0.1:{port} {getpass.getuser()}@{socket.getfqdn()}\n"
+        f"from your laptop (to this very node): ssh -N -L {port}:127.0.0.1:{port} {getpass.getuser()}@{this_node()}\n"
         f"  then open http://127.0.0.1:{port}/dashboard"
     )
     sys.stdout.flush()

@@ -102,6 +102,7 @@ def test_the_dashboard_serves_our_trials_on_localhost_read_only(tmp_path):
     )
     try:
         first, ssh = server.stdout.readline(), server.stdout.readline()
+        assert "to this very node" in ssh
         port = re.search(r"http://127\.0\.0\.1:(\d+)/dashboard", first)[1]
         assert f"ssh -N -L {port}:127.0.0.1:{port} " in ssh
         studies = get(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
