@@ -5,25 +5,28 @@ CONFIG ?= config.example.yaml
 EXP ?=
 STUDY ?=
 ARGS ?=
+PORT ?= 8080
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WHICH := $(if $(EXP),--exp_id $(EXP),--config $(CONFIG)) $(if $(STUDY),--study_name $(STUDY))
 
-.PHONY: help venv demo submit dry-run status best doctor cluster test lint bench clean
+.PHONY: help venv demo submit dry-run status best report dashboard doctor cluster test lint bench clean
 help:
 	@echo "make demo      virtualenv + a real study of the example with 2 local workers, then best_trial.yaml"
 	@echo "make test      the whole test suite (starts the local SLURM cluster when run as root)"
 	@echo "make submit    submit the study as a SLURM job array   (CONFIG=... | EXP=..., STUDY=..., ARGS=...)"
 	@echo "make dry-run   write and print the array file, submit nothing"
 	@echo "make status    trials by state, budget, best so far, running trials and SLURM tasks"
-	@echo "make best      write best_trial.yaml (retrain: python worker.py --config best_trial.yaml)"
+	@echo "make best      write best_trial.yaml and the best trial's weights best_trial.pt"
+	@echo "make report    plots of the study as PNGs in runs/<study>/report/ (needs matplotlib)"
+	@echo "make dashboard optuna-dashboard on 127.0.0.1, PORT=8080, read-only; prints the ssh -L line for your laptop"
 	@echo "make doctor    check the storage (torn journal lines, stale lock, trials without a worker) and repair it"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
 	@echo "make bench     storage and status-at-scale benchmarks (bench/README.md)"
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
@@ -45,6 +48,12 @@ best: venv
 
 doctor: venv
 	$(PY) submit_study.py $(WHICH) --check_storage --repair $(ARGS)
+
+report: venv
+	$(PY) submit_study.py $(WHICH) --report $(ARGS)
+
+dashboard: venv
+	$(PY) submit_study.py $(WHICH) --dashboard $(PORT) $(ARGS)
 
 cluster:
 	bash scripts/local_cluster.sh up

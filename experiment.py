@@ -155,6 +155,9 @@ OPTIONS = [
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
     Option(
+        "study", "keep_best", 3, _int_at_least(1), "COMPLETE trials whose weights are kept (other checkpoints: deleted)"
+    ),
+    Option(
         "study", "heartbeat_interval", 60, _int_at_least(1), "seconds between heartbeats (SQLite/PostgreSQL storages)"
     ),
     Option("study", "grace_period", 300, _int_at_least(1), "seconds without heartbeat before a trial counts as dead"),

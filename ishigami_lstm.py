@@ -11,7 +11,7 @@ It is plugged in exactly as a user's trainer would be (`study.trainer: ishigami_
     train(config, trial) -> {metric: value}
 
 `config` is the resolved experiment config; `trial` is the worker's handle with
-report(value, step), load_checkpoint() and save_checkpoint(state).
+report(value, step), load_checkpoint(), save_checkpoint(state) and save_weights(state).
 Training is k-fold cross-validation with the k models trained side by side, one epoch at a time,
 so the mean validation metric over folds can be reported (and pruned on) after every epoch.
 """
@@ -133,6 +133,7 @@ def train(config, trial):
                 "rng": torch.get_rng_state(),
             }
         )
+    trial.save_weights({"models": [m.state_dict() for m in models], "dims": dims})  # one model per fold
     metrics["device"] = str(device)
     return metrics
 

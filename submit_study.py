@@ -4,7 +4,9 @@
     python submit_study.py --config config.example.yaml --no-submit_jobs   # dry run: write and print
     python submit_study.py --config config.example.yaml --local 2   # no SLURM: 2 worker processes here
     python submit_study.py --config config.example.yaml --status    # trials, budget, best, SLURM tasks
-    python submit_study.py --config config.example.yaml --export_best   # best_trial.yaml
+    python submit_study.py --config config.example.yaml --export_best   # best_trial.yaml + best_trial.pt
+    python submit_study.py --config config.example.yaml --report        # plots in runs/<study>/report/
+    python submit_study.py --config config.example.yaml --dashboard 8080   # optuna-dashboard, 127.0.0.1 only
 
 Submitting again with the same study name resumes the study: the array asks only for the trials
 still missing (n_trials - finished - running), so a re-submission tops up what was lost and a larger
@@ -26,9 +28,11 @@ from pathlib import Path
 import optuna
 import yaml
 
+import checkpoints
 import config_versions
 import journal
 import liveness
+import report
 from experiment import (
     DEFAULT_TRAINER,
     FINISHED,
@@ -93,7 +97,11 @@ def parse_args(argv=None):
         nargs="?",
         const="",
         metavar="PATH",
-        help="write the best trial (default: best_trial.yaml beside the experiment YAML)",
+        help="write the best trial (default: best_trial.yaml beside the experiment YAML) and its weights (.pt)",
+    )
+    parser.add_argument("--report", action="store_true", help="plots of the study as PNGs in runs/<study>/report/")
+    parser.add_argument(
+        "--dashboard", nargs="?", const=8080, type=int, metavar="PORT", help="optuna-dashboard on 127.0.0.1:PORT"
     )
     return parser.parse_args(argv)
 
@@ -105,14 +113,12 @@ def main(argv=None):
     try:
         if args.repair and not args.check_storage:
             raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
-        if args.status or args.export_best is not None or args.check_storage:  # these work while the YAML is mid-edit
-            config = config_versions.load(yaml_from_args(args), flag_overrides(args))
+        looking = args.status or args.export_best is not None or args.report or args.dashboard is not None
+        if looking or args.check_storage:
+            config = config_versions.load(yaml_from_args(args), flag_overrides(args))  # works mid-edit too
             if args.check_storage:
                 return check_storage(config, args.repair)
-            study = open_existing_study(config)
-            if args.status:
-                return show_status(study, config)
-            return export_best(study, config, args.export_best, args.trial)
+            return look(args, open_existing_study(config), config)
         return submit(args, config_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -122,6 +128,14 @@ def main(argv=None):
             raise
         print(full_filesystem_error(e, run_dir(config), "then run the same command again"), file=sys.stderr)
         return 3
+
+
+def look(args, study, config):
+    if args.report:
+        return report.write_report(study, config)
+    if args.dashboard is not None:
+        return report.serve_dashboard(study, config, args.dashboard)
+    return show_status(study, config) if args.status else export_best(study, config, args.export_best, args.trial)
 
 
 # ---------------------------------------------------------------- submit
@@ -448,7 +462,16 @@ def show_status(study, config):
         print(f"{len(crashed)} trial(s) failed in the trainer (reasons above, tracebacks in their worker.log)")
     if missing > 0:
         print(f"{missing} trial(s) not covered by any worker: submit again to top up")
+    print(disk_line(study, config))
     return 0
+
+
+def disk_line(study, config):
+    """The run directory's size (du, at most 10 s), after deleting the checkpoints nobody will read."""
+    files, freed = checkpoints.clean(study, config)
+    used = checkpoints.disk_usage(run_dir(config))
+    line = f"disk: {run_dir(config)} " + (checkpoints.size(used) if used is not None else "? (du took over 10 s)")
+    return line + (f" ({files} old checkpoint/weights files deleted, {checkpoints.size(freed)} freed)" if files else "")
 
 
 def print_slurm_tasks(study, trials, tasks):
@@ -631,13 +654,14 @@ def export_best(study, config, path, number=None):
         members = [best_trial(study)] if len(study.directions) == 1 else study.best_trials
     if not members or members[0] is None:
         raise ConfigError(source, "study", "no COMPLETE trial yet", "wait for a trial to finish")
+    target = export_target(config, path, number)
     if len(members) == 1 and (number is not None or len(study.directions) == 1):
-        exported = retrainable(study, config, members[0])
+        exported = retrainable(study, config, members[0], target.with_suffix(".pt"))
         retrain = "python worker.py --config {target}"
     else:
-        exported = {"pareto_front": [retrainable(study, config, t) for t in members]}
+        front = [retrainable(study, config, t, target.with_suffix(f".{t.number}.pt")) for t in members]
+        exported = {"pareto_front": front}
         retrain = "make best ARGS=\"--trial <number>\", then python worker.py --config trial_<number>.yaml"
-    target = export_target(config, path, number)
     which = "Best trial(s)" if number is None else f"Trial {number}"
     header = (
         f"# {which} of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"
@@ -647,10 +671,11 @@ def export_best(study, config, path, number=None):
     shown = ", ".join(f"{t.number} ({values_text(config, t)})" for t in members[:5])
     what = "best trial" if number is None else "trial"
     print(f"{what if len(members) == 1 else f'{len(members)} Pareto-optimal trials'} {shown} -> {target}")
+    checkpoints.clean(study, config)
     return 0
 
 
-def retrainable(study, config, trial):
+def retrainable(study, config, trial, weights_target):
     """One trial as an experiment YAML that retrains it (a new study of one trial), with its results."""
     trained = Path(trial.user_attrs.get("config_path", "-"))
     # The config the trial trained with; if its file is gone, today's YAML with the trial's params.
@@ -672,6 +697,7 @@ def retrainable(study, config, trial):
         "value": trial.values if len(trial.values) > 1 else trial.value,
         "params": trial.params,
         "metrics": trial.user_attrs.get("metrics", {}),
+        "weights": export_weights(config, trial, weights_target),
         "exported_at": now(),
     }
     return {"best_trial": results, **resolved}
@@ -694,8 +720,25 @@ def write_export(target, text):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     except OSError as e:
-        problem = f"cannot write it ({e.strerror})"
-        raise ConfigError(str(target), "--export_best", problem, "name a writable path") from None
+        raise cannot_write(target, e) from None
+
+
+def cannot_write(target, error):
+    return ConfigError(str(target), "--export_best", f"cannot write it ({error.strerror})", "name a writable path")
+
+
+def export_weights(config, trial, target):
+    """best_trial.pt beside best_trial.yaml: the trial's saved weights, else its last checkpoint."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = checkpoints.export_weights(config, trial.number, target)
+    except OSError as e:
+        raise cannot_write(target, e) from None
+    if source is None:
+        print(f"trial {trial.number} left no weights.pt nor checkpoint.pt: only its config is exported")
+        return None
+    print(f"trial {trial.number}'s {source.name} -> {target}")
+    return str(target)
 
 
 if __name__ == "__main__":

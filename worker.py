@@ -50,6 +50,7 @@ from pathlib import Path
 import optuna
 import yaml
 
+import checkpoints
 import config_versions
 import liveness
 import trial_control
@@ -135,7 +136,7 @@ class TrialHandle:
 
     def __init__(self, trial, folder, stop):
         self.trial, self.folder, self.stop = trial, folder, stop
-        self.checkpoint = folder / "checkpoint.pt"
+        self.checkpoint = folder / checkpoints.CHECKPOINT
         self.saves = 0
 
     @property
@@ -166,21 +167,29 @@ class TrialHandle:
         return torch.load(self.checkpoint, weights_only=False)
 
     def save_checkpoint(self, state):
-        import torch
-
-        partial = self.checkpoint.with_suffix(".partial")
-        try:
-            with open(partial, "wb") as f:  # through a Python file a full disk is OSError ENOSPC, not RuntimeError
-                torch.save(state, f)
-        except BaseException as e:
-            partial.unlink(missing_ok=True)  # a failed write (full disk) leaves no half file behind
-            if isinstance(e, OSError) and not e.filename:
-                raise OSError(e.errno, e.strerror, str(partial)) from e  # name the file that could not be written
-            raise
-        os.replace(partial, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
+        save_atomically(state, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
         self.saves += 1
         if self.stop.received:
             raise Interrupted(self.stop.received)
+
+    def save_weights(self, state):
+        """The trained model (e.g. model.state_dict()): `make best` exports the best trial's as best_trial.pt."""
+        save_atomically(state, self.folder / checkpoints.WEIGHTS)
+
+
+def save_atomically(state, path):
+    import torch  # only trainers that save need it; the worker's start-up stays light
+
+    partial = path.with_suffix(".partial")
+    try:
+        with open(partial, "wb") as f:  # through a Python file a full disk is OSError ENOSPC, not RuntimeError
+            torch.save(state, f)
+    except BaseException as e:
+        partial.unlink(missing_ok=True)  # a failed write (full disk) leaves no half file behind
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(partial)) from e  # name the file that could not be written
+        raise
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------- command line
@@ -328,7 +337,9 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     source = run_dir(config) / "trials" / str(origin) / "checkpoint.pt"
     if origin is None or handle.checkpoint.exists() or not source.exists():
         return
-    shutil.copy(source, handle.checkpoint)
+    partial = handle.checkpoint.with_suffix(".partial")
+    shutil.copy(source, partial)
+    os.replace(partial, handle.checkpoint)  # once it exists the copy is whole: cleanup may delete the source
     if (source.parent / PROGRESS).exists():
         shutil.copy(source.parent / PROGRESS, handle.folder / PROGRESS)
     dead = study.trials[origin]
@@ -561,6 +572,7 @@ def work(args):
             break
         config = pinned_config(trial, config, args)
         outcome = run_trial(study, trial, config, stop)
+        clean_checkpoints(study, config)
         failed += outcome is Outcome.FAIL
         in_a_row = in_a_row + 1 if outcome is Outcome.FAIL else 0
         done += 1
@@ -582,6 +594,13 @@ def enqueue_exported_params(study, config):
 
 
 MAX_FAILS_IN_A_ROW = 3  # failed trials do not count toward the budget: a broken trainer must not loop forever
+
+
+def clean_checkpoints(study, config):
+    """A safe point: this trial is told. Delete what nobody will read again (checkpoints.py)."""
+    files, freed = checkpoints.clean(study, config)
+    if files:
+        log.info("deleted %d checkpoint/weights files of finished trials (%s freed)", files, checkpoints.size(freed))
 
 
 def seed_offset(args):

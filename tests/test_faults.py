@@ -15,6 +15,9 @@ import pytest
 from conftest import enqueue, finished, load_study, plugin_experiment, run_script
 from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
+import report
+from experiment import load_config
+
 pytestmark = pytest.mark.slurm
 SLOW = {"training.sleep": 1.0, "training.epochs": 6}
 
@@ -100,7 +103,7 @@ def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
         },
     )
     wait_for_jobs(submit(path), timeout=500)
-    study = load_study(path)
+    study, config = load_study(path), load_config(path)
     assert_study_whole(study, 3)
     done = finished(study)
     holder = [t for t in done if t.user_attrs["slurm_job_id"] == t.user_attrs["slurm_array_job_id"]]
@@ -115,6 +118,7 @@ def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
             if "SIGTERM received" in line:
                 assert "requeued" in before or "SIGTERM received" in before, events
         assert "resumes from" in Path(t.user_attrs["log_path"]).read_text()
+        assert len(report.requeue_gaps(t, config)) == t.user_attrs["requeues"], "the report marks every requeue"
 
 
 def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):

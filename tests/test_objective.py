@@ -1,6 +1,9 @@
 """Plain Optuna objectives, unchanged, run by the tool: locally, on the array, through a walltime."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,11 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     study = load_study(path)
     assert len(finished(study)) == 6
     assert set(study.best_trial.params) == {"x", "kind"} and study.best_trial.user_attrs["note"].startswith("kind")
-    assert all(t.user_attrs["host"] and t.user_attrs["config_version"] for t in study.trials)
+    assert all(t.user_attrs["host"] and t.user_attrs["config_version"] for t in finished(study))
+    journal = path.parent / "runs/tiny/journal.log"
+    cli = [Path(sys.executable).parent / "optuna", "best-trial", "--storage", journal, "--study-name", "tiny"]
+    stock = subprocess.run([*cli, "-f", "json"], capture_output=True, text=True, timeout=120)  # the stock CLI reads it
+    assert stock.returncode == 0 and json.loads(stock.stdout)["number"] == study.best_trial.number, stock.stderr
     best = path.parent / "best_trial.yaml"
     exported = yaml.safe_load(best.read_text())
     assert exported["study"]["objective"] == "objectives:quick" and exported["best_trial"]["params"]

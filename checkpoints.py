@@ -1,0 +1,133 @@
+"""The trials' files that cost disk: what `make best` exports, what is kept, what is deleted.
+
+Per trial, runs/<study>/trials/<number>/ may hold
+    checkpoint.pt   the latest state the trainer stored with save_checkpoint(): a requeue resumes from it,
+                    a retry of a dead trial continues from it
+    weights.pt      the trained model the trainer stored with save_weights()
+
+$SCRATCH has a quota, so `clean` deletes what nobody will read again. It keeps
+  - every file of a RUNNING or WAITING trial;
+  - the checkpoint of a FAIL trial while a retry of it waits or runs without its own copy yet
+    (worker.adopt_origin_checkpoint copies it; the copy is renamed into place, so once the
+    retry's checkpoint exists it is whole); a FAIL trial without a retry keeps it until the study
+    is finished (liveness enqueues a retry right after failing a trial: never lose it in between);
+  - the weights of the study.keep_best best COMPLETE trials, or their last checkpoint if the
+    trainer saved no weights (the Pareto front, for a multi-objective study).
+Everything else goes: PRUNED trials, COMPLETE trials outside the best, FAIL trials nobody continues
+(cancelled, crashed, surplus) once the study is finished, and the half-written files of killed workers.
+Workers clean after every trial they run; status and export clean too. Metrics, configs and
+logs are never deleted.
+"""
+
+import contextlib
+import shutil
+import subprocess
+
+import optuna
+
+from experiment import run_dir, still_to_run
+
+CHECKPOINT, WEIGHTS = "checkpoint.pt", "weights.pt"
+State = optuna.trial.TrialState
+
+
+def trial_folder(config, number):
+    return run_dir(config) / "trials" / str(number)
+
+
+def best_numbers(study, trials, keep):
+    """The trials whose weights are kept: the `keep` best COMPLETE ones."""
+    if len(study.directions) > 1:
+        return {t.number for t in study.best_trials}
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    complete.sort(key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    return {t.number for t in complete[:keep]}
+
+
+def retries(trials, config):
+    """(FAIL trials that have a retry, those whose checkpoint a retry still has to copy)."""
+    retried, pending = set(), set()
+    for t in trials:
+        origin = t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))  # ours, or Optuna's heartbeat
+        if origin is None:
+            continue
+        retried.add(origin)
+        copied = (trial_folder(config, t.number) / CHECKPOINT).exists()
+        if t.state == State.WAITING or (t.state == State.RUNNING and not copied):
+            pending.add(origin)
+    return retried, pending
+
+
+def study_finished(trials, budget):
+    """The budget is met and nothing runs or waits: no trial will be retried any more."""
+    return still_to_run(trials, budget) == 0 and not any(t.state in (State.RUNNING, State.WAITING) for t in trials)
+
+
+def fail_kept(number, retried, pending, done):
+    """A FAIL trial's checkpoint stays while a retry will copy it, or one may yet be enqueued."""
+    return number in pending or (number not in retried and not done)
+
+
+def removable(study, config, trials):
+    """The files of finished trials that no retry, resume or export will read."""
+    best, (retried, pending) = best_numbers(study, trials, config["study"]["keep_best"]), retries(trials, config)
+    done = study_finished(trials, config["study"]["n_trials"])
+    paths = []
+    for t in trials:
+        folder = trial_folder(config, t.number)
+        if t.state in (State.RUNNING, State.WAITING):
+            continue
+        paths += [folder / "checkpoint.partial", folder / "weights.partial"]  # a write its worker never finished
+        if t.number in best:
+            if (folder / WEIGHTS).exists():
+                paths.append(folder / CHECKPOINT)  # the weights are what make best exports
+        elif t.state != State.FAIL or not fail_kept(t.number, retried, pending, done):
+            paths += [folder / CHECKPOINT, folder / WEIGHTS]
+    return paths
+
+
+def clean(study, config):
+    """Delete the checkpoints and weights nobody will read again; returns (files, bytes) freed."""
+    files = freed = 0
+    for path in removable(study, config, study.get_trials(deepcopy=False)):
+        with contextlib.suppress(OSError):  # already gone, or not ours to delete: never an error
+            size = path.stat().st_size
+            path.unlink()
+            files, freed = files + 1, freed + size
+    return files, freed
+
+
+def best_weights(config, number):
+    """The file that holds the trial's trained model: its weights, else its last checkpoint."""
+    folder = trial_folder(config, number)
+    return next((folder / name for name in (WEIGHTS, CHECKPOINT) if (folder / name).exists()), None)
+
+
+def export_weights(config, number, target):
+    """Copy the trial's weights (or last checkpoint) to target, atomically; returns the source or None."""
+    source = best_weights(config, number)
+    if source is None:
+        return None
+    partial = target.with_suffix(".partial")
+    shutil.copy(source, partial)
+    partial.replace(target)
+    return source
+
+
+def disk_usage(folder, timeout=10):
+    """Bytes under folder, from `du`; None when du takes longer than timeout (a slow shared filesystem)."""
+    if not folder.is_dir():
+        return 0
+    try:
+        out = subprocess.run(["du", "-sk", str(folder)], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = out.stdout.split()  # du exits 1 when a file vanished mid-walk, and still prints the total
+    return int(words[0]) * 1024 if words and words[0].isdigit() else None
+
+
+def size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

@@ -1,0 +1,93 @@
+"""Weights and checkpoints on disk: the best model is exported, what nobody will read again is deleted."""
+
+import optuna
+import torch
+import yaml
+from conftest import finished, load_study, run_script, write_experiment
+
+import checkpoints
+from experiment import load_config
+
+X = optuna.distributions.FloatDistribution(0, 1)
+
+
+def test_best_export_writes_the_best_trials_weights_and_the_rest_is_cleaned(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.keep_best": 1, "study.n_trials": 3})
+    out = run_script("submit_study.py", "--config", path, "--local", 1)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    study = load_study(path)
+    assert len(finished(study)) == 3
+    trials = path.parent / "runs/tiny/trials"
+    best = study.best_trial.number
+    assert sorted(p.parent.name for p in trials.glob("*/*.pt")) == [str(best)], "only the best keeps a file"
+    assert (trials / str(best) / "weights.pt").exists(), "its weights; its checkpoint went"
+
+    exported = yaml.safe_load((path.parent / "best_trial.yaml").read_text())
+    assert exported["best_trial"]["weights"] == str(path.parent / "best_trial.pt")
+    weights = torch.load(path.parent / "best_trial.pt")
+    saved = torch.load(trials / str(best) / "weights.pt")
+    assert len(weights["models"]) == 2 and weights["dims"]["d_in"] == 1 + study.best_params["model.d_pos"]
+    assert all(torch.equal(weights["models"][0][k], saved["models"][0][k]) for k in saved["models"][0])
+    assert "disk: " in run_script("submit_study.py", "--config", path, "--status").stdout
+
+
+def trial_with_files(study, path, state=None, value=None, names=("checkpoint.pt", "weights.pt"), attrs=None):
+    trial = study.ask({"x": X})
+    for key, v in (attrs or {}).items():
+        trial.set_user_attr(key, v)
+    folder = path.parent / "runs/tiny/trials" / str(trial.number)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        torch.save({"trial": trial.number}, folder / name)
+    if state == "COMPLETE":
+        study.tell(trial, value)
+    elif state:
+        study.tell(trial, state=optuna.trial.TrialState[state])
+    return trial.number
+
+
+def files_left(path):
+    folder = path.parent / "runs/tiny/trials"
+    return {(int(p.parent.name), p.name) for p in folder.glob("*/*") if p.suffix in (".pt", ".partial")}
+
+
+def test_cleanup_keeps_running_best_and_retry_sources_and_deletes_the_rest(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.keep_best": 2})
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study, config = load_study(path), load_config(path)
+    best = trial_with_files(study, path, "COMPLETE", 0.1)
+    second = trial_with_files(study, path, "COMPLETE", 0.2, names=("checkpoint.pt",))  # no weights saved
+    dominated = trial_with_files(study, path, "COMPLETE", 0.9)
+    pruned = trial_with_files(study, path, "PRUNED")
+    half_written = trial_with_files(study, path, "FAIL", names=("checkpoint.partial",))  # killed mid-save
+    running = trial_with_files(study, path)
+    copied = trial_with_files(study, path, "FAIL")  # its retry runs and has copied the checkpoint
+    study.enqueue_trial({"x": 0.5}, user_attrs={"retry_of": copied})
+    retry = study.ask()
+    (path.parent / "runs/tiny/trials" / str(retry.number)).mkdir(parents=True)
+    torch.save({}, path.parent / "runs/tiny/trials" / str(retry.number) / "checkpoint.pt")
+    failed = trial_with_files(study, path, "FAIL")  # a crash, or liveness is about to enqueue its retry
+    waited_for = trial_with_files(study, path, "FAIL")  # its retry waits
+    study.enqueue_trial({"x": 0.5}, user_attrs={"retry_of": waited_for})
+    before = files_left(path)
+
+    checkpoints.clean(study, config)
+    assert files_left(path) == before - {
+        (best, "checkpoint.pt"),
+        (dominated, "checkpoint.pt"),
+        (dominated, "weights.pt"),
+        (pruned, "checkpoint.pt"),
+        (pruned, "weights.pt"),
+        (half_written, "checkpoint.partial"),
+        (copied, "checkpoint.pt"),
+        (copied, "weights.pt"),
+    }
+    assert {(second, "checkpoint.pt"), (running, "weights.pt"), (waited_for, "checkpoint.pt")} <= files_left(path)
+    assert {(failed, "checkpoint.pt"), (retry.number, "checkpoint.pt")} <= files_left(path)
+
+    # The study finishes: what only a retry could have read goes, the best stay.
+    study.tell(running, 0.3)
+    study.tell(retry, 0.4)
+    study.tell(study.ask(), 0.5)  # the waiting retry
+    checkpoints.clean(study, config)
+    assert files_left(path) == {(best, "weights.pt"), (second, "checkpoint.pt")}
