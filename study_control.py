@@ -90,8 +90,9 @@ def pause(study):
     """Hold the queued tasks; running trials finish, and workers claim no new trial until resume."""
     study.set_user_attr("control", PAUSED)
     arrays = queued_arrays(study)
-    for array in sorted(arrays):
-        run(["scontrol", "hold", array])
+    pending = tasks_where(arrays, lambda state, reason: state == "PENDING")
+    if pending:
+        run(["scontrol", "hold", ",".join(pending)])
     running = sum(state == "RUNNING" for tasks in arrays.values() for _, state, _ in tasks)
     print(f"study {study.study_name}: paused ({describe(arrays)}); {running} running task(s) finish their trial")
     return 0
@@ -100,8 +101,9 @@ def pause(study):
 def resume(study):
     study.set_user_attr("control", None)
     arrays = queued_arrays(study)
-    for array in sorted(arrays):
-        run(["scontrol", "release", array])
+    held = tasks_where(arrays, lambda state, reason: state == "PENDING" and "held" in reason.lower())
+    if held:
+        run(["scontrol", "release", ",".join(held)])
     print(f"study {study.study_name}: resumed ({describe(arrays)})")
     return 0
 
@@ -117,6 +119,11 @@ def cancel(study):
         "FAIL 'cancelled'; submit again to continue them"
     )
     return 0
+
+
+def tasks_where(arrays, condition):
+    """The array tasks (`<array>_<task>`) whose squeue state and reason meet the condition."""
+    return sorted(task for tasks in arrays.values() for task, state, reason in tasks if condition(state, reason))
 
 
 def describe(arrays):
