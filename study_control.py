@@ -149,9 +149,10 @@ def hold_back(study):
         return False
     task = liveness.slurm_task_key()
     if state == PAUSED and task:
-        result = subprocess.run(["scontrol", "requeuehold", task], capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            log.warning("study paused; could not hold task %s again: %s", task, result.stderr.strip())
+        try:
+            run(["scontrol", "requeuehold", task])
+        except ConfigError as e:
+            log.warning("study paused; task %s ends without a trial (%s)", task, e)
     log.info("study %s is %s: no new trial claimed", study.study_name, state)
     return True
 

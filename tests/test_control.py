@@ -88,6 +88,21 @@ def test_pause_holds_the_queue_and_resume_finishes_the_budget(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+def test_a_task_that_starts_while_paused_waits_held_for_resume(slurm, tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 1})
+    control(path, "--no-submit_jobs")
+    control(path, "--pause")
+    sbatch = ["sbatch", "--parsable", "--array=0", str(path.parent / "runs/tiny/array_job.sbatch")]
+    job = subprocess.run(sbatch, capture_output=True, text=True, check=True).stdout.strip()
+    held = lambda: "held" in "".join(squeue(f"--jobs={job}", "--states=PENDING", "--format=%r")).lower()  # noqa: E731
+    wait_until(held, what="the task back in the queue, held")
+    assert load_study(path).trials == []
+    control(path, "--resume")
+    wait_for_jobs([job])
+    assert len(finished(load_study(path))) == 1
+
+
+@pytest.mark.slurm
 def test_cancel_then_submit_continues_the_cancelled_trials(slurm, tmp_path):
     path = plugin_experiment(tmp_path, {**SLOW, "study.n_trials": 4, "slurm.max_concurrent_jobs": 2})
     jobs = submitted_jobs(control(path).stdout)
