@@ -332,7 +332,7 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
         TEMPLATE.read_text().format(
             study_name=config["study"]["study_name"],
             script=script,
-            job_name=f"optuna_{config['study']['study_name']}",
+            job_name=study_control.job_name(config["study"]["study_name"]),
             array=f"0-{n_tasks - 1}%{slurm['max_concurrent_jobs']}",
             log_dir=folder / "slurm_logs",
             signal_grace=slurm["signal_grace"],

@@ -20,6 +20,8 @@ The trial's life:
   node failure, scancel) the trial is checkpointed and left RUNNING for SLURM's requeue, or for the
   next reconcile to retry from that checkpoint.
 - A trainer exception or a NaN metric fails the trial with the reason stored on it; PRUNED is not FAIL.
+- A paused or cancelled study (study_control.py) gets no new trial claimed; a stop by hand (Ctrl-C of a
+  local run, or a cancelled study) fails the checkpointed trial, and a resubmission continues it.
 """
 
 import signal
