@@ -11,17 +11,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WHICH := $(if $(EXP),--exp_id $(EXP),--config $(CONFIG)) $(if $(STUDY),--study_name $(STUDY))
 
-.PHONY: help venv demo submit dry-run status best report dashboard doctor cluster test lint bench clean
+K ?=
+
+.PHONY: help venv demo submit submit-job dry-run status best report dashboard doctor throttle pause resume cancel cluster test lint bench clean
 help:
 	@echo "make demo      virtualenv + a real study of the example with 2 local workers, then best_trial.yaml"
 	@echo "make test      the whole test suite (starts the local SLURM cluster when run as root)"
 	@echo "make submit    submit the study as a SLURM job array   (CONFIG=... | EXP=..., STUDY=..., ARGS=...)"
+	@echo "make submit-job  the same, from a small job (1 CPU, 4G, 1 h): nothing heavy on the login node"
 	@echo "make dry-run   write and print the array file, submit nothing"
 	@echo "make status    trials by state, budget, best so far, running trials and SLURM tasks"
 	@echo "make best      write best_trial.yaml and the best trial's weights best_trial.pt"
 	@echo "make report    plots of the study as PNGs in runs/<study>/report/ (needs matplotlib)"
 	@echo "make dashboard optuna-dashboard on 127.0.0.1, PORT=8080, read-only; prints the ssh -L line for your laptop"
 	@echo "make doctor    check the storage (torn journal lines, stale lock, trials without a worker) and repair it"
+	@echo "make throttle K=2   at most K tasks of the study at once, from now on (later submits keep it)"
+	@echo "make pause     hold the queued tasks; running trials finish, no new trial starts"
+	@echo "make resume    release a paused study"
+	@echo "make cancel    stop the study now; trials checkpoint and end as cancelled; make submit continues them"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
 	@echo "make bench     storage and status-at-scale benchmarks (bench/README.md)"
 
@@ -36,6 +43,9 @@ demo: venv
 
 submit: venv
 	$(PY) submit_study.py $(WHICH) $(ARGS)
+
+submit-job: venv
+	$(PY) submit_study.py $(WHICH) --as_job $(ARGS)
 
 dry-run: venv
 	$(PY) submit_study.py $(WHICH) --no-submit_jobs $(ARGS)
@@ -54,6 +64,13 @@ report: venv
 
 dashboard: venv
 	$(PY) submit_study.py $(WHICH) --dashboard $(PORT) $(ARGS)
+
+throttle: venv
+	@test -n "$(K)" || { echo "make throttle needs K=<tasks at once>, e.g. make throttle K=2"; exit 2; }
+	$(PY) submit_study.py $(WHICH) --throttle $(K) $(ARGS)
+
+pause resume cancel: venv
+	$(PY) submit_study.py $(WHICH) --$@ $(ARGS)
 
 cluster:
 	bash scripts/local_cluster.sh up

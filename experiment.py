@@ -36,6 +36,7 @@ WALLTIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2})$")
 MEMORY = re.compile(r"^\d+[KMGTkmgt]?$")
 SLURM_LIST = re.compile(r"^[A-Za-z0-9_.,-]+$")
 CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,|&*:\[\]()-]+$")
+EMAIL = re.compile(r"^[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+$")
 DIRECTIVE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%/+=-]+)?$")
 DEFAULT_TRAINER = "ishigami_lstm:train"
 # What the array file itself decides: a directive in the YAML must not change or bypass it.
@@ -103,6 +104,11 @@ def _directives(value):
     ours = [v for v in value if v.split("=")[0] in OWN_DIRECTIVES]
     if ours:
         return f"sets {ours[0].split('=')[0]}, which submit_study.py controls"
+
+
+def _bool(value):
+    if not isinstance(value, bool):
+        return "must be true or false"
 
 
 def _text(value):
@@ -214,6 +220,8 @@ OPTIONS = [
     ),
     Option("slurm", "setup", [], _setup_lines, "shell lines run before the worker (module load ..., source ...)"),
     Option("slurm", "scratch", None, _text, "where --cluster stages the data (default: $SCRATCH)"),
+    Option("slurm", "notify_on_finish", False, _bool, "once every task has ended, a small job exports the best trial"),
+    Option("slurm", "mail_user", None, _matches(EMAIL, "an e-mail address"), "mail the end of that job here"),
 ]
 SECTION_KEYS = {s: {o.key for o in OPTIONS if o.section == s} for s in ("study", "slurm")}
 
@@ -225,7 +233,7 @@ def add_experiment_flags(parser, sections):
     which.add_argument("--exp_id", help="experiment id: experiments/<exp_id>/config.yaml")
     parser.add_argument("--experiments_dir", default="experiments", help="where --exp_id looks")
     for option in OPTIONS:
-        if option.section in sections and not isinstance(option.default, (dict, list)):
+        if option.section in sections and not isinstance(option.default, (dict, list, bool)):
             kind = int if isinstance(option.default, int) else str
             parser.add_argument(
                 f"--{option.key}", type=kind, help=f"{option.help} [{option.section}.{option.key}]".replace("%", "%%")

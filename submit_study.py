@@ -7,6 +7,8 @@
     python submit_study.py --config config.example.yaml --export_best   # best_trial.yaml + best_trial.pt
     python submit_study.py --config config.example.yaml --report        # plots in runs/<study>/report/
     python submit_study.py --config config.example.yaml --dashboard 8080   # optuna-dashboard, 127.0.0.1 only
+    python submit_study.py --config config.example.yaml --as_job    # a small job submits the array
+    python submit_study.py --config config.example.yaml --throttle 2   # or --pause, --resume, --cancel
 
 Submitting again with the same study name resumes the study: the array asks only for the trials
 still missing (n_trials - finished - running), so a re-submission tops up what was lost and a larger
@@ -33,6 +35,7 @@ import config_versions
 import journal
 import liveness
 import report
+import study_control
 from experiment import (
     DEFAULT_TRAINER,
     FINISHED,
@@ -66,6 +69,8 @@ from experiment import (
 
 PROJECT = Path(__file__).resolve().parent
 TEMPLATE = PROJECT / "array_job.sbatch"
+SUBMIT_TEMPLATE = PROJECT / "templates" / "submit_job.sbatch"
+FINISH_TEMPLATE = PROJECT / "templates" / "finish_job.sbatch"
 
 
 def parse_args(argv=None):
@@ -103,22 +108,39 @@ def parse_args(argv=None):
     parser.add_argument(
         "--dashboard", nargs="?", const=8080, type=int, metavar="PORT", help="optuna-dashboard on 127.0.0.1:PORT"
     )
+    parser.add_argument("--as_job", action="store_true", help="submit from a small SLURM job (1 CPU, 4G, 1 h)")
+    parser.add_argument(
+        "--notify_on_finish",
+        action=argparse.BooleanOptionalAction,
+        help="once every task has ended, a small job exports the best trial [slurm.notify_on_finish]",
+    )
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument("--throttle", type=int, metavar="K", help="at most K tasks of the study at once, from now")
+    control.add_argument("--pause", action="store_true", help="hold queued tasks; running trials finish")
+    control.add_argument("--resume", action="store_true", help="release a paused study")
+    control.add_argument("--cancel", action="store_true", help="stop the study now; submit again to continue it")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--status | head` ends quietly
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
+    controls = args.throttle is not None or args.pause or args.resume or args.cancel
+    config = None
     try:
         if args.repair and not args.check_storage:
             raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
         looking = args.status or args.export_best is not None or args.report or args.dashboard is not None
-        if looking or args.check_storage:
+        if looking or controls or args.check_storage:
             config = config_versions.load(yaml_from_args(args), flag_overrides(args))  # works mid-edit too
             if args.check_storage:
                 return check_storage(config, args.repair)
-            return look(args, open_existing_study(config), config)
+            study = open_existing_study(config)
+            return control(args, study, config) if controls else look(args, study, config)
+        if args.as_job:
+            return submit_as_job(args, config_from_args(args), argv)
         return submit(args, config_from_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -126,8 +148,12 @@ def main(argv=None):
     except OSError as e:
         if not full_filesystem(e):
             raise
-        print(full_filesystem_error(e, run_dir(config), "then run the same command again"), file=sys.stderr)
+        where = run_dir(config) if config else "the run directory"
+        print(full_filesystem_error(e, where, "then run the same command again"), file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def look(args, study, config):
@@ -138,6 +164,17 @@ def look(args, study, config):
     return show_status(study, config) if args.status else export_best(study, config, args.export_best, args.trial)
 
 
+def control(args, study, config):
+    """--throttle K, --pause, --resume, --cancel: act on every array of the study (study_control.py)."""
+    if args.throttle is not None:
+        if args.throttle < 1:
+            raise ConfigError("--throttle", "throttle", f"{args.throttle} tasks", "pass --throttle 1 or more")
+        return study_control.throttle(study, args.throttle)
+    if args.pause:
+        return study_control.pause(study)
+    return study_control.resume(study) if args.resume else study_control.cancel(study)
+
+
 # ---------------------------------------------------------------- submit
 def submit(args, config):
     storage, url, data_dir = check_and_prepare(args, config)
@@ -145,6 +182,7 @@ def submit(args, config):
     config_versions.check_study(study, config)
     config_versions.adopt(config_versions.versions_folder(config), config, read_text(config["config_path"]))
     take_stock(study, config, url)
+    take_controls(args, study, config)
     storage_file = storage_reference(config, url)
     if args.local is not None:
         return run_local(args, config, study, storage_file)
@@ -153,6 +191,17 @@ def submit(args, config):
 
 def check_and_prepare(args, config):
     """Everything that can be wrong is checked before a file is written or a study created."""
+    url, storage = check_inputs(args, config)
+    prepare_data(config, config["config_path"])
+    data_dir = stage_data(config) if args.cluster else None
+    storage = storage or open_storage(config, None, config["config_path"])  # the journal file, once all passed
+    if args.group_access:
+        run_dir(config).chmod(0o750)
+    return storage, url, data_dir
+
+
+def check_inputs(args, config):
+    """The checks that need no data and write nothing: the URL and an opened storage (None: journal file)."""
     source = config["config_path"]
     if config["study"]["objective"]:
         load_objective(config, source)  # an import error fails here, not in every array task
@@ -168,14 +217,10 @@ def check_and_prepare(args, config):
             "sbatch is not on PATH",
             "run on a SLURM login node, or use --local K or --no-submit_jobs",
         )
+    if args.cluster:
+        scratch_dir(config)
     url = storage_url(config)
-    storage = open_storage(config, url, source) if url else None  # an unreachable server fails first
-    prepare_data(config, source)
-    data_dir = stage_data(config) if args.cluster else None
-    storage = storage or open_storage(config, None, source)  # the journal file, once all checks passed
-    if args.group_access:
-        run_dir(config).chmod(0o750)
-    return storage, url, data_dir
+    return url, open_storage(config, url, source) if url else None  # an unreachable server fails first
 
 
 def take_stock(study, config, url):
@@ -209,6 +254,20 @@ def take_stock(study, config, url):
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
 
 
+def take_controls(args, study, config):
+    """At a (re)submission: the throttle in force, a pause, and the trials stopped by hand (study_control.py)."""
+    slurm = config["slurm"]
+    if "max_concurrent_jobs" in config["cli_overrides"]:
+        study.set_user_attr("max_concurrent_jobs", slurm["max_concurrent_jobs"])
+    else:  # the last --throttle, else the YAML's
+        slurm["max_concurrent_jobs"] = study.user_attrs.get("max_concurrent_jobs", slurm["max_concurrent_jobs"])
+    if study_control.mark(study) == study_control.PAUSED and args.local is not None:
+        raise ConfigError(config["config_path"], "study", "the study is paused", "resume it first (--resume)")
+    retried = study_control.resume_stopped(study, config["study"]["n_trials"])
+    if retried:
+        print(f"trials {retried} were stopped by hand: they continue from their checkpoints as linked retries")
+
+
 def submit_array(args, config, study, data_dir, storage_file):
     """Render the array file for the trials still missing and submit it (or print it: dry run)."""
     queued = queued_tasks(study, liveness.squeue_tasks(study_jobs(study)))
@@ -222,12 +281,18 @@ def submit_array(args, config, study, data_dir, storage_file):
         return 0
     max_size = max_array_size() if args.submit_jobs else 1001
     commands = sbatch_commands(script, missing, max_size, config["slurm"]["max_concurrent_jobs"])
+    if study_control.mark(study) == study_control.PAUSED:
+        commands = [(n, [c[0], "--hold", *c[1:]]) for n, c in commands]
+        print("the study is paused: the new tasks wait, held, until --resume")
     if not args.submit_jobs:
         print(script.read_text())
         shown = [quote_command(c).replace(DEPENDENCY, f"{DEPENDENCY}<previous job id>") for _, c in commands]
         print("dry run, nothing submitted; to submit:\n  " + "\n  ".join(shown))
         return 0
-    return submit_arrays(study, config, commands)
+    code = submit_arrays(study, config, commands)
+    if code == 0 and config["slurm"]["notify_on_finish"]:
+        submit_finish_job(study, config)
+    return code
 
 
 def remaining(study, config):
@@ -247,6 +312,14 @@ def queued_tasks(study, tasks):
 
 
 def stage_data(config):
+    source, target = scratch_dir(config)
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    print(f"data staged: {source} -> {target}")
+    return target
+
+
+def scratch_dir(config):
+    """(data.dir, where --cluster stages it)."""
     scratch = config["slurm"]["scratch"] or os.environ.get("SCRATCH")
     if not scratch:
         raise ConfigError(
@@ -263,10 +336,7 @@ def stage_data(config):
             "--cluster stages data.dir, which is not set",
             "set data.dir to the experiment's data directory",
         )
-    target = Path(scratch).expanduser() / config["study"]["study_name"] / "data"
-    shutil.copytree(source, target, dirs_exist_ok=True)
-    print(f"data staged: {source} -> {target}")
-    return target
+    return source, Path(scratch).expanduser() / config["study"]["study_name"] / "data"
 
 
 # ---------------------------------------------------------------- the array file
@@ -313,7 +383,7 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
         TEMPLATE.read_text().format(
             study_name=config["study"]["study_name"],
             script=script,
-            job_name=f"optuna_{config['study']['study_name']}",
+            job_name=study_control.job_name(config["study"]["study_name"]),
             array=f"0-{n_tasks - 1}%{slurm['max_concurrent_jobs']}",
             log_dir=folder / "slurm_logs",
             signal_grace=slurm["signal_grace"],
@@ -382,14 +452,106 @@ def submit_arrays(study, config, commands):
     return 0
 
 
+# ---------------------------------------------------------------- jobs around the array
+FINISH_STEPS = [["--status"], ["--export_best"]]  # what the finish job runs; add ["--report"] here once it exists
+
+
+def render_job(template, config, filename, **fields):
+    """A small job file in the run directory, from one of templates/."""
+    slurm, folder = config["slurm"], make_run_dir(config)
+    (folder / "slurm_logs").mkdir(exist_ok=True)
+    directives = [f"#SBATCH --{key}={slurm[key]}" for key in ("partition", "account", "qos") if slurm[key]]
+    script = folder / filename
+    script.write_text(
+        template.read_text().format(
+            study_name=config["study"]["study_name"],
+            log_dir=folder / "slurm_logs",
+            workdir=quote_command([os.getcwd()]),
+            directives="\n".join(directives + fields.pop("directives", [])),
+            setup="\n".join(slurm["setup"]) or "# (none)",
+            **fields,
+        )
+    )
+    return script
+
+
+def python_in_jobs(config):
+    return "python" if config["slurm"]["setup"] else sys.executable  # setup lines bring their own environment
+
+
+def submit_as_job(args, config, argv):
+    """--as_job: check everything here, then a small job runs this same command without --as_job."""
+    check_inputs(args, config)
+    name = config["study"]["study_name"]
+    command = [python_in_jobs(config), PROJECT / "submit_study.py", *[a for a in argv if a != "--as_job"]]
+    script = render_job(
+        SUBMIT_TEMPLATE, config, "submit_job.sbatch", job_name=f"optuna_submit_{name}", command=quote_command(command)
+    )
+    if not args.submit_jobs:
+        print(script.read_text() + f"dry run, nothing submitted; to submit:\n  sbatch {script}")
+        return 0
+    job = study_control.run(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
+    print(
+        f"submitted job {job}: it submits the array of study {name}\n"
+        f"  squeue --me --jobs={job}\n  cat {run_dir(config)}/slurm_logs/optuna_submit_{name}_{job}.out"
+    )
+    return 0
+
+
+def submit_finish_job(study, config):
+    """--notify_on_finish: one small job once every array task of the study has ended."""
+    name, slurm = f"optuna_finish_{study.study_name}", config["slurm"]
+    study_control.run(["scancel", "--me", f"--name={name}", "--state=PENDING"])  # it replaces an earlier one
+    which = ["--config", config["config_path"], "--study_name", study.study_name]
+    which += ["--runs_dir", config["study"]["runs_dir"]]
+    steps = [quote_command([python_in_jobs(config), PROJECT / "submit_study.py", *which, *s]) for s in FINISH_STEPS]
+    mail = ["#SBATCH --mail-type=END,FAIL", f"#SBATCH --mail-user={slurm['mail_user']}"] if slurm["mail_user"] else []
+    script = render_job(
+        FINISH_TEMPLATE, config, "finish_job.sbatch", job_name=name, directives=mail, commands="\n".join(steps)
+    )
+    arrays = sorted(study_control.queued_arrays(study))
+    job = study_control.run(["sbatch", "--parsable", f"{DEPENDENCY}{':'.join(arrays)}", str(script)]).strip()
+    print(f"submitted finish job {job}: exports the best trial once arrays {', '.join(arrays)} have ended")
+
+
 # ---------------------------------------------------------------- local workers
+class LocalStop:
+    """Ctrl-C of a local run: the first stops the workers at their next checkpoint, the second kills them."""
+
+    def __init__(self, workers):
+        self.workers, self.count = workers, 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.count += 1
+        alive = [w for w in self.workers if w.poll() is None]
+        if self.count == 1:
+            print(
+                "stopping: running trials checkpoint and end as interrupted (Ctrl-C again: stop at once)",
+                file=sys.stderr,
+            )
+        for w in alive:
+            if self.count == 1:
+                w.send_signal(signal.SIGINT)
+            else:
+                w.kill()
+
+
 def run_local(args, config, study, storage_file):
     """K worker processes on this machine, each running trials until the budget is met."""
     command = [sys.executable, str(PROJECT / "worker.py"), *worker_flags(config, storage_file), "--trials", "0"]
     print(f"running {args.local} local workers: {quote_command(command)}")
     first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
     workers = [subprocess.Popen(command + ["--seed_offset", str(first + i)]) for i in range(args.local)]
+    stop = LocalStop(workers)
     codes = [w.wait() for w in workers]
+    if stop.count:
+        print(
+            "stopped; run the same command again to continue the interrupted trials from their checkpoints",
+            file=sys.stderr,
+        )
+        return 130
     show_status(study, config)
     if any(s in FINISHED for s in (t.state for t in study.get_trials(deepcopy=False))):
         export_best(study, config, "")
@@ -430,6 +592,8 @@ def show_status(study, config):
     finished = counts["COMPLETE"] + counts["PRUNED"]
     print(f"study {study.study_name}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
+    concurrency = study.user_attrs.get("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
+    print(eta_line(trials, budget, concurrency, study_control.mark(study)))
     for line in config_versions.status_lines(config, trials):
         print(line)
     best = best_trial(study)
@@ -447,7 +611,9 @@ def show_status(study, config):
         a = t.user_attrs
         where = f"  task {a['slurm_task']}" if a.get("slurm_task") else ""
         age = duration(trial_seconds(t))
-        print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {age}{where}")
+        step = study_control.last_step(a["log_path"]) if a.get("log_path") else None
+        last = f"  step {step[0]} ({step[1]}) {duration(time.time() - step[2].timestamp())} ago" if step else ""
+        print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {age}{where}{last}")
     failed = [t for t in trials if t.state.name == "FAIL"]
     for t in failed[-10:]:
         reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
@@ -472,6 +638,17 @@ def disk_line(study, config):
     used = checkpoints.disk_usage(run_dir(config))
     line = f"disk: {run_dir(config)} " + (checkpoints.size(used) if used is not None else "? (du took over 10 s)")
     return line + (f" ({files} old checkpoint/weights files deleted, {checkpoints.size(freed)} freed)" if files else "")
+
+
+def eta_line(trials, budget, concurrency, mark):
+    if mark:
+        return f"{mark}: no new trial starts (--resume{'' if mark == 'paused' else ' or submit again'})"
+    if sum(t.state in FINISHED for t in trials) >= budget:
+        return "ETA: budget met"
+    seconds = study_control.eta_seconds(trials, budget, concurrency)
+    if seconds is None:
+        return f"ETA: once a trial has finished ({concurrency} at once)"
+    return f"ETA: ~{duration(seconds)} ({concurrency} at once)"
 
 
 def print_slurm_tasks(study, trials, tasks):

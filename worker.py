@@ -20,6 +20,8 @@ The trial's life:
   node failure, scancel) the trial is checkpointed and left RUNNING for SLURM's requeue, or for the
   next reconcile to retry from that checkpoint.
 - A trainer exception or a NaN metric fails the trial with the reason stored on it; PRUNED is not FAIL.
+- A paused or cancelled study (study_control.py) gets no new trial claimed; a stop by hand (Ctrl-C of a
+  local run, or a cancelled study) fails the checkpointed trial, and a resubmission continues it.
 """
 
 import signal
@@ -28,7 +30,7 @@ import signal
 # note it before the heavy imports below, so that it is never lost nor fatal.
 EARLY_SIGNALS = []
 if __name__ == "__main__":
-    for _sig in (signal.SIGUSR2, signal.SIGTERM):
+    for _sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):  # SIGINT: Ctrl-C of a local run
         signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 import argparse
@@ -53,6 +55,7 @@ import yaml
 import checkpoints
 import config_versions
 import liveness
+import study_control
 import trial_control
 from experiment import (
     ConfigError,
@@ -102,12 +105,12 @@ TOOL_ATTRS = {
 
 
 class StopSignal:
-    """Remembers SIGUSR2/SIGTERM so the trainer can finish its step and checkpoint first."""
+    """Remembers SIGUSR2/SIGTERM/SIGINT so the trainer can finish its step and checkpoint first."""
 
     def __init__(self):
         self.received = signal.Signals(EARLY_SIGNALS[-1]).name if EARLY_SIGNALS else None
         self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
@@ -467,8 +470,8 @@ def requeue_or_fail(study, trial, config, signal_name):
     """The checkpoint is on disk. Decide how the trial goes on after this process."""
     task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
     settings = config["study"]
-    if not task:  # a local run stopped by hand
-        trial.set_user_attr("fail_reason", f"interrupted by {signal_name}")
+    if not task or study_control.mark(study) == study_control.CANCELLED:  # stopped by hand: a resubmit retries it
+        trial.set_user_attr("fail_reason", study_control.stop_reason(study, signal_name))
         study.tell(trial, state=FAIL)
         return Outcome.FAIL
     if signal_name == "SIGTERM":
@@ -558,8 +561,10 @@ def work(args):
     failed = done = in_a_row = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
-    while (args.trials == 0 or done < args.trials + taken_over) and stop.received != "SIGTERM":
+    while (args.trials == 0 or done < args.trials + taken_over) and stop.received not in ("SIGTERM", "SIGINT"):
         if trial is None:
+            if study_control.hold_back(study):  # paused or cancelled: claim nothing
+                break
             optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
             trial = claim_trial(study, config)
             if trial is None and args.trials == 0 and liveness.reconcile(study, config, tasks=None):
