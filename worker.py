@@ -391,7 +391,7 @@ def train_and_tell(study, trial, config, handle):
     except optuna.TrialPruned as e:
         add_train_seconds(trial, started)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        log.info("trial %d PRUNED (%s)", trial.number, e)
+        log.info("trial %d PRUNED%s", trial.number, f" ({e})" if str(e) else "")
         return Outcome.PRUNED
     except Interrupted as e:
         add_train_seconds(trial, started)
