@@ -158,6 +158,7 @@ OPTIONS = [
         _mapping_with_name,
         "pruner: {name: ..., options} (default: MedianPruner; none with several objectives)",
     ),
+    Option("study", "enqueue_base", False, _bool, "measure the YAML's own values of the searched keys first"),
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
     Option(
@@ -647,7 +648,7 @@ def build_sampler(config, seed_offset=0, source="config"):
                 source, "study.sampler.seed", f"{spec['seed']!r} is not an integer", "give seed as an int"
             )
         spec["seed"] += seed_offset  # the same seed in every worker would repeat the same configs
-    return _build(optuna.samplers, spec, "study.sampler", source)
+    return _build(optuna.samplers, spec, "study.sampler", source, config)
 
 
 def build_pruner(config, source="config"):
@@ -655,7 +656,12 @@ def build_pruner(config, source="config"):
     return _build(optuna.pruners, dict(spec), "study.pruner", source)
 
 
-def _build(namespace, spec, key, source):
+def _build(namespace, spec, key, source, config=None):
+    """An Optuna sampler or pruner from its YAML form: {name: Class, option: value, ...}.
+
+    An option that is itself {name: ...} is built the same way (PatientPruner's wrapped_pruner,
+    PartialFixedSampler's base_sampler); GridSampler's grid comes from the YAML's search space.
+    """
     name = spec.pop("name")
     cls = getattr(namespace, name, None)
     if not isinstance(cls, type):
@@ -667,10 +673,61 @@ def _build(namespace, spec, key, source):
             raise ConfigError(
                 source, f"{key}.name", f"{name} needs the package {NEEDS[name]}", f"pip install {NEEDS[name]}"
             ) from None
+    for option, value in list(spec.items()):
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            spec[option] = _build(namespace, dict(value), f"{key}.{option}", source, config)
+    if name == "GridSampler" and "search_space" not in spec and config is not None:
+        spec["search_space"] = grid_of(config, source)
     try:
         return cls(**spec)
     except (TypeError, ValueError) as e:
         raise ConfigError(source, key, f"bad option ({e})", f"see the options of optuna {name}") from None
+
+
+def grid_of(config, source):
+    """GridSampler's grid, from the search space: categorical choices, and int/float ranges with a step."""
+    grid = {}
+    for name, spec in (config.get("search_space") or {}).items():
+        if spec["type"] == "categorical":
+            grid[name] = list(spec["choices"])
+        elif spec.get("step") is not None or spec["type"] == "int":
+            step = spec.get("step") or 1
+            count = int(round((spec["high"] - spec["low"]) / step)) + 1
+            grid[name] = [round(spec["low"] + i * step, 12) for i in range(count)]
+        else:
+            raise ConfigError(
+                source,
+                f"search_space.{name}",
+                "a float range without step has no grid",
+                "give it a step for GridSampler",
+            )
+    if not grid:
+        raise ConfigError(
+            source, "study.sampler", "GridSampler needs a grid", "declare search_space, or sampler.search_space"
+        )
+    return grid
+
+
+def base_params(config, source):
+    """study.enqueue_base: the YAML's own values of the searched keys, measured first as the baseline."""
+    params = {name: get_dotted(config, name) for name in config.get("search_space") or {}}
+    for name, value in params.items():
+        spec = config["search_space"][name]
+        inside = (
+            value in spec["choices"]
+            if spec["type"] == "categorical"
+            else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and spec["low"] <= value <= spec["high"]
+            )
+        )
+        if not inside:
+            raise ConfigError(
+                source,
+                name,
+                f"{value!r} lies outside search_space.{name}",
+                "set a value inside it, or enqueue_base: false",
+            )
+    return params
 
 
 # ---------------------------------------------------------------- storage and study

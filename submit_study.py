@@ -42,6 +42,7 @@ from experiment import (
     OPTIONS,
     ConfigError,
     add_experiment_flags,
+    base_params,
     build_pruner,
     build_sampler,
     config_from_args,
@@ -208,6 +209,8 @@ def check_inputs(args, config):
     else:
         load_trainer(config, source)
     build_sampler(config, 0, source), build_pruner(config, source)
+    if config["study"]["enqueue_base"]:
+        base_params(config, source)
     if args.local is not None and args.local < 1:
         raise ConfigError("--local", "local", f"{args.local} workers", "pass --local 1 or more")
     if args.submit_jobs and args.local is None and not shutil.which("sbatch"):
@@ -244,6 +247,14 @@ def take_stock(study, config, url):
             f"warning: {config['config_path']}: search_space is empty: every trial trains the same config",
             file=sys.stderr,
         )
+    if config["study"]["sampler"].get("name") == "GridSampler":
+        print(
+            "warning: GridSampler: parallel workers may train the same grid point twice (optuna#4627)",
+            file=sys.stderr,
+        )
+    if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(base_params(config, config["config_path"]), user_attrs={"baseline": True})
+        print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
     before, budget = study.user_attrs.get("n_trials"), config["study"]["n_trials"]
     if before is not None and before != budget:
         print(f"budget: {before} -> {budget} finished trials")

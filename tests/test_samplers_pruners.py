@@ -1,0 +1,103 @@
+"""Every Optuna sampler and pruner by name from the YAML, objects in their YAML form, the baseline first."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import PROJECT, load_study, run_script, write_experiment
+
+from experiment import ConfigError, build_pruner, build_sampler, load_config
+
+SPACE = {  # a finite grid: steps and choices
+    "search_space.model.d_hidden": {"type": "categorical", "choices": [8, 16]},
+    "search_space.training.lr": {"type": "float", "low": 0.005, "high": 0.02, "step": 0.005},
+}
+SAMPLERS = [
+    {"name": "TPESampler", "multivariate": True, "constant_liar": True},
+    {"name": "RandomSampler", "seed": 1},
+    {"name": "BruteForceSampler"},
+    {"name": "CmaEsSampler", "independent_sampler": {"name": "RandomSampler"}},
+    {"name": "GridSampler"},
+    {"name": "NSGAIISampler", "population_size": 10},
+    {"name": "NSGAIIISampler"},
+    {"name": "PartialFixedSampler", "fixed_params": {"training.lr": 0.01}, "base_sampler": {"name": "TPESampler"}},
+    {"name": "QMCSampler", "qmc_type": "sobol"},
+    {"name": "GPSampler"},
+]
+PRUNERS = [
+    {"name": "MedianPruner", "n_warmup_steps": 1},
+    {"name": "NopPruner"},
+    {"name": "PercentilePruner", "percentile": 25.0},
+    {"name": "SuccessiveHalvingPruner"},
+    {"name": "HyperbandPruner", "max_resource": 10},
+    {"name": "ThresholdPruner", "upper": 1.0},
+    {"name": "PatientPruner", "wrapped_pruner": {"name": "MedianPruner"}, "patience": 2},
+    {"name": "WilcoxonPruner", "p_threshold": 0.1},
+]
+
+
+def config_with(tmp_path, changes):
+    return load_config(write_experiment(tmp_path / "exp", {**SPACE, **changes}))
+
+
+@pytest.mark.parametrize("spec", SAMPLERS, ids=lambda s: s["name"])
+def test_every_sampler_by_name(tmp_path, spec):
+    sampler = build_sampler(config_with(tmp_path, {"study.sampler": spec}), seed_offset=3)
+    assert type(sampler).__name__ == spec["name"]
+
+
+@pytest.mark.parametrize("spec", PRUNERS, ids=lambda s: s["name"])
+def test_every_pruner_by_name(tmp_path, spec):
+    assert type(build_pruner(config_with(tmp_path, {"study.pruner": spec}))).__name__ == spec["name"]
+
+
+def test_yaml_forms_of_objects(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {"name": "GridSampler"}})
+    grid = build_sampler(config)._search_space
+    assert grid["model.d_pos"] == [2, 4, 6, 8, 10, 12] and grid["model.d_hidden"] == [8, 16]
+    assert grid["training.lr"] == [0.005, 0.01, 0.015, 0.02]
+    patient = build_pruner(config_with(tmp_path, {"study.pruner": PRUNERS[6]}))
+    assert type(patient._wrapped_pruner).__name__ == "MedianPruner"
+    no_step = load_config(write_experiment(tmp_path / "log", {"study.sampler": {"name": "GridSampler"}}))
+    with pytest.raises(ConfigError, match="search_space.training.lr: a float range without step has no grid"):
+        build_sampler(no_step)
+
+
+def test_grid_warning_and_the_baseline_first(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.enqueue_base": True, "study.n_trials": 1})
+    out = run_script("submit_study.py", "--config", path, "--local", 1)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first = load_study(path).trials[0]
+    assert first.params == {"model.d_pos": 2, "training.lr": 0.01} and first.user_attrs["baseline"] is True
+    path = write_experiment(tmp_path / "bad", {"study.enqueue_base": True, "training.lr": 0.5})
+    out = run_script("submit_study.py", "--config", path, "--no-submit_jobs")
+    assert out.returncode == 2 and "training.lr: 0.5 lies outside search_space.training.lr" in out.stderr
+    assert not (path.parent / "runs").exists()
+    grid = write_experiment(tmp_path / "grid", {**SPACE, "study.sampler": {"name": "GridSampler"}})
+    out = run_script("submit_study.py", "--config", grid, "--no-submit_jobs")
+    assert out.returncode == 0, out.stderr
+    assert "GridSampler: parallel workers may train the same grid point twice" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "key, spec, module",
+    [
+        ("sampler", {"name": "QMCSampler"}, "scipy"),
+        ("sampler", {"name": "CmaEsSampler"}, "cmaes"),
+        ("pruner", {"name": "WilcoxonPruner"}, "scipy"),
+    ],
+)
+def test_a_missing_extra_is_named_with_its_pip_command(tmp_path, key, spec, module):
+    path = write_experiment(tmp_path / "exp", {f"study.{key}": spec})
+    hide = (  # run submit_study.py as if the extra were not installed
+        f"import os, runpy, sys; sys.modules[{module!r}] = None; sys.argv = sys.argv[1:]; "
+        "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", hide, str(PROJECT / "submit_study.py"), "--config", str(path), "--no-submit_jobs"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and f"study.{key}.name" in out.stderr and f"pip install {module}" in out.stderr
+    assert out.stderr.count("\n") == 1 and not (path.parent / "runs").exists()
