@@ -594,6 +594,15 @@ def make_run_dir(config):
     return folder
 
 
+# The optional database drivers, by URL scheme: named in the error when one is missing.
+DRIVERS = {
+    "postgresql": "psycopg2-binary",
+    "postgresql+psycopg2": "psycopg2-binary",
+    "postgresql+psycopg": "'psycopg[binary]'",
+    "mysql+pymysql": "PyMySQL",
+}
+
+
 def open_storage(config, url=None, source="config"):
     if not url:
         path = str(make_run_dir(config) / "journal.log")
@@ -616,11 +625,12 @@ def open_storage(config, url=None, source="config"):
         return optuna.storages.get_storage(url)
     except Exception as e:  # any driver error: unreachable, bad URL, missing driver
         why = mask_password((str(e).splitlines() or [""])[0])
+        driver = DRIVERS.get(url.split(":")[0]) if isinstance(e, ImportError) else None
         raise ConfigError(
             source,
             "study.storage",
             f"cannot open {mask_password(url)} ({type(e).__name__}: {why})",
-            "check the URL, the server and its driver",
+            f"pip install {driver}" if driver else "check the URL, the server and its driver",
         ) from None
 
 
