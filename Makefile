@@ -13,7 +13,7 @@ WHICH := $(if $(EXP),--exp_id $(EXP),--config $(CONFIG)) $(if $(STUDY),--study_n
 .PHONY: help venv demo submit dry-run status best cluster test lint bench clean
 help:
 	@echo "make demo      virtualenv + a real study of the example with 2 local workers, then best_trial.yaml"
-	@echo "make test      the whole test suite (starts the local SLURM cluster when run as root)"
+	@echo "make test      the whole test suite (starts the local SLURM cluster and PostgreSQL when run as root)"
 	@echo "make submit    submit the study as a SLURM job array   (CONFIG=... | EXP=..., STUDY=..., ARGS=...)"
 	@echo "make dry-run   write and print the array file, submit nothing"
 	@echo "make status    trials by state, budget, best so far, running trials and SLURM tasks"
@@ -47,6 +47,7 @@ cluster:
 
 test: venv
 	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the SLURM tests skip (and fail when CI=true)"
+	@bash scripts/local_postgres.sh up >/dev/null || echo "no local PostgreSQL here: its tests skip (and fail when CI=true)"
 	$(PY) -m pytest -q $(ARGS)
 
 lint: venv

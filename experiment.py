@@ -614,13 +614,9 @@ def open_storage(config, url=None, source="config"):
     settings = config["study"]
     try:
         if url.split(":")[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
-            # Optuna's own liveness for RDB storages: workers send heartbeats, stale trials are retried.
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings["max_retries"])
+            # Optuna's heartbeats for RDB storages; liveness.fail_stale fails and retries the stale trials.
             return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=settings["heartbeat_interval"],
-                grace_period=settings["grace_period"],
-                heartbeat_stale_trial_callback=retry,
+                url, heartbeat_interval=settings["heartbeat_interval"], grace_period=settings["grace_period"]
             )
         return optuna.storages.get_storage(url)
     except Exception as e:  # any driver error: unreachable, bad URL, missing driver

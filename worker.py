@@ -452,7 +452,7 @@ def work(args):
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
     while (args.trials == 0 or done < args.trials + taken_over) and stop.received != "SIGTERM":
         if trial is None:
-            optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
+            liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
             trial = claim_trial(study, config)
             if trial is None and args.trials == 0 and liveness.reconcile(study, config, tasks=None):
                 continue  # a local worker died meanwhile (pid check, no SLURM query): take its retry
