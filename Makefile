@@ -5,6 +5,7 @@ CONFIG ?= config.example.yaml
 EXP ?=
 STUDY ?=
 ARGS ?=
+FULL ?=
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ help:
 	@echo "make status    trials by state, budget, best so far, running trials and SLURM tasks"
 	@echo "make best      write best_trial.yaml (retrain: python worker.py --config best_trial.yaml)"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage and status-at-scale benchmarks (bench/README.md)"
+	@echo "make bench     storage, status-at-scale and makespan benchmarks, quick (FULL=1: full sizes; bench/README.md)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -53,9 +54,18 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# Quick by default (a few minutes on 2 cores); FULL=1 for the sizes in bench/README.md (about half an hour).
 bench: venv
+	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the makespan bench cannot run"
+ifeq ($(FULL),1)
+	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal,postgres,sqlite
+	$(PY) bench/status_bench.py --sizes 100,1000,5000
+	$(PY) bench/makespan_bench.py --repeats 3
+else
 	$(PY) bench/storage_bench.py --workers 16 --trials 10
-	$(PY) bench/status_bench.py
+	$(PY) bench/status_bench.py --sizes 100,1000
+	$(PY) bench/makespan_bench.py
+endif
 
 clean:
 	rm -rf runs data best_trial.yaml .pytest_cache
