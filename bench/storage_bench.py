@@ -134,12 +134,13 @@ def main():
     kinds = args.storages.split(",")
     postgres = postgres_server() if "postgres" in kinds else None
     kinds = [k for k in kinds if k != "postgres" or postgres]
-    rows = [run(kind, args.workers, args.trials, postgres) for kind in kinds]
     print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE), {args.workers * args.trials} asked")
-    columns = list(rows[0])
-    print("  ".join(f"{c:>13}" for c in columns))
-    for row in rows:
-        print("  ".join(f"{v:>13.3f}" if isinstance(v, float) else f"{v:>13}" for v in row.values()))
+    rows = []
+    for kind in kinds:  # each row as soon as it is measured: a full run takes a while
+        rows.append(run(kind, args.workers, args.trials, postgres))
+        if len(rows) == 1:
+            print("  ".join(f"{c:>13}" for c in rows[0]))
+        print("  ".join(f"{v:>13.3f}" if isinstance(v, float) else f"{v:>13}" for v in rows[-1].values()), flush=True)
     base = rows[0]
     for row in rows[1:]:
         print(
