@@ -54,7 +54,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# Quick by default (a few minutes on 2 cores); FULL=1 for the sizes in bench/README.md (about half an hour).
+# Quick by default (about 3 minutes on 2 cores); FULL=1 for the sizes in bench/README.md (about 40 minutes).
 bench: venv
 	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the makespan bench cannot run"
 ifeq ($(FULL),1)
