@@ -6,6 +6,7 @@ EXP ?=
 STUDY ?=
 ARGS ?=
 PORT ?= 8080
+FULL ?=
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ K ?=
 .PHONY: help venv demo submit submit-job dry-run status best report dashboard doctor throttle pause resume cancel cluster test lint bench clean
 help:
 	@echo "make demo      virtualenv + a real study of the example with 2 local workers, then best_trial.yaml"
-	@echo "make test      the whole test suite (starts the local SLURM cluster when run as root)"
+	@echo "make test      the whole test suite (starts the local SLURM cluster and PostgreSQL when run as root)"
 	@echo "make submit    submit the study as a SLURM job array   (CONFIG=... | EXP=..., STUDY=..., ARGS=...)"
 	@echo "make submit-job  the same, from a small job (1 CPU, 4G, 1 h): nothing heavy on the login node"
 	@echo "make dry-run   write and print the array file, submit nothing"
@@ -30,7 +31,7 @@ help:
 	@echo "make resume    release a paused study"
 	@echo "make cancel    stop the study now; trials checkpoint and end as cancelled; make submit continues them"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage and status-at-scale benchmarks (bench/README.md)"
+	@echo "make bench     storage, status-at-scale and makespan benchmarks, quick (FULL=1: full sizes; bench/README.md)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
@@ -77,14 +78,24 @@ cluster:
 
 test: venv
 	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the SLURM tests skip (and fail when CI=true)"
+	@bash scripts/local_postgres.sh up >/dev/null || echo "no local PostgreSQL here: its tests skip (and fail when CI=true)"
 	$(PY) -m pytest -q $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# Quick by default (about 3 minutes on 2 cores); FULL=1 for the sizes in bench/README.md (about 40 minutes).
 bench: venv
+	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the makespan bench cannot run"
+ifeq ($(FULL),1)
+	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal,postgres,sqlite
+	$(PY) bench/status_bench.py --sizes 100,1000,5000
+	$(PY) bench/makespan_bench.py --repeats 3
+else
 	$(PY) bench/storage_bench.py --workers 16 --trials 10
-	$(PY) bench/status_bench.py
+	$(PY) bench/status_bench.py --sizes 100,1000
+	$(PY) bench/makespan_bench.py
+endif
 
 clean:
 	rm -rf runs data best_trial.yaml .pytest_cache

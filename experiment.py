@@ -768,6 +768,15 @@ def make_run_dir(config):
     return folder
 
 
+# The optional database drivers, by URL scheme: named in the error when one is missing.
+DRIVERS = {
+    "postgresql": "psycopg2-binary",
+    "postgresql+psycopg2": "psycopg2-binary",
+    "postgresql+psycopg": "'psycopg[binary]'",
+    "mysql+pymysql": "PyMySQL",
+}
+
+
 def open_storage(config, url=None, source="config"):
     if not url:
         return journal.open_journal(make_run_dir(config) / "journal.log")
@@ -776,22 +785,19 @@ def open_storage(config, url=None, source="config"):
     settings = config["study"]
     try:
         if url.split(":")[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
-            # Optuna's own liveness for RDB storages: workers send heartbeats, stale trials are retried.
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings["max_retries"])
+            # Optuna's heartbeats for RDB storages; liveness.fail_stale fails and retries the stale trials.
             return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=settings["heartbeat_interval"],
-                grace_period=settings["grace_period"],
-                heartbeat_stale_trial_callback=retry,
+                url, heartbeat_interval=settings["heartbeat_interval"], grace_period=settings["grace_period"]
             )
         return optuna.storages.get_storage(url)
     except Exception as e:  # any driver error: unreachable, bad URL, missing driver
         why = mask_password((str(e).splitlines() or [""])[0])
+        driver = DRIVERS.get(url.split(":")[0]) if isinstance(e, ImportError) else None
         raise ConfigError(
             source,
             "study.storage",
             f"cannot open {mask_password(url)} ({type(e).__name__}: {why})",
-            "check the URL, the server and its driver",
+            f"pip install {driver}" if driver else "check the URL, the server and its driver",
         ) from None
 
 

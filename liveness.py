@@ -141,3 +141,24 @@ def reconcile(study, config, tasks="ask"):
             if fail_and_retry(study, trial, reason, settings["max_retries"], settings["n_trials"]):
                 failed.append(trial.number)
     return failed
+
+
+def fail_stale(study, config):
+    """RDB storages: fail and retry every RUNNING trial whose heartbeat stopped. Returns the numbers it failed.
+
+    Optuna finds the stale trials; failing and retrying goes through fail_and_retry, as for a task gone
+    from squeue: the dead trial keeps a reason, the retry gets a clean owner, and whichever of the two
+    checks fails the trial first is the only one that retries it.
+    """
+    storage = study._storage
+    if not getattr(storage, "get_heartbeat_interval", lambda: None)():
+        return []
+    stale = set(storage._get_stale_trial_ids(study._study_id))
+    settings = config["study"]
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        if trial._trial_id in stale:
+            reason = f"worker died: no heartbeat for over {settings['grace_period']} s (study.grace_period)"
+            if fail_and_retry(study, trial, reason, settings["max_retries"], settings["n_trials"]):
+                failed.append(trial.number)
+    return failed

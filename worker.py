@@ -546,7 +546,7 @@ def work(args):
     study = open_study(config, storage, seed_offset(args), source)
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
-    optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
+    liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
     trial = find_own_trial(study, liveness.slurm_task_key())
     if trial is None and not still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"]):
         log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
@@ -565,7 +565,7 @@ def work(args):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
-            optuna.storages.fail_stale_trials(study)  # RDB heartbeats: Optuna's own dead-trial retry
+            liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
             trial = claim_trial(study, config)
             if trial is None and args.trials == 0 and liveness.reconcile(study, config, tasks=None):
                 continue  # a local worker died meanwhile (pid check, no SLURM query): take its retry

@@ -1,7 +1,10 @@
 """Storage benchmark: many concurrent workers doing ask + tell against one study.
 
-    python bench/storage_bench.py                      # 16 workers x 10 trials, journal vs sqlite
-    python bench/storage_bench.py --workers 64 --trials 20
+    python bench/storage_bench.py                      # 16 workers x 10 trials: journal, postgres, sqlite
+    python bench/storage_bench.py --workers 256 --trials 10 --storages journal,postgres,sqlite
+
+postgres is the local server of scripts/local_postgres.sh (started here when run as root), or
+$BENCH_POSTGRES_URL; each run gets a fresh database `optuna_bench`. Without a server it is left out.
 
 Each worker is a separate process (as array tasks are) that loads the study and runs
 ask -> suggest -> tell with TPE. Reported per storage: finished trials, trials left RUNNING
@@ -10,16 +13,54 @@ ask -> suggest -> tell with TPE. Reported per storage: finished trials, trials l
 
 import argparse
 import multiprocessing
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
+from sqlalchemy.engine import make_url
+
+SERVER = Path(__file__).resolve().parent.parent / "scripts" / "local_postgres.sh"
 
 
-def storage_for(kind, folder):
+def postgres_server():
+    """The PostgreSQL URL to measure, or None (with the reason printed) when there is none."""
+    url = os.environ.get("BENCH_POSTGRES_URL")
+    if url:
+        return url
+    try:
+        out = subprocess.run(["bash", str(SERVER), "up"], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        out = subprocess.CompletedProcess([], 1, "", str(e))
+    if out.returncode != 0 or not out.stdout.strip():
+        why = (out.stderr.strip().splitlines() or ["failed"])[-1]
+        print(f"postgres left out: {SERVER.name} up: {why}", file=sys.stderr)
+        return None
+    return out.stdout.strip().splitlines()[-1]
+
+
+def fresh_database(url, name="optuna_bench"):
+    """Drop and create the database `name` on url's server; the URL of the new database."""
+    import psycopg2
+
+    u = make_url(url)
+    connection = psycopg2.connect(host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database)
+    connection.autocommit = True
+    try:
+        connection.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.cursor().execute(f"CREATE DATABASE {name}")
+    finally:
+        connection.close()
+    return u.set(database=name).render_as_string(hide_password=False)
+
+
+def storage_for(kind, folder, postgres=None):
+    if kind == "postgres":
+        return postgres
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -29,12 +70,14 @@ def storage_for(kind, folder):
     return f"sqlite:///{folder}/study.db?timeout={timeout}"
 
 
-def worker(kind, folder, index, trials, queue):
+def worker(kind, folder, postgres, index, trials, queue):
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     asks, errors = [], 0
     try:
         study = optuna.load_study(
-            study_name="bench", storage=storage_for(kind, folder), sampler=optuna.samplers.TPESampler(seed=index)
+            study_name="bench",
+            storage=storage_for(kind, folder, postgres),
+            sampler=optuna.samplers.TPESampler(seed=index),
         )
     except Exception:
         queue.put((asks, trials))
@@ -52,13 +95,15 @@ def worker(kind, folder, index, trials, queue):
     queue.put((asks, errors))
 
 
-def run(kind, workers, trials):
+def run(kind, workers, trials, postgres=None):
+    postgres = fresh_database(postgres) if kind == "postgres" else None
     with tempfile.TemporaryDirectory() as folder:
-        optuna.create_study(study_name="bench", storage=storage_for(kind, folder))
+        optuna.create_study(study_name="bench", storage=storage_for(kind, folder, postgres))
         queue = multiprocessing.Queue()
         started = time.perf_counter()
         processes = [
-            multiprocessing.Process(target=worker, args=(kind, folder, i, trials, queue)) for i in range(workers)
+            multiprocessing.Process(target=worker, args=(kind, folder, postgres, i, trials, queue))
+            for i in range(workers)
         ]
         for p in processes:
             p.start()
@@ -66,7 +111,7 @@ def run(kind, workers, trials):
         for p in processes:
             p.join()
         elapsed = time.perf_counter() - started
-        study = optuna.load_study(study_name="bench", storage=storage_for(kind, folder))
+        study = optuna.load_study(study_name="bench", storage=storage_for(kind, folder, postgres))
         states = [t.state.name for t in study.get_trials(deepcopy=False)]
     asks = sorted(a for r in results for a in r[0])
     return {
@@ -84,14 +129,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--trials", type=int, default=10, help="trials per worker")
-    parser.add_argument("--storages", default="journal,sqlite,sqlite-5s")
+    parser.add_argument("--storages", default="journal,postgres,sqlite,sqlite-5s")
     args = parser.parse_args()
-    rows = [run(kind, args.workers, args.trials) for kind in args.storages.split(",")]
+    kinds = args.storages.split(",")
+    postgres = postgres_server() if "postgres" in kinds else None
+    kinds = [k for k in kinds if k != "postgres" or postgres]
     print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE), {args.workers * args.trials} asked")
-    columns = list(rows[0])
-    print("  ".join(f"{c:>13}" for c in columns))
-    for row in rows:
-        print("  ".join(f"{v:>13.3f}" if isinstance(v, float) else f"{v:>13}" for v in row.values()))
+    rows = []
+    for kind in kinds:  # each row as soon as it is measured: a full run takes a while
+        rows.append(run(kind, args.workers, args.trials, postgres))
+        if len(rows) == 1:
+            print("  ".join(f"{c:>13}" for c in rows[0]))
+        print("  ".join(f"{v:>13.3f}" if isinstance(v, float) else f"{v:>13}" for v in rows[-1].values()), flush=True)
     base = rows[0]
     for row in rows[1:]:
         print(

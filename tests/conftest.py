@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny real experiment (real data, real training, real Optuna storage)."""
 
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
@@ -72,7 +75,14 @@ def run_script(script, *args, env=None, timeout=300, cwd=None):
 
 
 def load_study(config_path, study_name=None):
-    name = study_name or yaml.safe_load(Path(config_path).read_text())["study"]["study_name"]
+    """The study the YAML names: in its study.storage URL, else in the journal file of its run directory."""
+    try:
+        study = yaml.safe_load(Path(config_path).read_text())["study"]
+    except yaml.YAMLError:  # a test broke the YAML on purpose: it names the study
+        study = {}
+    name = study_name or study["study_name"]
+    if study.get("storage"):
+        return optuna.load_study(study_name=name, storage=study["storage"])
     storage = journal.open_journal(Path(config_path).parent / "runs" / name / "journal.log")  # as the tool does
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -119,3 +129,53 @@ def slurm():
             pytest.fail(f"CI=true but no local SLURM cluster: {problem}")
         pytest.skip(f"no local SLURM cluster ({problem}); `make cluster` as root on Debian starts one")
     return subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+
+
+# ---------------------------------------------------------------- the local PostgreSQL server
+def _postgres_up():
+    """(URL, None) from scripts/local_postgres.sh, or (None, why it cannot run here)."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None, "not root on Debian"
+    script = ["bash", str(PROJECT / "scripts" / "local_postgres.sh"), "up"]
+    try:
+        out = subprocess.run(script, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return None, "local_postgres.sh up took over 900 s"
+    if out.returncode != 0 or not out.stdout.strip():
+        return None, (out.stderr.strip().splitlines() or ["local_postgres.sh up failed"])[-1]
+    if importlib.util.find_spec("psycopg2") is None:
+        return None, "its driver is missing: pip install psycopg2-binary"
+    return out.stdout.strip().splitlines()[-1], None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The local server's URL (scripts/local_postgres.sh, started here as the SLURM cluster is); CI must have it."""
+    url, problem = _postgres_up()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no local PostgreSQL server: {problem}")
+        pytest.skip(f"no local PostgreSQL server ({problem}); `sudo bash scripts/local_postgres.sh up` starts one")
+    return url
+
+
+def _admin(url, sql):
+    import psycopg2
+
+    u = make_url(url)
+    connection = psycopg2.connect(host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database)
+    connection.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+    try:
+        connection.cursor().execute(sql)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def postgres_db(postgres, request):
+    """A fresh database for one test, so that runs never share a study; dropped afterwards."""
+    name = f"t_{re.sub(r'[^a-z0-9]+', '_', request.node.name.lower())[:40]}_{os.getpid()}"
+    _admin(postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _admin(postgres, f'CREATE DATABASE "{name}"')
+    yield make_url(postgres).set(database=name).render_as_string(hide_password=False)
+    _admin(postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

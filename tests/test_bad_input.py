@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import stat
+import sys
 
 import pytest
 from conftest import write_experiment
@@ -179,3 +180,11 @@ def test_missing_data_directory_is_refused(tmp_path, capsys):
     err = assert_one_line_error(capsys, code, path, "data.dir")
     assert "no_such_dir does not exist" in err
     assert not (tmp_path / "exp" / "runs").exists()
+
+
+def test_a_missing_database_driver_names_its_pip_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # as if psycopg2-binary were not installed
+    path = write_experiment(tmp_path / "exp", {"study.storage": "postgresql+psycopg2://bob:pw@127.0.0.1:1/optuna"})
+    code = submit_study.main(["--config", str(path), "--no-submit_jobs"])
+    err = assert_one_line_error(capsys, code, path, "study.storage")
+    assert err.endswith("fix: pip install psycopg2-binary"), err
