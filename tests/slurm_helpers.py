@@ -9,6 +9,11 @@ def squeue(*args):
     return out.stdout.splitlines()
 
 
+def job_ids():
+    """The ids of this user's queued and running tasks (their elapsed times change, their ids do not)."""
+    return {line.split()[0] for line in squeue("--me")}
+
+
 def wait_until(condition, timeout=240, every=0.5, what="condition"):
     deadline = time.time() + timeout
     while True:
