@@ -10,6 +10,7 @@ Every study/slurm option is declared once in OPTIONS below: the YAML key, the ar
 the same name, its check, and the #SBATCH line it renders to all come from that one table.
 """
 
+import argparse
 import copy
 import importlib
 import os
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import optuna
 import yaml
+
+import samplers
 
 # Heartbeats and fail_stale_trials are marked experimental; they are what Optuna offers for dead workers.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -84,6 +87,16 @@ def _mapping_with_name(value):
         return "must be a mapping with a 'name' (an Optuna class) and its options"
 
 
+def _sampler(value):
+    if not isinstance(value, dict) or not isinstance(value.get("name", ""), str):
+        return "must be a mapping: {seed: 0} for the default, or {name: <Optuna sampler>, options}"
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        return "must be true or false"
+
+
 def _directives(value):
     if not isinstance(value, list) or not all(isinstance(v, str) and DIRECTIVE.match(v) for v in value):
         return "must be a list of '--option[=value]' strings of safe characters"
@@ -125,8 +138,9 @@ OPTIONS = [
     ),
     Option("study", "optimization_direction", "minimize", _one_of("minimize", "maximize"), "minimize or maximize"),
     Option("study", "storage", None, _text, "Optuna storage URL (default: journal file in the run directory)"),
-    Option("study", "sampler", {"name": "TPESampler"}, _mapping_with_name, "sampler: {name: ..., options}"),
+    Option("study", "sampler", {}, _sampler, "sampler: {seed: 0} (the default) or {name: ..., options}"),
     Option("study", "pruner", {"name": "MedianPruner"}, _mapping_with_name, "pruner: {name: ..., options}"),
+    Option("study", "allow_repeats", False, _boolean, "train a config again when the sampler repeats it (noisy)"),
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
     Option(
@@ -191,10 +205,16 @@ def add_experiment_flags(parser, sections):
     parser.add_argument("--experiments_dir", default="experiments", help="where --exp_id looks")
     for option in OPTIONS:
         if option.section in sections and not isinstance(option.default, (dict, list)):
-            kind = int if isinstance(option.default, int) else str
+            kind = yes_no if isinstance(option.default, bool) else int if isinstance(option.default, int) else str
             parser.add_argument(
                 f"--{option.key}", type=kind, help=f"{option.help} [{option.section}.{option.key}]".replace("%", "%%")
             )
+
+
+def yes_no(text):
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write true or false")
+    return text.lower() == "true"
 
 
 def config_from_args(args):
@@ -497,18 +517,19 @@ def prepare_data(config, source="config"):
 
 
 # ---------------------------------------------------------------- sampler and pruner
-NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
-
-
 def build_sampler(config, seed_offset=0, source="config"):
-    spec = dict(config["study"]["sampler"])
-    if spec.get("seed") is not None:
-        if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int):
-            raise ConfigError(
-                source, "study.sampler.seed", f"{spec['seed']!r} is not an integer", "give seed as an int"
-            )
-        spec["seed"] += seed_offset  # the same seed in every worker would repeat the same configs
-    return _build(optuna.samplers, spec, "study.sampler", source)
+    """This worker's sampler: the YAML's, or the default for the search space (samplers.py)."""
+    spec = config["study"]["sampler"]
+    seed = spec.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(source, "study.sampler.seed", f"{seed!r} is not an integer", "give seed as an int")
+    space, n_trials = config.get("search_space") or {}, config["study"]["n_trials"]
+    name, options = samplers.resolve(spec, space, n_trials, seed_offset)
+    return _build(optuna.samplers, {"name": name, **options}, "study.sampler", source)
+
+
+def describe_sampler(config):
+    return samplers.describe(config["study"]["sampler"], config.get("search_space") or {}, config["study"]["n_trials"])
 
 
 def build_pruner(config, source="config"):
@@ -520,13 +541,9 @@ def _build(namespace, spec, key, source):
     cls = getattr(namespace, name, None)
     if not isinstance(cls, type):
         raise ConfigError(source, f"{key}.name", f"unknown {name!r}", f"use an optuna.{namespace.__name__[7:]} class")
-    if name in NEEDS:
-        try:
-            importlib.import_module(NEEDS[name])
-        except ImportError:
-            raise ConfigError(
-                source, f"{key}.name", f"{name} needs the package {NEEDS[name]}", f"pip install {NEEDS[name]}"
-            ) from None
+    package = samplers.missing_package(name)
+    if package:
+        raise ConfigError(source, f"{key}.name", f"{name} needs the package {package}", f"pip install {package}")
     try:
         return cls(**spec)
     except (TypeError, ValueError) as e:

@@ -35,6 +35,7 @@ from experiment import (
     build_sampler,
     config_from_args,
     count_states,
+    describe_sampler,
     load_trainer,
     make_run_dir,
     mask_password,
@@ -362,6 +363,7 @@ def show_status(study, config):
     finished = counts["COMPLETE"] + counts["PRUNED"]
     print(f"study {study.study_name}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
+    print(f"sampler: {describe_sampler(config)}")
     best = best_trial(study)
     if best:
         metric = config["study"]["optimization_metric"]
