@@ -50,10 +50,12 @@ import optuna
 import yaml
 
 import liveness
+import repeats
 from experiment import (
     ConfigError,
     add_experiment_flags,
     config_from_args,
+    describe_sampler,
     hostname,
     load_trainer,
     open_storage,
@@ -175,6 +177,8 @@ def claim_trial(study, config):
             return None
         if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
             drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
+            continue
+        if repeats.settle(study, trial, config):  # params already tried: answered from its twin, or asked again
             continue
         return trial
     return None
@@ -389,6 +393,7 @@ def work(args):
     prepare_data(config, source)
     storage = open_storage(config, storage_url(config, args.storage_file), source)
     study = open_study(config, storage, seed_offset(args), source)
+    log.info("sampler: %s", describe_sampler(config))
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
     stop = StopSignal()
