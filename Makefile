@@ -19,7 +19,7 @@ help:
 	@echo "make status    trials by state, budget, best so far, running trials and SLURM tasks"
 	@echo "make best      write best_trial.yaml (retrain: python worker.py --config best_trial.yaml)"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage and status-at-scale benchmarks (bench/README.md)"
+	@echo "make bench     storage, status-at-scale and sampler-quality benchmarks (bench/README.md)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -55,6 +55,7 @@ lint: venv
 bench: venv
 	$(PY) bench/storage_bench.py --workers 16 --trials 10
 	$(PY) bench/status_bench.py
+	$(PY) bench/quality.py --quick
 
 clean:
 	rm -rf runs data best_trial.yaml .pytest_cache
