@@ -12,6 +12,7 @@ trial when `study.allow_repeats` is true (noisy objectives, where a repeat measu
 """
 
 import logging
+import time
 
 import optuna
 
@@ -25,7 +26,8 @@ dropped_in_a_row = 0
 
 
 def settle(study, trial, config):
-    """Sample the trial's params; True when it was a repeat and is already settled (ask again)."""
+    """Sample the trial's params; True when they repeat a tried config and the trial is settled (ask again)."""
+    global dropped_in_a_row
     try:
         params = sample_params(trial, config.get("search_space") or {})
     except Exception:
@@ -34,32 +36,34 @@ def settle(study, trial, config):
         return False
     twin = find_twin(study, trial.number, params)
     if twin is None or twin.state == COMPLETE:
-        global dropped_in_a_row
         dropped_in_a_row = 0
     if twin is None:
         return False
     if twin.state == COMPLETE:
-        trial.set_user_attr("duplicate_of", twin.number)
-        trial.set_user_attr("metrics", twin.user_attrs.get("metrics", {}))
-        study.tell(trial, twin.value)
-        log.info(
-            "trial %d repeats trial %d's params: answered with its value %.6g, not trained",
-            trial.number,
-            twin.number,
-            twin.value,
-        )
+        answer(study, trial, twin)
         return True
+    dropped_in_a_row += 1
+    drop(study, trial, twin, config)
+    return True
+
+
+def answer(study, trial, twin):
+    """Tell the repeat what its COMPLETE twin measured: no training."""
+    trial.set_user_attr("duplicate_of", twin.number)
+    trial.set_user_attr("metrics", twin.user_attrs.get("metrics", {}))
+    trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    study.tell(trial, twin.value)
+    log.info(
+        "trial %d repeats trial %d: answered with its value %.6g, not trained", trial.number, twin.number, twin.value
+    )
+
+
+def drop(study, trial, twin, config):
+    """Fail the repeat of a running, waiting, pruned or failed trial; it does not count toward the budget."""
     reason = f"duplicate of {twin.state.name.lower()} trial {twin.number}"
     trial.set_user_attr("fail_reason", reason)
     study.tell(trial, state=FAIL)
     log.info("trial %d dropped (%s): asking again", trial.number, reason)
-    give_up_if_stuck(config)
-    return True
-
-
-def give_up_if_stuck(config):
-    global dropped_in_a_row
-    dropped_in_a_row += 1
     if dropped_in_a_row >= MAX_IN_A_ROW:
         raise ConfigError(
             config["config_path"],
