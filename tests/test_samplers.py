@@ -5,6 +5,7 @@ import pytest
 from conftest import write_experiment
 
 import repeats
+import samplers
 import worker
 from experiment import ConfigError, build_sampler, describe_sampler, load_config
 
@@ -34,6 +35,13 @@ def test_a_yaml_without_a_sampler_name_gets_the_default_for_its_space(tmp_path):
     assert type(build_sampler(config)).__name__ == "TPESampler", "a large space gets TPE"
     config = config_with(tmp_path, {"study.sampler": {}, "study.n_trials": 5000})
     assert type(build_sampler(config)).__name__ == "TPESampler", "a large budget gets TPE"
+
+
+def test_without_scipy_the_default_is_tpe_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(samplers, "has_module", lambda name: False)
+    config = config_with(tmp_path, {"study.sampler": {}})
+    assert type(build_sampler(config)).__name__ == "TPESampler"
+    assert "scipy not installed" in describe_sampler(config)
 
 
 def test_a_seed_without_a_name_seeds_the_default(tmp_path):
