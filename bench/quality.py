@@ -11,7 +11,8 @@ Problems (bench/problems.py, plus the example LSTM): Hartmann-6, a noisy Styblin
 int/categorical/log-float space, and a short real training. Each trial sleeps `--sleep` seconds so
 that K trials overlap. Printed per setting: median and worst regret over the seeds (best value
 for the LSTM, whose optimum is unknown), repeats the sampler proposed (answered or asked again),
-configs trained twice, and the median wall time. Written to bench/results/quality-<time>.json.
+configs trained twice, and the median wall time. Each study is added to
+bench/results/quality-<time>.json as it ends (--summarize prints its tables).
 """
 
 import argparse
@@ -150,9 +151,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT)}  # one 
 
 
 def settings(args):
-    """(sampler, K, mode): sequential TPE is the reference; the default at every K, the array's way at the largest."""
+    """(sampler, K, mode): sequential TPE is the reference, then the default at the largest K first."""
     yield "tpe", 1, "local"
-    for k in args.ks:
+    for k in sorted(args.ks, reverse=True):
         yield "default", k, "local"
     if "array" in args.modes and max(args.ks) > 1:
         yield "default", max(args.ks), "array"
@@ -196,6 +197,7 @@ def parse_args():
     parser.add_argument("--trials_lstm", type=int, default=20, help="trials per study of the LSTM")
     parser.add_argument("--sleep", type=float, default=0.5, help="seconds per trial, so that K trials overlap")
     parser.add_argument("--workdir", default=None, help="where the studies run (default: a temporary folder)")
+    parser.add_argument("--summarize", metavar="JSON", help="print the tables of an earlier (or interrupted) run")
     args = parser.parse_args()
     if args.quick:
         args.ks, args.seeds, args.trials, args.trials_lstm, args.sleep = "1,8", 3, 24, 12, 0.2
@@ -208,20 +210,26 @@ def parse_args():
 def main():
     args = parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if args.summarize:
+        rows = json.loads(Path(args.summarize).read_text())["rows"]
+        for problem in dict.fromkeys(r["problem"] for r in rows):
+            summarize([r for r in rows if r["problem"] == problem], problem)
+        return
     rows = []
     out = BENCH / "results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
+    used = {k: v for k, v in vars(args).items() if k != "workdir"}
     with tempfile.TemporaryDirectory() as scratch:
         args.workdir = args.workdir or scratch
         for problem in args.problems.split(","):
             started = time.time()
-            for sampler, k, mode in settings(args):
-                rows += [measure(problem, sampler, k, seed, mode, args) for seed in range(args.seeds)]
+            for seed in range(args.seeds):  # seeds outermost: an interrupted run still compares like with like
+                for sampler, k, mode in settings(args):
+                    rows.append(measure(problem, sampler, k, seed, mode, args))
+                    out.write_text(json.dumps({"args": used, "optuna": optuna.__version__, "rows": rows}, indent=1))
             summarize([r for r in rows if r["problem"] == problem], problem)
             print(f"  ({time.time() - started:.0f} s)", flush=True)
-            used = {k: v for k, v in vars(args).items() if k != "workdir"}
-            out.write_text(json.dumps({"args": used, "optuna": optuna.__version__, "rows": rows}, indent=1))
-    print(f"\nwritten: {out}")
+    print(f"\nwritten: {out} (python bench/quality.py --summarize {out})")
 
 
 if __name__ == "__main__":
