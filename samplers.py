@@ -7,8 +7,6 @@ and options are used as given. Either way each worker seeds its sampler as that 
 
 import importlib
 
-import optuna
-
 # Optional packages a sampler or pruner needs, with the pip command that installs them.
 NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
 # Samplers whose workers must share one seed: QMC's sequence and the grid's order are study-wide
@@ -68,7 +66,3 @@ def missing_package(name):
     """The pip package a sampler or pruner class needs and lacks, else None."""
     package = NEEDS.get(name)
     return package if package and not has_module(package) else None
-
-
-def make(name, options):
-    return getattr(optuna.samplers, name)(**options)
