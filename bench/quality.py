@@ -186,7 +186,9 @@ def summarize(rows, problem):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="make bench: 3 seeds, 24 trials, K in 1,8")
+    parser.add_argument(
+        "--quick", action="store_true", help="make bench: TPE K=1 vs the default K=8, 2 seeds, 20 trials"
+    )
     parser.add_argument(
         "--problems", default="hartmann6,lstm,mixed,noisy_st4", help="comma-separated: " + ",".join(PROBLEMS)
     )
@@ -200,7 +202,7 @@ def parse_args():
     parser.add_argument("--summarize", metavar="JSON", help="print the tables of an earlier (or interrupted) run")
     args = parser.parse_args()
     if args.quick:
-        args.ks, args.seeds, args.trials, args.trials_lstm, args.sleep = "1,8", 3, 24, 12, 0.2
+        args.ks, args.seeds, args.trials, args.trials_lstm, args.sleep = "8", 2, 20, 10, 0.2
         args.modes = "local"
     args.ks = [int(k) for k in args.ks.split(",")]
     args.modes = args.modes.split(",")
