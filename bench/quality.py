@@ -1,6 +1,6 @@
 """Sampler quality with K workers: is the default as good in parallel as sequential TPE?
 
-    python bench/quality.py --quick          # make bench: a few minutes on 2 cores
+    python bench/quality.py --quick          # make bench: a smoke run of every problem, ~3 minutes on 2 cores
     python bench/quality.py                  # full: 4 problems x K in 1,4,8 x 5 seeds, 60 trials each
 
 Every study runs through the real worker path against a journal file, as a user's would:
@@ -187,7 +187,7 @@ def summarize(rows, problem):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="make bench: TPE K=1 vs the default K=8, 2 seeds, 20 trials"
+        "--quick", action="store_true", help="make bench: a smoke run, TPE K=1 vs the default K=8, 1 seed, 20 trials"
     )
     parser.add_argument(
         "--problems", default="hartmann6,lstm,mixed,noisy_st4", help="comma-separated: " + ",".join(PROBLEMS)
@@ -202,7 +202,7 @@ def parse_args():
     parser.add_argument("--summarize", metavar="JSON", help="print the tables of an earlier (or interrupted) run")
     args = parser.parse_args()
     if args.quick:
-        args.ks, args.seeds, args.trials, args.trials_lstm, args.sleep = "8", 2, 20, 10, 0.2
+        args.ks, args.seeds, args.trials, args.trials_lstm, args.sleep = "8", 1, 20, 10, 0.2
         args.modes = "local"
     args.ks = [int(k) for k in args.ks.split(",")]
     args.modes = args.modes.split(",")
