@@ -31,7 +31,7 @@ help:
 	@echo "make resume    release a paused study"
 	@echo "make cancel    stop the study now; trials checkpoint and end as cancelled; make submit continues them"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage, status-at-scale and makespan benchmarks, quick (FULL=1: full sizes; bench/README.md)"
+	@echo "make bench     storage, status, makespan and sampler-quality benchmarks, quick (FULL=1: full sizes; bench/README.md)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
@@ -95,6 +95,7 @@ else
 	$(PY) bench/storage_bench.py --workers 16 --trials 10
 	$(PY) bench/status_bench.py --sizes 100,1000
 	$(PY) bench/makespan_bench.py
+	$(PY) bench/quality.py --quick
 endif
 
 clean:

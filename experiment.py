@@ -26,6 +26,7 @@ import optuna
 import yaml
 
 import journal
+import samplers
 
 # Heartbeats and fail_stale_trials are marked experimental; they are what Optuna offers for dead workers.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -98,6 +99,11 @@ def _mapping_with_name(value):
         return "must be a mapping with a 'name' (an Optuna class) and its options"
 
 
+def _sampler(value):
+    if not isinstance(value, dict) or not isinstance(value.get("name", ""), str):
+        return "must be a mapping: {seed: 0} for the default, or {name: <Optuna sampler>, options}"
+
+
 def _directives(value):
     if not isinstance(value, list) or not all(isinstance(v, str) and DIRECTIVE.match(v) for v in value):
         return "must be a list of '--option[=value]' strings of safe characters"
@@ -150,7 +156,7 @@ OPTIONS = [
         "minimize or maximize (a list, or minimize,maximize, for several objectives)",
     ),
     Option("study", "storage", None, _text, "Optuna storage URL (default: journal file in the run directory)"),
-    Option("study", "sampler", {"name": "TPESampler"}, _mapping_with_name, "sampler: {name: ..., options}"),
+    Option("study", "sampler", {}, _sampler, "sampler: {seed: 0} (the default) or {name: ..., options}"),
     Option(
         "study",
         "pruner",
@@ -159,6 +165,7 @@ OPTIONS = [
         "pruner: {name: ..., options} (default: MedianPruner; none with several objectives)",
     ),
     Option("study", "enqueue_base", False, _bool, "measure the YAML's own values of the searched keys first"),
+    Option("study", "allow_repeats", False, _bool, "train a config again when the sampler repeats it (noisy)"),
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
     Option(
@@ -637,18 +644,19 @@ def prepare_data(config, source="config"):
 
 
 # ---------------------------------------------------------------- sampler and pruner
-NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
-
-
 def build_sampler(config, seed_offset=0, source="config"):
-    spec = dict(config["study"]["sampler"])
-    if spec.get("seed") is not None:
-        if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int):
-            raise ConfigError(
-                source, "study.sampler.seed", f"{spec['seed']!r} is not an integer", "give seed as an int"
-            )
-        spec["seed"] += seed_offset  # the same seed in every worker would repeat the same configs
-    return _build(optuna.samplers, spec, "study.sampler", source, config)
+    """This worker's sampler: the YAML's, or the default for the search space (samplers.py)."""
+    spec = config["study"]["sampler"]
+    seed = spec.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(source, "study.sampler.seed", f"{seed!r} is not an integer", "give seed as an int")
+    space, n_trials = config.get("search_space") or {}, config["study"]["n_trials"]
+    name, options = samplers.resolve(spec, space, n_trials, seed_offset)
+    return _build(optuna.samplers, {"name": name, **options}, "study.sampler", source, config)
+
+
+def describe_sampler(config):
+    return samplers.describe(config["study"]["sampler"], config.get("search_space") or {}, config["study"]["n_trials"])
 
 
 def build_pruner(config, source="config"):
@@ -666,13 +674,9 @@ def _build(namespace, spec, key, source, config=None):
     cls = getattr(namespace, name, None)
     if not isinstance(cls, type):
         raise ConfigError(source, f"{key}.name", f"unknown {name!r}", f"use an optuna.{namespace.__name__[7:]} class")
-    if name in NEEDS:
-        try:
-            importlib.import_module(NEEDS[name])
-        except ImportError:
-            raise ConfigError(
-                source, f"{key}.name", f"{name} needs the package {NEEDS[name]}", f"pip install {NEEDS[name]}"
-            ) from None
+    package = samplers.missing_package(name)
+    if package:
+        raise ConfigError(source, f"{key}.name", f"{name} needs the package {package}", f"pip install {package}")
     for option, value in list(spec.items()):
         if isinstance(value, dict) and isinstance(value.get("name"), str):
             spec[option] = _build(namespace, dict(value), f"{key}.{option}", source, config)

@@ -47,6 +47,7 @@ from experiment import (
     build_sampler,
     config_from_args,
     count_states,
+    describe_sampler,
     flag_overrides,
     full_filesystem,
     full_filesystem_error,
@@ -607,6 +608,7 @@ def show_status(study, config):
     print(eta_line(trials, budget, concurrency, study_control.mark(study)))
     for line in config_versions.status_lines(config, trials):
         print(line)
+    print(f"sampler: {describe_sampler(config)}")
     best = best_trial(study)
     if best:
         print(f"best: trial {best.number}  {values_text(config, best)}  params {best.params}")

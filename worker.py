@@ -55,11 +55,13 @@ import yaml
 import checkpoints
 import config_versions
 import liveness
+import repeats
 import study_control
 import trial_control
 from experiment import (
     ConfigError,
     add_experiment_flags,
+    describe_sampler,
     flag_overrides,
     full_filesystem,
     full_filesystem_error,
@@ -263,6 +265,8 @@ def claim_trial(study, config):
             return None
         if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
             drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
+            continue
+        if repeats.settle(study, trial, config):  # params already tried: answered from its twin, or asked again
             continue
         return trial
     return None
@@ -544,6 +548,7 @@ def work(args):
     source = config["config_path"]
     storage = open_storage(config, storage_url(config, args.storage_file), source)
     study = open_study(config, storage, seed_offset(args), source)
+    log.info("sampler: %s", describe_sampler(config))
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
     liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped

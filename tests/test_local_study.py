@@ -174,3 +174,18 @@ def test_help_lists_the_flags_of_the_option_table():
         assert out.returncode == 0, out.stderr
         assert "--n_trials" in out.stdout and "--study_name" in out.stdout
     assert "--max_concurrent_jobs" in run_script("submit_study.py", "--help").stdout
+
+
+def test_a_repeated_config_is_answered_from_its_first_training_not_trained_again(tmp_path):
+    one_config = {"model.d_pos": {"type": "categorical", "choices": [4]}}  # every sampler can only repeat it
+    path = plugin_experiment(tmp_path, {"study.n_trials": 3, "study.sampler": {"seed": 0}, "search_space": one_config})
+    out = run_script("worker.py", "--config", path, "--trials", 0)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "sampler: GPSampler (default" in out.stdout
+    trials = load_study(path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, 0]
+    assert {t.value for t in trials} == {trials[0].value}
+    assert trials[2].user_attrs["metrics"] == trials[0].user_attrs["metrics"]
+    assert out.stdout.count("COMPLETE: val_mae_mean") == 1, "trained once"
+    assert not (path.parent / "runs/tiny/trials/1").exists()

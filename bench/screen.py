@@ -1,0 +1,118 @@
+"""Screen sampler candidates fast: K workers in one process on a simulated clock.
+
+    python bench/screen.py --problem hartmann6 --candidates tpe,gp --ks 1,8
+    python bench/screen.py --problem noisy_st4 --candidates tpe,tpe_nocl --seeds 15
+
+Each of K workers has its own sampler (seed offset per worker, as worker.py gives it) on one shared
+in-memory study; every trial takes 0.7-1.3 time units, so K trials overlap and each ask sees the
+others RUNNING, as on K GPUs. Repeats are settled by repeats.py, as in the worker. No process start,
+no storage, no sleeping: a candidate costs only its sampler's time. quality.py confirms a choice
+through the real worker path.
+"""
+
+import argparse
+import heapq
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import repeats  # noqa: E402
+from bench import problems  # noqa: E402
+from bench.quality import PROBLEMS  # noqa: E402
+
+S = optuna.samplers
+CANDIDATES = {
+    "tpe": lambda seed, k: S.TPESampler(seed=seed),  # optuna 5: multivariate, constant_liar
+    "tpe_nocl": lambda seed, k: S.TPESampler(seed=seed, constant_liar=False),
+    "tpe_indep": lambda seed, k: S.TPESampler(seed=seed, multivariate=False, constant_liar=False),
+    "tpe_startK": lambda seed, k: S.TPESampler(seed=seed, n_startup_trials=max(10, 2 * k)),
+    "tpe_group": lambda seed, k: S.TPESampler(seed=seed, group=True, n_startup_trials=max(10, 2 * k)),
+    "gp": lambda seed, k: S.GPSampler(seed=seed),
+    "gp_startK": lambda seed, k: S.GPSampler(seed=seed, n_startup_trials=max(10, 2 * k)),
+    "random": lambda seed, k: S.RandomSampler(seed=seed),
+}
+
+
+def value(problem, params):
+    x = {key.split(".")[1]: v for key, v in params.items()}
+    if problem == "hartmann6":
+        return problems.hartmann6([x[f"x{i}"] for i in range(6)])
+    if problem == "noisy_st4":
+        return problems.styblinski_tang([x[f"x{i}"] for i in range(4)])
+    return problems.mixed(x)
+
+
+def claim(study, config):
+    while True:
+        trial = study.ask()
+        if not repeats.settle(study, trial, config):
+            return trial
+        if sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) >= config["study"]["n_trials"]:
+            return None
+
+
+def run(problem, candidate, k, seed, n_trials):
+    """One study: regret of the best trial (its noiseless value) and the repeats settled."""
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage, study_name="s")
+    make = CANDIDATES[candidate]
+    workers = [optuna.load_study(study_name="s", storage=storage, sampler=make(seed * 1000 + i, k)) for i in range(k)]
+    spec = PROBLEMS[problem]
+    config = {
+        "study": {"allow_repeats": False, "n_trials": n_trials},
+        "search_space": spec["space"],
+        "config_path": "-",
+    }
+    rng, events = random.Random(seed), []
+    for w in range(k):
+        heapq.heappush(events, (rng.uniform(0.7, 1.3), w, claim(workers[w], config)))
+    while events:
+        clock, w, trial = heapq.heappop(events)
+        true = value(problem, trial.params)
+        trial.set_user_attr("true_value", true)
+        noise = spec.get("noise", 0.0)
+        workers[w].tell(trial, true + (rng.gauss(0, noise) if noise else 0.0))
+        done = sum(t.state.name == "COMPLETE" for t in workers[w].get_trials(deepcopy=False))
+        following = claim(workers[w], config) if done + len(events) < n_trials else None
+        if following is not None:
+            heapq.heappush(events, (clock + rng.uniform(0.7, 1.3), w, following))
+    trials = workers[0].get_trials(deepcopy=False)
+    best = workers[0].best_trial
+    optimum = problems.OPTIMUM[spec.get("trainer", problem)]
+    settled = sum(
+        "duplicate_of" in t.user_attrs or "duplicate of" in t.user_attrs.get("fail_reason", "") for t in trials
+    )
+    return best.user_attrs.get("true_value", best.value) - optimum, settled
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problem", default="hartmann6", choices=["hartmann6", "noisy_st4", "mixed"])
+    parser.add_argument("--candidates", default="tpe,gp", help="comma-separated: " + ",".join(CANDIDATES))
+    parser.add_argument("--ks", default="1,8")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=60)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore")
+    print(f"{'problem':<11}{'candidate':<12}{'K':>3}{'median':>9}{'worst':>9}{'repeats':>9}{'s':>6}  regrets")
+    for candidate in args.candidates.split(","):
+        for k in map(int, args.ks.split(",")):
+            started = time.time()
+            results = [run(args.problem, candidate, k, seed, args.trials) for seed in range(args.seeds)]
+            regrets = sorted(r[0] for r in results)
+            print(
+                f"{args.problem:<11}{candidate:<12}{k:>3}{statistics.median(regrets):>9.3f}{regrets[-1]:>9.3f}"
+                f"{sum(r[1] for r in results):>9}{time.time() - started:>6.0f}  {[round(r, 3) for r in regrets]}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

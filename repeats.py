@@ -1,0 +1,89 @@
+"""No configuration is trained twice unless the user asks for it.
+
+A sampler may propose params that the study already holds (GP and grid samplers do, and two
+workers asking at the same moment can race). "The same" means equal params as Optuna stores them.
+Right after sampling, the worker calls settle():
+- a repeat of a COMPLETE trial is answered from it: same value, same metrics, no training
+  (user attr `duplicate_of`); it counts toward the budget like any finished trial;
+- a repeat of a RUNNING, WAITING, PRUNED or FAIL trial is dropped (FAIL, `duplicate of ...`,
+  which does not count toward the budget) and the worker asks again.
+Exempt: retries of dead trials (`retry_of`), trials the user enqueued (`fixed_params`), and every
+trial when `study.allow_repeats` is true (noisy objectives, where a repeat measures again).
+"""
+
+import logging
+import time
+
+import optuna
+
+from experiment import ConfigError, sample_params
+
+log = logging.getLogger("worker")
+COMPLETE = optuna.trial.TrialState.COMPLETE
+FAIL = optuna.trial.TrialState.FAIL
+MAX_IN_A_ROW = 20  # repeats dropped in a row before a worker gives up: the space looks exhausted
+dropped_in_a_row = 0
+
+
+def settle(study, trial, config):
+    """Sample the trial's params; True when they repeat a tried config and the trial is settled (ask again)."""
+    global dropped_in_a_row
+    if config["study"]["objective"]:
+        return False  # a plain objective suggests its own params inside the run
+    try:
+        params = sample_params(trial, config.get("search_space") or {})
+    except Exception:
+        return False  # the worker samples again inside the trial's fail path, which records why
+    if config["study"]["allow_repeats"] or is_exempt(study, trial):
+        return False
+    twin = find_twin(study, trial.number, params)
+    if twin is None or twin.state == COMPLETE:
+        dropped_in_a_row = 0
+    if twin is None:
+        return False
+    if twin.state == COMPLETE:
+        answer(study, trial, twin)
+        return True
+    dropped_in_a_row += 1
+    drop(study, trial, twin, config)
+    return True
+
+
+def answer(study, trial, twin):
+    """Tell the repeat what its COMPLETE twin measured: no training."""
+    trial.set_user_attr("duplicate_of", twin.number)
+    trial.set_user_attr("metrics", twin.user_attrs.get("metrics", {}))
+    trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    study.tell(trial, twin.values if len(twin.values) > 1 else twin.value)
+    log.info("trial %d repeats trial %d: answered with %s, not trained", trial.number, twin.number, twin.values)
+
+
+def drop(study, trial, twin, config):
+    """Fail the repeat of a running, waiting, pruned or failed trial; it does not count toward the budget."""
+    reason = f"duplicate of {twin.state.name.lower()} trial {twin.number}"
+    trial.set_user_attr("fail_reason", reason)
+    study.tell(trial, state=FAIL)
+    log.info("trial %d dropped (%s): asking again", trial.number, reason)
+    if dropped_in_a_row >= MAX_IN_A_ROW:
+        raise ConfigError(
+            config["config_path"],
+            "search_space",
+            f"the sampler proposed {MAX_IN_A_ROW} configs in a row that are running, pruned or failed",
+            "widen search_space, or set study.allow_repeats: true to train repeats",
+        )
+
+
+def is_exempt(study, trial):
+    system = study._storage.get_trial_system_attrs(trial._trial_id)
+    return "retry_of" in trial.user_attrs or "fixed_params" in system
+
+
+def find_twin(study, number, params):
+    """The trial with exactly these params, a COMPLETE one first; None if there is none."""
+    twins = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number != number and t.params == params and not str(t.user_attrs.get("fail_reason", "")).startswith("dup")
+    ]
+    twins.sort(key=lambda t: (t.state != COMPLETE, t.number))
+    return twins[0] if twins else None

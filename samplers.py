@@ -1,0 +1,68 @@
+"""Which sampler a study gets, and the seed each worker gives it.
+
+`study.sampler` without a name is the default: chosen here from the search space and the budget
+(bench/quality.py measured the choice, README "Which sampler?"). With a name, the user's class
+and options are used as given. Either way each worker seeds its sampler as that kind needs.
+"""
+
+import importlib
+
+# Optional packages a sampler or pruner needs, with the pip command that installs them.
+NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
+# Samplers whose workers must share one seed: QMC's sequence and the grid's order are study-wide
+# (a sample counter, grid ids in system attrs); a different seed per worker gives a different sequence.
+SHARED_SEED = ("QMCSampler", "GridSampler")
+GP_MAX_PARAMS = 12  # a GP models small spaces well; past this TPE is the safer default
+GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE stays fast
+
+
+def default_spec(space, n_trials):
+    """The sampler a YAML without a sampler name gets: {"name": ..., options}."""
+    if len(space) <= GP_MAX_PARAMS and n_trials <= GP_MAX_TRIALS and has_module("scipy"):
+        return {"name": "GPSampler"}
+    return {"name": "TPESampler"}
+
+
+def worker_seed(name, seed, offset):
+    """The seed this worker gives its sampler: a different one per worker, or one shared by all."""
+    if name in SHARED_SEED:
+        return 0 if seed is None else seed  # never unseeded: each worker would draw its own
+    return None if seed is None else seed + offset  # the same seed everywhere repeats the same configs
+
+
+def resolve(spec, space, n_trials, offset):
+    """The sampler's class name and its options for this worker, the default filled in."""
+    spec = dict(spec)
+    seed = spec.pop("seed", None)
+    if "name" not in spec:
+        spec.update(default_spec(space, n_trials))
+    name = spec.pop("name")
+    seed = worker_seed(name, seed, offset)
+    return name, ({**spec, "seed": seed} if seed is not None else spec)
+
+
+def describe(spec, space, n_trials):
+    """One line for logs and --status: which sampler the study runs and why."""
+    name, options = resolve(spec, space, n_trials, 0)
+    options.pop("seed", None)
+    shown = name + (f" {options}" if options else "")
+    if "name" in spec:
+        return f"{shown} (study.sampler)"
+    if name == "GPSampler":
+        return f"{shown} (default: {len(space)} params, {n_trials} trials)"
+    why = "scipy not installed" if not has_module("scipy") else f"{len(space)} params, {n_trials} trials"
+    return f"{shown} (default: {why})"
+
+
+def has_module(name):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def missing_package(name):
+    """The pip package a sampler or pruner class needs and lacks, else None."""
+    package = NEEDS.get(name)
+    return package if package and not has_module(package) else None

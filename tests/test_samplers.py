@@ -1,0 +1,169 @@
+"""Which sampler a study gets, how each worker seeds it, and no configuration trained twice."""
+
+import optuna
+import pytest
+from conftest import write_experiment
+
+import repeats
+import samplers
+import worker
+from experiment import ConfigError, build_sampler, describe_sampler, load_config
+
+X = {"model.d_pos": 4, "training.lr": 0.01}
+Y = {"model.d_pos": 8, "training.lr": 0.002}
+
+
+def config_with(tmp_path, changes=None):
+    return load_config(write_experiment(tmp_path / "exp", changes))
+
+
+def first_params(sampler, n=1):
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(n):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_float("y", 0, 1))
+    return [t.params for t in study.trials]
+
+
+# ---------------------------------------------------------------- the default
+def test_a_yaml_without_a_sampler_name_gets_the_default_for_its_space(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {}})
+    assert type(build_sampler(config)).__name__ == "GPSampler"
+    assert "default" in describe_sampler(config)
+    many = {f"model.p{i}": {"type": "float", "low": 0, "high": 1} for i in range(20)}
+    config["search_space"] = many
+    assert type(build_sampler(config)).__name__ == "TPESampler", "a large space gets TPE"
+    config = config_with(tmp_path, {"study.sampler": {}, "study.n_trials": 5000})
+    assert type(build_sampler(config)).__name__ == "TPESampler", "a large budget gets TPE"
+
+
+def test_without_scipy_the_default_is_tpe_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(samplers, "has_module", lambda name: False)
+    config = config_with(tmp_path, {"study.sampler": {}})
+    assert type(build_sampler(config)).__name__ == "TPESampler"
+    assert "scipy not installed" in describe_sampler(config)
+
+
+def test_a_seed_without_a_name_seeds_the_default(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {"seed": 0}})
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    one, two = build_sampler(config, 3), build_sampler(config, 3)
+    study_one, study_two = optuna.create_study(sampler=one), optuna.create_study(sampler=two)
+    assert study_one.ask(space).params == study_two.ask(space).params, "same seed, same worker: reproducible"
+    assert type(one).__name__ == "GPSampler"
+
+
+def test_a_named_sampler_keeps_its_options_and_a_bad_seed_is_one_clear_error(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {"name": "RandomSampler", "seed": 1}})
+    assert type(build_sampler(config)).__name__ == "RandomSampler"
+    assert "(study.sampler)" in describe_sampler(config)
+    config["study"]["sampler"] = {"seed": "abc"}
+    with pytest.raises(ConfigError, match="study.sampler.seed"):
+        build_sampler(config)
+
+
+# ---------------------------------------------------------------- seeds per worker
+@pytest.mark.parametrize("name", ["TPESampler", "RandomSampler", "GPSampler"])
+def test_model_based_and_random_samplers_get_a_different_seed_in_each_worker(tmp_path, name):
+    config = config_with(tmp_path, {"study.sampler": {"name": name, "seed": 0}})
+    assert first_params(build_sampler(config, 1)) != first_params(build_sampler(config, 2))
+    assert first_params(build_sampler(config, 1)) == first_params(build_sampler(config, 1))
+
+
+def test_qmc_workers_share_one_seed_and_walk_one_sequence_together(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {"name": "QMCSampler", "seed": 0}})
+    alone = first_params(build_sampler(config, 0), 4)
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage, study_name="qmc")
+    workers = [optuna.load_study(study_name="qmc", storage=storage, sampler=build_sampler(config, i)) for i in (7, 9)]
+    for i in range(4):  # two workers taking turns, as two array tasks would
+        trial = workers[i % 2].ask()
+        workers[i % 2].tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_float("y", 0, 1))
+    assert [t.params for t in workers[0].trials] == alone
+
+
+def test_grid_workers_share_one_order_and_cover_the_grid_without_repeats(tmp_path):
+    grid = {"name": "GridSampler", "search_space": {"x": [0.1, 0.2, 0.3], "y": [0.3, 0.4]}}
+    config = config_with(tmp_path, {"study.sampler": grid})
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage, study_name="grid")
+    workers = [optuna.load_study(study_name="grid", storage=storage, sampler=build_sampler(config, i)) for i in (3, 5)]
+    for i in range(4):
+        trial = workers[i % 2].ask()
+        workers[i % 2].tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_float("y", 0, 1))
+    assert len({tuple(sorted(t.params.items())) for t in workers[0].trials}) == 4, "4 trials, 4 grid points"
+
+
+# ---------------------------------------------------------------- no configuration trained twice
+class Proposes(optuna.samplers.BaseSampler):
+    """A sampler that proposes the given configs in turn (as a GP or a race between workers may)."""
+
+    def __init__(self, *configs):
+        self.configs, self.asked = list(configs), -1
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def before_trial(self, study, trial):
+        self.asked += 1
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self.configs[min(self.asked, len(self.configs) - 1)][name]
+
+
+def study_with(config, *configs):
+    return optuna.create_study(sampler=Proposes(*configs))
+
+
+def test_a_repeat_of_a_complete_config_is_answered_from_it_without_training(tmp_path):
+    config = config_with(tmp_path, {"study.n_trials": 3})
+    study = study_with(config, X, X, Y)
+    first = worker.claim_trial(study, config)
+    first.set_user_attr("metrics", {"val_mae_mean": 0.25})
+    study.tell(first, 0.25)
+    trial = worker.claim_trial(study, config)  # the sampler repeats X, then proposes Y
+    assert trial.params == Y
+    answered = study.trials[1]
+    assert (answered.state.name, answered.value, answered.params) == ("COMPLETE", 0.25, X)
+    assert answered.user_attrs["duplicate_of"] == 0 and answered.user_attrs["metrics"] == {"val_mae_mean": 0.25}
+
+
+def test_a_repeat_of_a_running_config_is_sampled_again_and_costs_no_budget(tmp_path):
+    config = config_with(tmp_path, {"study.n_trials": 2})
+    study = study_with(config, X, X, Y)
+    running = worker.claim_trial(study, config)
+    trial = worker.claim_trial(study, config)
+    assert (running.params, trial.params) == (X, Y), "two workers, two different configs"
+    dropped = study.trials[1]
+    assert dropped.state.name == "FAIL" and dropped.user_attrs["fail_reason"] == "duplicate of running trial 0"
+    assert worker.still_to_run(study.trials, 2) == 0, "the dropped repeat does not count; the two trials do"
+
+
+def test_a_repeat_of_a_pruned_config_is_sampled_again(tmp_path):
+    config = config_with(tmp_path)
+    study = study_with(config, X, X, Y)
+    study.tell(worker.claim_trial(study, config), state=optuna.trial.TrialState.PRUNED)
+    assert worker.claim_trial(study, config).params == Y
+    assert study.trials[1].user_attrs["fail_reason"] == "duplicate of pruned trial 0"
+
+
+def test_an_enqueued_repeat_and_allowed_repeats_are_trained(tmp_path):
+    config = config_with(tmp_path)
+    study = study_with(config, X, X)
+    study.tell(worker.claim_trial(study, config), 0.5)
+    study.enqueue_trial(X)
+    assert worker.claim_trial(study, config).params == X, "the user enqueued it on purpose"
+    config["study"]["allow_repeats"] = True
+    assert worker.claim_trial(study, config).params == X, "study.allow_repeats: true trains repeats"
+
+
+def test_a_sampler_stuck_on_tried_configs_stops_the_worker_with_a_clear_error(tmp_path):
+    config = config_with(tmp_path, {"study.n_trials": 50})
+    study = study_with(config, X)
+    study.tell(worker.claim_trial(study, config), state=optuna.trial.TrialState.PRUNED)
+    repeats.dropped_in_a_row = 0
+    with pytest.raises(ConfigError, match="allow_repeats"):
+        worker.claim_trial(study, config)
