@@ -21,16 +21,20 @@ BaseJournalSnapshot, which stores the number of ops it has applied) agrees on th
 and after a rewrite. All private Optuna use of the project lives in this module.
 """
 
+import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal._base import BaseJournalSnapshot
 from optuna.storages.journal._file import LOCK_FILE_SUFFIX, get_lock_file
 
 log = logging.getLogger("journal")
@@ -39,6 +43,12 @@ LOCK_GRACE_S = 30  # Optuna's lock grace: a lock file unchanged this long is bro
 # Caches derived from the journal (a snapshot of its replay, say) sit beside it and match this
 # pattern; a rewrite deletes them, since they count ops and bytes of the old file.
 CACHE_PATTERN = "{name}.snapshot*"
+SNAPSHOT_FORMAT = 1
+# The journal bytes a snapshot vouches for: the first ones (the study's creation, with a random worker
+# id) and the last before its offset. A rewrite or another journal changes them; reading them is cheap.
+FINGERPRINT_BYTES = 4096
+# A load that replayed this many ops past its snapshot (about 100 trials of ~23 ops) writes a new one.
+REFRESH_OPS = 2500
 BACKUP_PATTERN = "{name}.bak-{stamp}"
 UNTERMINATED = "unterminated last line (an append in progress, or a torn one that the next append seals)"
 
@@ -91,15 +101,23 @@ def entries(f, offset=0, line=1, tail=False):
         offset, line = offset + len(raw), line + 1
 
 
-class JournalFile(JournalFileBackend):
-    """Optuna's journal file backend that seals torn lines before appending and skips bad lines."""
+class JournalFile(JournalFileBackend, BaseJournalSnapshot):
+    """Optuna's journal file backend that seals torn lines before appending, skips bad lines, and keeps
+    a snapshot of the replayed study beside the journal, so that a load replays only the ops after it."""
 
     def __init__(self, path):
         super().__init__(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        self._positions = {0: (0, 1)}  # op number -> (byte offset, line) where reading it starts
+        # op number -> (byte offset, line) where reading the next op starts: where each read ended,
+        # and where a restored snapshot ends. Not one entry per op: a 100k-trial study has millions.
+        self._positions = {0: (0, 1)}
+        self._end = (0, 0, 1)  # (ops, offset, line) after the last op handed to Optuna
         self._warned = set()
+        self.snapshot = Snapshot(Path(path))
+        self.restored = 0  # ops covered by the snapshot this process started from
 
     def read_logs(self, log_number_from):
+        # Where the last read stopped, even if Optuna stopped consuming it midway (an apply that raised).
+        self._positions[self._end[0]] = self._end[1:]
         number = log_number_from if log_number_from in self._positions else 0
         offset, line = self._positions[number]
         with open(self._file_path, "rb") as f:
@@ -107,11 +125,14 @@ class JournalFile(JournalFileBackend):
                 if entry.problem and entry.offset not in self._warned:
                     self._warned.add(entry.offset)
                     log.warning("%s: line %d (byte %d): %s", self._file_path, entry.line, entry.offset, entry.problem)
+                offset, line = entry.offset + entry.size, entry.line + 1
                 if entry.op is not None:
                     number += 1
-                self._positions[number] = (entry.offset + entry.size, entry.line + 1)
-                if entry.op is not None and number > log_number_from:
-                    yield entry.op
+                    if number > log_number_from:
+                        self._end = (number, offset, line)  # Optuna counts an op as read once it has it
+                        yield entry.op
+        if number >= self._end[0]:
+            self._end = (number, offset, line)  # bad lines after the last op: not read again
 
     def append_logs(self, logs):
         data = b"".join(json.dumps(op, separators=(",", ":")).encode() + b"\n" for op in logs)
@@ -131,6 +152,20 @@ class JournalFile(JournalFileBackend):
             except OSError as e:
                 raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
 
+    def save_snapshot(self, snapshot):
+        # Optuna pickles its replay result right after reading the journal to its end, under its thread
+        # lock: the pickle covers exactly the ops of our last read.
+        self.snapshot.save(snapshot, *self._end)
+
+    def load_snapshot(self):
+        found = self.snapshot.load()
+        if found is None:
+            return None
+        (ops, offset, line), payload = found
+        self._positions[ops] = (offset, line)  # the replay goes on from there without parsing a line before it
+        self.restored = ops
+        return payload
+
 
 def _write_all(fd, data):
     while data:  # a full disk may take part of it, then fail
@@ -138,8 +173,126 @@ def _write_all(fd, data):
 
 
 def open_journal(path):
-    """The study storage for a journal file, as every part of the project (and the tests) opens it."""
-    return optuna.storages.JournalStorage(JournalFile(path))
+    """The study storage for a journal file, as every part of the project (and the tests) opens it.
+
+    A load that had to replay many ops (no snapshot yet, a stale or rejected one) leaves a fresh snapshot
+    for the next: Optuna itself saves one only when a process creates every 100th trial.
+    """
+    backend = JournalFile(path)
+    storage = optuna.storages.JournalStorage(backend)
+    if backend._end[0] - backend.restored >= REFRESH_OPS:
+        save_snapshot(storage)
+    return storage
+
+
+def save_snapshot(storage):
+    """Save the journal storage's replayed state as its snapshot now (as Optuna does every 100 trials)."""
+    with storage._thread_lock:
+        storage._sync_with_backend()
+        storage._backend.save_snapshot(pickle.dumps(storage._replay_result))
+
+
+# ---------------------------------------------------------------- snapshot
+class Snapshot:
+    """`journal.log.snapshot`: a pickle of Optuna's replayed study, and which bytes of the journal it covers.
+
+    One JSON line, then the pickle. The line says how many ops the pickle has applied, the byte offset
+    and line where they end, a digest of the journal's first bytes and of those just before that
+    offset, a digest of the pickle, and the Optuna version that wrote it. A snapshot is never trusted
+    over the journal: one that does not match the journal's bytes (rewritten by a repair, another
+    journal), is damaged, or comes from another Optuna version is ignored, and the whole journal is
+    replayed. One that is merely behind is extended by the ops after it. Being a pickle, it lives only
+    in the run directory (0700) and is written 0600.
+    """
+
+    def __init__(self, journal_path):
+        self.journal = journal_path
+        self.path = journal_path.with_name(journal_path.name + ".snapshot")
+        self.rejected = False  # this process found it damaged or mismatched: the next save replaces it
+
+    def save(self, payload, ops, offset, line):
+        if ops <= self.covered():
+            return  # a concurrent worker saved one at least as recent
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "optuna": optuna.__version__,
+            "ops": ops,
+            "offset": offset,
+            "line": line,
+            "journal": self._fingerprint(offset),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        # A unique name per writer, renamed into place: concurrent writers never mix their bytes, and a
+        # reader sees a whole snapshot or the one before. Matches CACHE_PATTERN, so a repair removes leftovers.
+        partial = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(meta).encode() + b"\n")
+                f.write(payload)
+            os.replace(partial, self.path)  # no fsync: a snapshot torn by a crash fails its digest
+            self.rejected = False
+        except (OSError, ValueError) as e:  # a full disk costs the next loads time, never a trial
+            log.warning("%s: snapshot not written (%s): loads replay the whole journal", self.path, e)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def covered(self):
+        """Ops covered by the snapshot on disk if it matches the journal (0 otherwise), from its first line only.
+
+        The digest of its pickle is not checked here: a damaged one is rejected by the next load, which
+        then saves over it (`rejected`).
+        """
+        try:
+            with open(self.path, "rb") as f:
+                meta = self._meta(f.readline())
+        except OSError:
+            return 0
+        return 0 if self.rejected or isinstance(meta, str) else meta["ops"]
+
+    def load(self):
+        """((ops, offset, line), pickle) of a snapshot that matches the journal; else None."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            data = str(e).encode()  # reported below as not a snapshot
+        head, _, payload = data.partition(b"\n")
+        meta = self._meta(head)
+        if not isinstance(meta, str) and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+            meta = "its bytes are damaged"
+        if isinstance(meta, str):
+            self.rejected = True
+            log.warning("%s: ignored, %s: the whole journal is replayed", self.path, meta)
+            return None
+        return (meta["ops"], meta["offset"], meta["line"]), payload
+
+    def _meta(self, head):
+        """The snapshot's first line if it is one of this Optuna and matches the journal; else why not."""
+        try:
+            meta = json.loads(head)
+            meta.update(ops=int(meta["ops"]), offset=int(meta["offset"]), line=int(meta["line"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "not a snapshot of this tool"
+        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("optuna") != optuna.__version__:
+            return f"written by optuna {meta.get('optuna')} (format {meta.get('format')}), this is {optuna.__version__}"
+        if meta["ops"] < 0 or meta["line"] < 1 or meta.get("journal") != self._fingerprint(meta["offset"]):
+            return "it does not match the journal (rewritten by a repair, or replaced)"
+        return meta
+
+    def _fingerprint(self, offset):
+        """Digest of the journal's first bytes and of the bytes just before offset; None if it is shorter."""
+        try:
+            with open(self.journal, "rb") as f:
+                if offset < 0 or os.fstat(f.fileno()).st_size < offset:
+                    return None
+                head = f.read(min(offset, FINGERPRINT_BYTES))
+                f.seek(max(0, offset - FINGERPRINT_BYTES))
+                tail = f.read(offset - f.tell())
+        except OSError:
+            return None
+        return hashlib.sha256(head + b"|" + tail + b"|" + str(offset).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- check and repair
