@@ -21,12 +21,15 @@ BaseJournalSnapshot, which stores the number of ops it has applied) agrees on th
 and after a rewrite. All private Optuna use of the project lives in this module.
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import pickle
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from pathlib import Path
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.storages.journal._base import BaseJournalSnapshot
-from optuna.storages.journal._file import LOCK_FILE_SUFFIX, get_lock_file
+from optuna.storages.journal._file import LOCK_FILE_SUFFIX, BaseJournalFileLock, get_lock_file
 
 log = logging.getLogger("journal")
 OP_START = b'{"op_code":'  # how Optuna's JournalStorage serializes every op
@@ -43,6 +46,10 @@ LOCK_GRACE_S = 30  # Optuna's lock grace: a lock file unchanged this long is bro
 # Caches derived from the journal (a snapshot of its replay, say) sit beside it and match this
 # pattern; a rewrite deletes them, since they count ops and bytes of the old file.
 CACHE_PATTERN = "{name}.snapshot*"
+QUEUE_SUFFIX = ".flock"  # the file that journal writers take a fcntl lock on, in turn
+HOLDER_MARK = "journal-lock"  # a lock file a JournalLock created says "<mark> <host> <pid> <process start>"
+# fcntl lock errors that mean "not on this filesystem" (a lost lock server is ENOLCK too): use the lock file alone.
+NO_FCNTL = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 SNAPSHOT_FORMAT = 1
 # The journal bytes a snapshot vouches for: the first ones (the study's creation, with a random worker
 # id) and the last before its offset. A rewrite or another journal changes them; reading them is cheap.
@@ -105,8 +112,8 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
     """Optuna's journal file backend that seals torn lines before appending, skips bad lines, and keeps
     a snapshot of the replayed study beside the journal, so that a load replays only the ops after it."""
 
-    def __init__(self, path):
-        super().__init__(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    def __init__(self, path, lock=None):
+        super().__init__(str(path), lock_obj=lock or JournalLock(str(path)))
         # op number -> (byte offset, line) where reading the next op starts: where each read ended,
         # and where a restored snapshot ends. Not one entry per op: a 100k-trial study has millions.
         self._positions = {0: (0, 1)}
@@ -136,21 +143,32 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
 
     def append_logs(self, logs):
         data = b"".join(json.dumps(op, separators=(",", ":")).encode() + b"\n" for op in logs)
-        with get_lock_file(self._lock):
+        try:
+            with get_lock_file(self._lock):
+                self._append(data)
+            # Durable before Optuna goes on, but flushed outside the lock: a flush to disk takes ~5 ms,
+            # the append itself far less, and writers flushing at once share one flush of the disk.
+            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
             try:
-                fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
-                try:
-                    size = os.fstat(fd).st_size
-                    if size and os.pread(fd, 1, size - 1) != b"\n":
-                        # Sealed, the torn line is skipped by every reader; unsealed, our op would be lost with it.
-                        log.warning("%s: sealed a torn line at byte %d (an interrupted append)", self._file_path, size)
-                        data = b"\n" + data
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)  # on NFS, close reports delayed write errors too
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
+
+    def _append(self, data):
+        fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # Sealed, the torn line is skipped by every reader; unsealed, our op would be lost with it.
+                log.warning("%s: sealed a torn line at byte %d (an interrupted append)", self._file_path, size)
+                data = b"\n" + data
+            _write_all(fd, data)
+        finally:
+            # Before the lock goes: on NFS, close sends the bytes to the server (close-to-open consistency),
+            # so the next holder appends after them; it also reports delayed write errors.
+            os.close(fd)
 
     def save_snapshot(self, snapshot):
         # Optuna pickles its replay result right after reading the journal to its end, under its thread
@@ -170,6 +188,111 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
 def _write_all(fd, data):
     while data:  # a full disk may take part of it, then fail
         data = data[os.write(fd, data) :]
+
+
+# ---------------------------------------------------------------- the lock
+class JournalLock(BaseJournalFileLock):
+    """Optuna's open lock (`journal.log.lock`, O_EXCL), with a queue in front of it: a kernel lock.
+
+    Alone, Optuna's open lock is polled with a backoff that grows to 1 s and has no order: with
+    hundreds of workers the unlucky ones wait many seconds. Here a writer first takes a POSIX fcntl
+    lock on `journal.log.flock`, for which the kernel makes the waiters sleep and wakes one when it
+    is released, and only then creates the lock file, which is then almost always free. The lock
+    file still decides: so writers that only know it (Optuna's CLI, a filesystem without fcntl locks,
+    or one where they are local to a node) are excluded as before. A fcntl lock dies with its process;
+    the lock file a killed holder leaves names it, and the next writer in the queue on that host
+    breaks it at once instead of waiting Optuna's 30 s grace.
+    """
+
+    warned = False  # say once per process that the filesystem has no fcntl locks
+
+    def __init__(self, path):
+        self._open_lock = JournalFileOpenLock(path)
+        self._lock_file = path + LOCK_FILE_SUFFIX
+        self._queue_file = path + QUEUE_SUFFIX
+        self._fd = None
+
+    def acquire(self):
+        self._fd = self._queue()
+        try:
+            if self._fd is not None:
+                self._break_dead_holder()
+            if not self._create():
+                self._open_lock.acquire()  # held by a writer outside the queue: Optuna's polling and grace
+        except BaseException:
+            self._leave_queue()
+            raise
+        return True
+
+    def release(self):
+        try:
+            self._open_lock.release()
+        finally:
+            self._leave_queue()
+
+    def _queue(self):
+        """A descriptor holding the fcntl lock; None where the filesystem has none (NFS nolock, Lustre noflock)."""
+        try:
+            fd = os.open(self._queue_file, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)  # sleeps in the kernel until it is ours
+            return fd
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in NO_FCNTL:
+                raise
+            if not JournalLock.warned:
+                JournalLock.warned = True
+                log.warning("%s: no fcntl locks here (%s): appends wait on the lock file alone", self._queue_file, e)
+            return None
+
+    def _leave_queue(self):
+        if self._fd is not None:
+            os.close(self._fd)  # closing it releases the fcntl lock
+            self._fd = None
+
+    def _create(self):
+        try:
+            fd = os.open(self._lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, f"{HOLDER_MARK} {socket.gethostname()} {os.getpid()} {_started(os.getpid())}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock is ours all the same, only a death would then cost Optuna's grace
+        finally:
+            os.close(fd)
+        return True
+
+    def _break_dead_holder(self):
+        """In the queue's front, a lock file of a queued writer can only be left by a dead one: break it.
+
+        Only on the holder's own host, where its pid can be checked; else Optuna's grace decides.
+        """
+        try:
+            with open(self._lock_file, "rb") as f:  # Optuna's symlink lock points at the journal: read little
+                mark, host, pid, started = (f.read(256).decode().split() + ["", "", "", ""])[:4]
+        except (OSError, UnicodeDecodeError):
+            return
+        if mark != HOLDER_MARK or host != socket.gethostname() or not pid.isdigit() or _started(int(pid)) == started:
+            return
+        log.warning("%s: its holder (pid %s) died holding it: removed", self._lock_file, pid)
+        break_lock(self._journal())
+
+    def _journal(self):
+        return self._lock_file[: -len(LOCK_FILE_SUFFIX)]
+
+
+def _started(pid):
+    """The process's start time in clock ticks ("" if gone or a zombie), so a reused pid is told apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return ""
+    return "" if not fields or fields[0] == "Z" else fields[19]
 
 
 def open_journal(path):
@@ -338,7 +461,7 @@ def rewrite(path):
     Returns the number of ops kept.
     """
     path = Path(path)
-    with get_lock_file(JournalFileOpenLock(str(path))):  # a stray writer (the optuna CLI) waits
+    with get_lock_file(JournalLock(str(path))):  # a stray writer (the optuna CLI) waits
         with open(path, "rb") as f:
             kept = [e.op_bytes + b"\n" for e in entries(f, tail=True) if e.op is not None]
         partial = path.with_name(path.name + ".repair")
