@@ -297,7 +297,7 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     if origin is None or handle.checkpoint.exists() or not source.exists():
         return
     shutil.copy(source, handle.checkpoint)
-    dead = study.trials[origin]
+    dead = study.get_trials(deepcopy=False)[origin]  # numbered in order; study.trials would copy every trial
     for step, value in sorted(dead.intermediate_values.items()):
         trial.report(value, step)
     trial.set_user_attr("requeues", dead.user_attrs.get("requeues", 0))  # walltimes already spent count
