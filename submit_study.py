@@ -106,7 +106,8 @@ def main(argv=None):
                 return check_storage(config, args.repair)
             study = open_existing_study(config)
             return show_status(study, config) if args.status else export_best(study, config, args.export_best)
-        return submit(args, config_from_args(args))
+        config = config_from_args(args)  # bound for the full-filesystem message below
+        return submit(args, config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
