@@ -349,7 +349,10 @@ class Snapshot:
         # reader sees a whole snapshot or the one before. Matches CACHE_PATTERN, so a repair removes leftovers.
         partial = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.partial")
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # Readable by the group only where the run directory is (--group_access: 0750): a teammate's
+            # status reads it, and nobody but the owner can write it or the directory.
+            group = os.stat(self.path.parent).st_mode & 0o040
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 | group)
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps(meta).encode() + b"\n")
                 f.write(payload)
@@ -379,8 +382,9 @@ class Snapshot:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return None
-        except OSError as e:
-            data = str(e).encode()  # reported below as not a snapshot
+        except OSError as e:  # a teammate's status (--group_access): the snapshot is the owner's only
+            log.warning("%s: unreadable (%s): the whole journal is replayed", self.path, e.strerror)
+            return None
         head, _, payload = data.partition(b"\n")
         meta = self._meta(head)
         if not isinstance(meta, str) and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
