@@ -375,7 +375,7 @@ def open_existing_study(config):
             "submit it first, or pass the --study_name it was submitted with",
         )
     storage = open_storage(config, url, config["config_path"])
-    if name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+    if name not in optuna.get_all_study_names(storage):  # summaries would deep-copy every trial
         raise ConfigError(
             config["config_path"],
             "study.study_name",
