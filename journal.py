@@ -1,4 +1,4 @@
-"""The study's journal file: open it, seal torn lines, read it tolerantly, check and repair it.
+"""The study's journal file: open it, seal torn lines, read it tolerantly, snapshot it, check and repair it.
 
 Optuna's JournalFileBackend appends one JSON op per line, under a lock file. A writer interrupted
 mid-append (full disk, exceeded quota, node crash) leaves a torn line without its newline; Optuna's
@@ -12,6 +12,11 @@ load (optuna#5138): the study is dead. Here:
   line and byte offset; a whole op glued onto a torn one (written by a plain Optuna writer) is
   recovered. An unterminated last line is an append in progress, or a torn one not sealed yet:
   it is read once it has its newline.
+- Locking: Optuna's lock file, with a queue in front of it (a fcntl lock), so that hundreds of
+  writers do not poll it (JournalLock); the flush to disk comes after the lock.
+- Loading: a snapshot of Optuna's replayed study (journal.log.snapshot, BaseJournalSnapshot) is
+  restored, checked against the journal's bytes first, and only the ops after it are parsed
+  (Snapshot).
 - Checking and repairing: scan() lists the bad lines, stale_lock() a lock left by a dead process;
   rewrite() drops the bad lines so that Optuna's own strict reader reads the study again. It must
   only run while no worker is alive (the caller checks that) and after backup().
@@ -303,8 +308,8 @@ def open_journal(path):
     """
     backend = JournalFile(path)
     storage = optuna.storages.JournalStorage(backend)
-    if backend._end[0] - backend.restored >= REFRESH_OPS:
-        save_snapshot(storage)
+    if backend._end[0] - max(backend.restored, backend.snapshot.covered()) >= REFRESH_OPS:
+        save_snapshot(storage)  # unless a worker that started meanwhile saved one already
     return storage
 
 
