@@ -8,12 +8,14 @@ The study is written as workers write it: one real worker run records a trial's 
 ten reports, the tell: ~23 ops), and N copies of them, renumbered and with their own values, are
 appended to the journal. Then timed, each a whole process: `python worker.py` (start, load,
 reconcile, ask, a 0 s trial from bench/scale_trainer.py, tell) and `submit_study.py --status`,
-first with the journal's snapshot deleted (every op replayed), then with it present.
+first with the journal's snapshot deleted (every op replayed; that load then writes one), then
+with it present; with --before DIR, first also with that copy of the tool (an older commit).
 """
 
 import argparse
 import json
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,15 +42,21 @@ def write_config(folder, budget):
     return path
 
 
-def run(script, config, *flags):
-    started = time.perf_counter()
+def run(script, config, *flags, project=PROJECT):
+    """(wall s, CPU s) of one run: CPU time is what a busy shared machine inflates least."""
+    started, cpu = time.perf_counter(), cpu_of_children()
     out = subprocess.run(
-        [sys.executable, str(PROJECT / script), "--config", str(config), *flags],
+        [sys.executable, str(project / script), "--config", str(config), *flags],
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_of_children() - cpu
+
+
+def cpu_of_children():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def build(folder, size):
@@ -67,7 +75,7 @@ def build(folder, size):
             f.writelines(line + "\n" for line in renumbered(trial, number, rng, rng.choice(workers)))
     for cache in log.parent.glob("journal.log.snapshot*"):
         cache.unlink()
-    return write_config(folder, size + 1), log
+    return write_config(folder, size + 1000), log  # every timed worker run gets a trial to run
 
 
 def renumbered(trial, number, rng, worker):
@@ -85,28 +93,30 @@ def renumbered(trial, number, rng, worker):
         yield json.dumps(op, separators=(",", ":"))
 
 
-def measure(size, repeats):
+def measure(size, repeats, before):
+    """Side by side: `before` (another copy of the tool, if given), without the snapshot, with it."""
     with tempfile.TemporaryDirectory() as tmp:
         config, log = build(Path(tmp), size)
-        row = {"trials": size, "MB": log.stat().st_size / 1e6}
-        for label, keep in (("no snapshot", False), ("snapshot", True)):
+        row = {"trials": size, "journal MB": f"{log.stat().st_size / 1e6:.0f}"}
+        variants = [("before", before, False)] if before else []
+        for label, project, keep in variants + [("no snapshot", PROJECT, False), ("snapshot", PROJECT, True)]:
             if keep:
-                run("submit_study.py", config, "--status")  # any load that replays the journal writes one
+                run("submit_study.py", config, "--status")  # a load that replays the journal writes one
             for kind, script, flags in (("worker", "worker.py", ()), ("status", "submit_study.py", ("--status",))):
                 times = []
                 for _ in range(repeats):
                     if not keep:
                         for cache in log.parent.glob("journal.log.snapshot*"):
                             cache.unlink()
-                    times.append(run(script, config, *flags))
-                row[f"{kind} s, {label}"] = min(times)
+                    times.append(run(script, config, *flags, project=project))
+                row[f"{kind}, {label}"] = min(times)
         return row
 
 
 def floor():
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_of_children()
     subprocess.run([sys.executable, "-c", "import optuna, yaml"], check=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_of_children() - cpu
 
 
 def main():
@@ -114,19 +124,23 @@ def main():
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--full", action="store_true", help="add N = 100000")
     parser.add_argument("--repeats", type=int, default=2, help="runs per figure; the fastest counts")
+    parser.add_argument(
+        "--before", type=Path, help="another copy of the tool to time too (git archive <commit> | tar -x -C DIR)"
+    )
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")] + ([100000] if args.full else [])
-    print(f"floor: python -c 'import optuna, yaml' {floor():.2f} s")
-    rows = [measure(size, args.repeats) for size in sizes]
-    columns = list(rows[0])
-    print("  ".join(f"{c:>20}" for c in columns))
+    wall, cpu = min(floor() for _ in range(3))
+    print(f"floor: python -c 'import optuna, yaml' {wall:.2f} s ({cpu:.2f} s CPU)")
+    rows = [measure(size, args.repeats, args.before) for size in sizes]
+    print("seconds of a whole process, wall (CPU)")
+    print("  ".join(f"{c:>21}" for c in rows[0]))
     for row in rows:
-        print("  ".join(f"{v:>20.2f}" if isinstance(v, float) else f"{v:>20}" for v in row.values()))
+        print("  ".join(f"{v[0]:>12.2f} ({v[1]:>5.2f})" if isinstance(v, tuple) else f"{v:>21}" for v in row.values()))
     for row in rows:
-        print(
-            f"{row['trials']} trials: the snapshot makes a worker run x{row['worker s, no snapshot'] / row['worker s, snapshot']:.1f}"
-            f" and --status x{row['status s, no snapshot'] / row['status s, snapshot']:.1f} faster"
-        )
+        for base in ("before", "no snapshot") if args.before else ("no snapshot",):
+            worker = row[f"worker, {base}"][0] / row["worker, snapshot"][0]
+            status = row[f"status, {base}"][0] / row["status, snapshot"][0]
+            print(f"{row['trials']} trials, snapshot vs {base}: worker x{worker:.1f}, --status x{status:.1f} faster")
     return 0
 
 
