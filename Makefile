@@ -8,6 +8,7 @@ ARGS ?=
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+COMMA := ,
 WHICH := $(if $(EXP),--exp_id $(EXP),--config $(CONFIG)) $(if $(STUDY),--study_name $(STUDY))
 
 .PHONY: help venv demo submit dry-run status best doctor cluster test lint bench clean
@@ -20,7 +21,7 @@ help:
 	@echo "make best      write best_trial.yaml (retrain: python worker.py --config best_trial.yaml)"
 	@echo "make doctor    check the storage (torn journal lines, stale lock, trials without a worker) and repair it"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage and status-at-scale benchmarks (bench/README.md)"
+	@echo "make bench     storage, status-at-scale and study-size benchmarks (bench/README.md; FULL=1: full sizes)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -56,9 +57,12 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# FULL=1: full sizes (a 100,000-trial study, 256 concurrent workers): tens of minutes on 2 cores.
 bench: venv
 	$(PY) bench/storage_bench.py --workers 16 --trials 10
 	$(PY) bench/status_bench.py
+	$(PY) bench/scale_bench.py $(if $(FULL),--full)
+	$(if $(FULL),$(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal$(COMMA)journal-queued$(COMMA)optuna-journal)
 
 clean:
 	rm -rf runs data best_trial.yaml .pytest_cache

@@ -6,8 +6,8 @@
 Each worker is a separate process (as array tasks are) that loads the study and runs
 ask -> suggest -> tell with TPE. Reported per storage: finished trials, trials left RUNNING
 (lost), errors, throughput and the median/p95 ask latency, then the ratios side by side.
-Storages: journal (the tool's: journal.py, its lock queued behind a fcntl lock, the flush to disk
-outside the lock), journal-open (the same with Optuna's JournalFileOpenLock alone),
+Storages: journal (the tool's: journal.py with Optuna's JournalFileOpenLock, the flush to disk
+after the lock), journal-queued (the same, its lock queued behind a fcntl lock: JOURNAL_LOCK=queued),
 optuna-journal (Optuna's JournalFileBackend and JournalFileOpenLock, which flushes under the lock),
 SQLite with timeout=60 and with its 5 s default.
 """
@@ -30,9 +30,9 @@ import journal  # noqa: E402
 def storage_for(kind, folder):
     path = Path(folder) / "journal.log"
     if kind == "journal":
-        return journal.open_journal(path)  # the tool's default: queued lock, snapshot
-    if kind == "journal-open":  # the same, with Optuna's open lock alone
-        return optuna.storages.JournalStorage(journal.JournalFile(path, JournalFileOpenLock(str(path))))
+        return journal.open_journal(path)  # the tool's default (Optuna's open lock, unless JOURNAL_LOCK is set)
+    if kind == "journal-queued":  # the same, its lock queued behind a fcntl lock (JOURNAL_LOCK=queued)
+        return optuna.storages.JournalStorage(journal.JournalFile(path, journal.JournalLock(str(path))))
     if kind == "optuna-journal":  # Optuna's own backend and open lock: fsync under the lock (the seed's)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     timeout = {"sqlite": 60, "sqlite-5s": 5}[kind]
@@ -94,7 +94,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--trials", type=int, default=10, help="trials per worker")
-    parser.add_argument("--storages", default="journal,journal-open,optuna-journal,sqlite,sqlite-5s")
+    parser.add_argument("--storages", default="journal,journal-queued,optuna-journal,sqlite,sqlite-5s")
     args = parser.parse_args()
     rows = [run(kind, args.workers, args.trials) for kind in args.storages.split(",")]
     print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE), {args.workers * args.trials} asked")

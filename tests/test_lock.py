@@ -1,4 +1,4 @@
-"""The journal's lock: Optuna's lock file, queued behind a fcntl lock. Real files, real processes."""
+"""The journal's queued lock (JOURNAL_LOCK=queued): Optuna's lock file behind a fcntl lock. Real files and processes."""
 
 import errno
 import json
@@ -16,7 +16,7 @@ APPENDER = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import journal
-backend = journal.JournalFile(sys.argv[2])
+backend = journal.JournalFile(sys.argv[2], journal.JournalLock(sys.argv[2]))
 for i in range(int(sys.argv[4])):
     backend.append_logs([{"op_code": 8, "worker_id": sys.argv[3], "trial_id": 0, "user_attr": {"i": i}}])
 """
@@ -96,9 +96,17 @@ def test_without_fcntl_locks_the_lock_file_alone_serializes(tmp_path, monkeypatc
     monkeypatch.setattr(journal.fcntl, "lockf", no_locks)
     monkeypatch.setattr(journal.JournalLock, "warned", False)
     path = tmp_path / "journal.log"
-    backend = journal.JournalFile(path)
+    backend = journal.JournalFile(path, journal.JournalLock(str(path)))
     with caplog.at_level(logging.WARNING, logger="journal"):
         for i in range(3):
             backend.append_logs([{"op_code": 8, "worker_id": "w", "trial_id": 0, "user_attr": {"i": i}}])
     assert journal.scan(path) == (3, [])
     assert caplog.text.count("no fcntl locks here") == 1
+
+
+def test_the_default_lock_is_optunas_open_lock_and_queued_is_opt_in(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal.log")
+    monkeypatch.delenv("JOURNAL_LOCK", raising=False)
+    assert type(journal.default_lock(path)).__name__ == "JournalFileOpenLock"
+    monkeypatch.setenv("JOURNAL_LOCK", "queued")
+    assert isinstance(journal.default_lock(path), journal.JournalLock)
