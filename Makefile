@@ -10,6 +10,7 @@ FULL ?=
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+COMMA := ,
 WHICH := $(if $(EXP),--exp_id $(EXP),--config $(CONFIG)) $(if $(STUDY),--study_name $(STUDY))
 
 K ?=
@@ -31,7 +32,7 @@ help:
 	@echo "make resume    release a paused study"
 	@echo "make cancel    stop the study now; trials checkpoint and end as cancelled; make submit continues them"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage, status, makespan and sampler-quality benchmarks, quick (FULL=1: full sizes; bench/README.md)"
+	@echo "make bench     storage, status, study-size, makespan and sampler-quality benchmarks, quick (FULL=1: full sizes)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
@@ -84,16 +85,20 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# Quick by default (about 3 minutes on 2 cores); FULL=1 for the sizes in bench/README.md (about 40 minutes).
+# Quick by default (a few minutes on 2 cores); FULL=1 for the sizes in bench/README.md (about an hour).
 bench: venv
 	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the makespan bench cannot run"
 ifeq ($(FULL),1)
 	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal,postgres,sqlite
 	$(PY) bench/status_bench.py --sizes 100,1000,5000
+	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal,journal-queued,optuna-journal
+	$(PY) bench/scale_bench.py --full
 	$(PY) bench/makespan_bench.py --repeats 3
+	$(PY) bench/quality.py
 else
 	$(PY) bench/storage_bench.py --workers 16 --trials 10
 	$(PY) bench/status_bench.py --sizes 100,1000
+	$(PY) bench/scale_bench.py
 	$(PY) bench/makespan_bench.py
 	$(PY) bench/quality.py --quick
 endif

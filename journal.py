@@ -1,4 +1,4 @@
-"""The study's journal file: open it, seal torn lines, read it tolerantly, check and repair it.
+"""The study's journal file: open it, seal torn lines, read it tolerantly, snapshot it, check and repair it.
 
 Optuna's JournalFileBackend appends one JSON op per line, under a lock file. A writer interrupted
 mid-append (full disk, exceeded quota, node crash) leaves a torn line without its newline; Optuna's
@@ -12,6 +12,11 @@ load (optuna#5138): the study is dead. Here:
   line and byte offset; a whole op glued onto a torn one (written by a plain Optuna writer) is
   recovered. An unterminated last line is an append in progress, or a torn one not sealed yet:
   it is read once it has its newline.
+- Locking: Optuna's lock file; with JOURNAL_LOCK=queued, a queue in front of it (a fcntl lock), so
+  that hundreds of writers do not poll it (JournalLock). The flush to disk comes after the lock.
+- Loading: a snapshot of Optuna's replayed study (journal.log.snapshot, BaseJournalSnapshot) is
+  restored, checked against the journal's bytes first, and only the ops after it are parsed
+  (Snapshot).
 - Checking and repairing: scan() lists the bad lines, stale_lock() a lock left by a dead process;
   rewrite() drops the bad lines so that Optuna's own strict reader reads the study again. It must
   only run while no worker is alive (the caller checks that) and after backup().
@@ -21,17 +26,24 @@ BaseJournalSnapshot, which stores the number of ops it has applied) agrees on th
 and after a rewrite. All private Optuna use of the project lives in this module.
 """
 
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-from optuna.storages.journal._file import LOCK_FILE_SUFFIX, get_lock_file
+from optuna.storages.journal._base import BaseJournalSnapshot
+from optuna.storages.journal._file import LOCK_FILE_SUFFIX, BaseJournalFileLock, get_lock_file
 
 log = logging.getLogger("journal")
 OP_START = b'{"op_code":'  # how Optuna's JournalStorage serializes every op
@@ -39,6 +51,16 @@ LOCK_GRACE_S = 30  # Optuna's lock grace: a lock file unchanged this long is bro
 # Caches derived from the journal (a snapshot of its replay, say) sit beside it and match this
 # pattern; a rewrite deletes them, since they count ops and bytes of the old file.
 CACHE_PATTERN = "{name}.snapshot*"
+QUEUE_SUFFIX = ".flock"  # the file that journal writers take a fcntl lock on, in turn
+HOLDER_MARK = "journal-lock"  # a lock file a JournalLock created says "<mark> <host> <pid> <process start>"
+# fcntl lock errors that mean "not on this filesystem" (a lost lock server is ENOLCK too): use the lock file alone.
+NO_FCNTL = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+SNAPSHOT_FORMAT = 1
+# The journal bytes a snapshot vouches for: the first ones (the study's creation, with a random worker
+# id) and the last before its offset. A rewrite or another journal changes them; reading them is cheap.
+FINGERPRINT_BYTES = 4096
+# A load that replayed this many ops past its snapshot (about 100 trials of ~23 ops) writes a new one.
+REFRESH_OPS = 2500
 BACKUP_PATTERN = "{name}.bak-{stamp}"
 UNTERMINATED = "unterminated last line (an append in progress, or a torn one that the next append seals)"
 
@@ -91,15 +113,23 @@ def entries(f, offset=0, line=1, tail=False):
         offset, line = offset + len(raw), line + 1
 
 
-class JournalFile(JournalFileBackend):
-    """Optuna's journal file backend that seals torn lines before appending and skips bad lines."""
+class JournalFile(JournalFileBackend, BaseJournalSnapshot):
+    """Optuna's journal file backend that seals torn lines before appending, skips bad lines, and keeps
+    a snapshot of the replayed study beside the journal, so that a load replays only the ops after it."""
 
-    def __init__(self, path):
-        super().__init__(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        self._positions = {0: (0, 1)}  # op number -> (byte offset, line) where reading it starts
+    def __init__(self, path, lock=None):
+        super().__init__(str(path), lock_obj=lock or default_lock(str(path)))
+        # op number -> (byte offset, line) where reading the next op starts: where each read ended,
+        # and where a restored snapshot ends. Not one entry per op: a 100k-trial study has millions.
+        self._positions = {0: (0, 1)}
+        self._end = (0, 0, 1)  # (ops, offset, line) after the last op handed to Optuna
         self._warned = set()
+        self.snapshot = Snapshot(Path(path))
+        self.restored = 0  # ops covered by the snapshot this process started from
 
     def read_logs(self, log_number_from):
+        # Where the last read stopped, even if Optuna stopped consuming it midway (an apply that raised).
+        self._positions[self._end[0]] = self._end[1:]
         number = log_number_from if log_number_from in self._positions else 0
         offset, line = self._positions[number]
         with open(self._file_path, "rb") as f:
@@ -107,29 +137,57 @@ class JournalFile(JournalFileBackend):
                 if entry.problem and entry.offset not in self._warned:
                     self._warned.add(entry.offset)
                     log.warning("%s: line %d (byte %d): %s", self._file_path, entry.line, entry.offset, entry.problem)
+                offset, line = entry.offset + entry.size, entry.line + 1
                 if entry.op is not None:
                     number += 1
-                self._positions[number] = (entry.offset + entry.size, entry.line + 1)
-                if entry.op is not None and number > log_number_from:
-                    yield entry.op
+                    if number > log_number_from:
+                        self._end = (number, offset, line)  # Optuna counts an op as read once it has it
+                        yield entry.op
+        if number >= self._end[0]:
+            self._end = (number, offset, line)  # bad lines after the last op: not read again
 
     def append_logs(self, logs):
         data = b"".join(json.dumps(op, separators=(",", ":")).encode() + b"\n" for op in logs)
-        with get_lock_file(self._lock):
+        try:
+            with get_lock_file(self._lock):
+                self._append(data)
+            # Durable before Optuna goes on, but flushed outside the lock: a flush to disk takes ~5 ms,
+            # the append itself far less, and writers flushing at once share one flush of the disk.
+            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
             try:
-                fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
-                try:
-                    size = os.fstat(fd).st_size
-                    if size and os.pread(fd, 1, size - 1) != b"\n":
-                        # Sealed, the torn line is skipped by every reader; unsealed, our op would be lost with it.
-                        log.warning("%s: sealed a torn line at byte %d (an interrupted append)", self._file_path, size)
-                        data = b"\n" + data
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)  # on NFS, close reports delayed write errors too
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
+
+    def _append(self, data):
+        fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # Sealed, the torn line is skipped by every reader; unsealed, our op would be lost with it.
+                log.warning("%s: sealed a torn line at byte %d (an interrupted append)", self._file_path, size)
+                data = b"\n" + data
+            _write_all(fd, data)
+        finally:
+            # Before the lock goes: on NFS, close sends the bytes to the server (close-to-open consistency),
+            # so the next holder appends after them; it also reports delayed write errors.
+            os.close(fd)
+
+    def save_snapshot(self, snapshot):
+        # Optuna pickles its replay result right after reading the journal to its end, under its thread
+        # lock: the pickle covers exactly the ops of our last read.
+        self.snapshot.save(snapshot, *self._end)
+
+    def load_snapshot(self):
+        found = self.snapshot.load()
+        if found is None:
+            return None
+        (ops, offset, line), payload = found
+        self._positions[ops] = (offset, line)  # the replay goes on from there without parsing a line before it
+        self.restored = ops
+        return payload
 
 
 def _write_all(fd, data):
@@ -137,9 +195,246 @@ def _write_all(fd, data):
         data = data[os.write(fd, data) :]
 
 
+# ---------------------------------------------------------------- the lock
+class JournalLock(BaseJournalFileLock):
+    """Optuna's open lock (`journal.log.lock`, O_EXCL), with a queue in front of it: a kernel lock.
+
+    Alone, Optuna's open lock is polled with a backoff that grows to 1 s and has no order: with
+    hundreds of workers the unlucky ones wait many seconds. Here a writer first takes a POSIX fcntl
+    lock on `journal.log.flock`, for which the kernel makes the waiters sleep and wakes one when it
+    is released, and only then creates the lock file, which is then almost always free. The lock
+    file still decides: so writers that only know it (Optuna's CLI, a filesystem without fcntl locks,
+    or one where they are local to a node) are excluded as before. A fcntl lock dies with its process;
+    the lock file a killed holder leaves names it, and the next writer in the queue on that host
+    breaks it at once instead of waiting Optuna's 30 s grace.
+    """
+
+    warned = False  # say once per process that the filesystem has no fcntl locks
+
+    def __init__(self, path):
+        self._open_lock = JournalFileOpenLock(path)
+        self._lock_file = path + LOCK_FILE_SUFFIX
+        self._queue_file = path + QUEUE_SUFFIX
+        self._fd = None
+
+    def acquire(self):
+        self._fd = self._queue()
+        try:
+            if self._fd is not None:
+                self._break_dead_holder()
+            if not self._create():
+                self._open_lock.acquire()  # held by a writer outside the queue: Optuna's polling and grace
+        except BaseException:
+            self._leave_queue()
+            raise
+        return True
+
+    def release(self):
+        try:
+            self._open_lock.release()
+        finally:
+            self._leave_queue()
+
+    def _queue(self):
+        """A descriptor holding the fcntl lock; None where the filesystem has none (NFS nolock, Lustre noflock)."""
+        try:
+            fd = os.open(self._queue_file, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)  # sleeps in the kernel until it is ours
+            return fd
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in NO_FCNTL:
+                raise
+            if not JournalLock.warned:
+                JournalLock.warned = True
+                log.warning("%s: no fcntl locks here (%s): appends wait on the lock file alone", self._queue_file, e)
+            return None
+
+    def _leave_queue(self):
+        if self._fd is not None:
+            os.close(self._fd)  # closing it releases the fcntl lock
+            self._fd = None
+
+    def _create(self):
+        try:
+            fd = os.open(self._lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, f"{HOLDER_MARK} {socket.gethostname()} {os.getpid()} {_started(os.getpid())}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock is ours all the same, only a death would then cost Optuna's grace
+        finally:
+            os.close(fd)
+        return True
+
+    def _break_dead_holder(self):
+        """In the queue's front, a lock file of a queued writer can only be left by a dead one: break it.
+
+        Only on the holder's own host, where its pid can be checked; else Optuna's grace decides.
+        """
+        try:
+            with open(self._lock_file, "rb") as f:  # Optuna's symlink lock points at the journal: read little
+                mark, host, pid, started = (f.read(256).decode().split() + ["", "", "", ""])[:4]
+        except (OSError, UnicodeDecodeError):
+            return
+        if mark != HOLDER_MARK or host != socket.gethostname() or not pid.isdigit() or _started(int(pid)) == started:
+            return
+        log.warning("%s: its holder (pid %s) died holding it: removed", self._lock_file, pid)
+        break_lock(self._journal())
+
+    def _journal(self):
+        return self._lock_file[: -len(LOCK_FILE_SUFFIX)]
+
+
+def default_lock(path):
+    """Optuna's open lock; JOURNAL_LOCK=queued puts the fcntl queue in front of it (JournalLock).
+
+    Not the default: on the 2-core development machine, with 256 workers sharing two cores, a lock
+    handed to a sleeping waiter waits for that waiter to be scheduled, and the queue did worse than
+    Optuna's polling (bench/README.md). Mixing both in one study is safe: the lock file decides.
+    """
+    return JournalLock(path) if os.environ.get("JOURNAL_LOCK") == "queued" else JournalFileOpenLock(path)
+
+
+def _started(pid):
+    """The process's start time in clock ticks ("" if gone or a zombie), so a reused pid is told apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return ""
+    return "" if not fields or fields[0] == "Z" else fields[19]
+
+
 def open_journal(path):
-    """The study storage for a journal file, as every part of the project (and the tests) opens it."""
-    return optuna.storages.JournalStorage(JournalFile(path))
+    """The study storage for a journal file, as every part of the project (and the tests) opens it.
+
+    A load that had to replay many ops (no snapshot yet, a stale or rejected one) leaves a fresh snapshot
+    for the next: Optuna itself saves one only when a process creates every 100th trial.
+    """
+    backend = JournalFile(path)
+    storage = optuna.storages.JournalStorage(backend)
+    if backend._end[0] - max(backend.restored, backend.snapshot.covered()) >= REFRESH_OPS:
+        save_snapshot(storage)  # unless a worker that started meanwhile saved one already
+    return storage
+
+
+def save_snapshot(storage):
+    """Save the journal storage's replayed state as its snapshot now (as Optuna does every 100 trials)."""
+    with storage._thread_lock:
+        storage._sync_with_backend()
+        storage._backend.save_snapshot(pickle.dumps(storage._replay_result))
+
+
+# ---------------------------------------------------------------- snapshot
+class Snapshot:
+    """`journal.log.snapshot`: a pickle of Optuna's replayed study, and which bytes of the journal it covers.
+
+    One JSON line, then the pickle. The line says how many ops the pickle has applied, the byte offset
+    and line where they end, a digest of the journal's first bytes and of those just before that
+    offset, a digest of the pickle, and the Optuna version that wrote it. A snapshot is never trusted
+    over the journal: one that does not match the journal's bytes (rewritten by a repair, another
+    journal), is damaged, or comes from another Optuna version is ignored, and the whole journal is
+    replayed. One that is merely behind is extended by the ops after it. Being a pickle, it lives only
+    in the run directory (0700) and is written 0600.
+    """
+
+    def __init__(self, journal_path):
+        self.journal = journal_path
+        self.path = journal_path.with_name(journal_path.name + ".snapshot")
+        self.rejected = False  # this process found it damaged or mismatched: the next save replaces it
+
+    def save(self, payload, ops, offset, line):
+        if ops <= self.covered():
+            return  # a concurrent worker saved one at least as recent
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "optuna": optuna.__version__,
+            "ops": ops,
+            "offset": offset,
+            "line": line,
+            "journal": self._fingerprint(offset),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        # A unique name per writer, renamed into place: concurrent writers never mix their bytes, and a
+        # reader sees a whole snapshot or the one before. Matches CACHE_PATTERN, so a repair removes leftovers.
+        partial = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            # Readable by the group only where the run directory is (--group_access: 0750): a teammate's
+            # status reads it, and nobody but the owner can write it or the directory.
+            group = os.stat(self.path.parent).st_mode & 0o040
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 | group)
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(meta).encode() + b"\n")
+                f.write(payload)
+            os.replace(partial, self.path)  # no fsync: a snapshot torn by a crash fails its digest
+            self.rejected = False
+        except (OSError, ValueError) as e:  # a full disk costs the next loads time, never a trial
+            log.warning("%s: snapshot not written (%s): loads replay the whole journal", self.path, e)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def covered(self):
+        """Ops covered by the snapshot on disk if it matches the journal (0 otherwise), from its first line only.
+
+        The digest of its pickle is not checked here: a damaged one is rejected by the next load, which
+        then saves over it (`rejected`).
+        """
+        try:
+            with open(self.path, "rb") as f:
+                meta = self._meta(f.readline())
+        except OSError:
+            return 0
+        return 0 if self.rejected or isinstance(meta, str) else meta["ops"]
+
+    def load(self):
+        """((ops, offset, line), pickle) of a snapshot that matches the journal; else None."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:  # a teammate's status (--group_access): the snapshot is the owner's only
+            log.warning("%s: unreadable (%s): the whole journal is replayed", self.path, e.strerror)
+            return None
+        head, _, payload = data.partition(b"\n")
+        meta = self._meta(head)
+        if not isinstance(meta, str) and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+            meta = "its bytes are damaged"
+        if isinstance(meta, str):
+            self.rejected = True
+            log.warning("%s: ignored, %s: the whole journal is replayed", self.path, meta)
+            return None
+        return (meta["ops"], meta["offset"], meta["line"]), payload
+
+    def _meta(self, head):
+        """The snapshot's first line if it is one of this Optuna and matches the journal; else why not."""
+        try:
+            meta = json.loads(head)
+            meta.update(ops=int(meta["ops"]), offset=int(meta["offset"]), line=int(meta["line"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "not a snapshot of this tool"
+        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("optuna") != optuna.__version__:
+            return f"written by optuna {meta.get('optuna')} (format {meta.get('format')}), this is {optuna.__version__}"
+        if meta["ops"] < 0 or meta["line"] < 1 or meta.get("journal") != self._fingerprint(meta["offset"]):
+            return "it does not match the journal (rewritten by a repair, or replaced)"
+        return meta
+
+    def _fingerprint(self, offset):
+        """Digest of the journal's first bytes and of the bytes just before offset; None if it is shorter."""
+        try:
+            with open(self.journal, "rb") as f:
+                if offset < 0 or os.fstat(f.fileno()).st_size < offset:
+                    return None
+                head = f.read(min(offset, FINGERPRINT_BYTES))
+                f.seek(max(0, offset - FINGERPRINT_BYTES))
+                tail = f.read(offset - f.tell())
+        except OSError:
+            return None
+        return hashlib.sha256(head + b"|" + tail + b"|" + str(offset).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- check and repair
@@ -185,7 +480,7 @@ def rewrite(path):
     Returns the number of ops kept.
     """
     path = Path(path)
-    with get_lock_file(JournalFileOpenLock(str(path))):  # a stray writer (the optuna CLI) waits
+    with get_lock_file(default_lock(str(path))):  # a stray writer (the optuna CLI) waits
         with open(path, "rb") as f:
             kept = [e.op_bytes + b"\n" for e in entries(f, tail=True) if e.op is not None]
         partial = path.with_name(path.name + ".repair")

@@ -143,7 +143,8 @@ def main(argv=None):
             return control(args, study, config) if controls else look(args, study, config)
         if args.as_job:
             return submit_as_job(args, config_from_args(args), argv)
-        return submit(args, config_from_args(args))
+        config = config_from_args(args)  # bound for the full-filesystem message below
+        return submit(args, config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -583,7 +584,7 @@ def open_existing_study(config):
             "submit it first, or pass the --study_name it was submitted with",
         )
     storage = open_storage(config, url, config["config_path"])
-    if name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+    if name not in optuna.get_all_study_names(storage):  # summaries would deep-copy every trial
         raise ConfigError(
             config["config_path"],
             "study.study_name",

@@ -349,7 +349,7 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     os.replace(partial, handle.checkpoint)  # once it exists the copy is whole: cleanup may delete the source
     if (source.parent / PROGRESS).exists():
         shutil.copy(source.parent / PROGRESS, handle.folder / PROGRESS)
-    dead = study.trials[origin]
+    dead = study.get_trials(deepcopy=False)[origin]  # numbered in order; study.trials would copy every trial
     for step, value in sorted(dead.intermediate_values.items()):
         trial.report(value, step)
     trial.set_user_attr("requeues", dead.user_attrs.get("requeues", 0))  # walltimes already spent count
