@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from experiment import ConfigError, directions, load_config, parse_yaml, read_text, run_dir
+from experiment import ConfigError, directions, load_config, make_run_dir, parse_yaml, read_text, run_dir
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"
@@ -136,7 +136,8 @@ def adopt(folder, config, text):
     """Keep this valid version and make it the one in force."""
     version = version_of(text)
     config["config_version"] = version
-    folder.mkdir(parents=True, exist_ok=True)
+    make_run_dir(config)  # 0700: a worker may come before any submit
+    folder.mkdir(exist_ok=True, mode=0o700)
     kept = folder / f"{version}.yaml"
     if not kept.exists():
         write_atomic(kept, text)

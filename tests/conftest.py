@@ -78,7 +78,7 @@ def load_study(config_path, study_name=None):
     """The study the YAML names: in its study.storage URL, else in the journal file of its run directory."""
     try:
         study = yaml.safe_load(Path(config_path).read_text())["study"]
-    except yaml.YAMLError:  # a test broke the YAML on purpose: it names the study
+    except (yaml.YAMLError, KeyError, TypeError):  # a test broke the YAML on purpose: it names the study
         study = {}
     name = study_name or study["study_name"]
     if study.get("storage"):
