@@ -16,7 +16,8 @@ from conftest import enqueue, finished, load_study, plugin_experiment, run_scrip
 from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
 import report
-from experiment import load_config
+import worker
+from experiment import load_config, open_storage, open_study
 
 pytestmark = pytest.mark.slurm
 SLOW = {"training.sleep": 1.0, "training.epochs": 6}
@@ -163,3 +164,16 @@ def test_nan_and_exception_fail_their_trials_and_the_rest_finish(slurm, tmp_path
         in (path.parent / f"runs/tiny/slurm_logs/optuna_{job}_0.out").read_text()
     )
     assert len(load_study(path).trials) == len(study.trials)
+
+
+def test_a_requeue_that_fails_is_a_warning_and_the_trial_goes_on(slurm, tmp_path, monkeypatch):
+    path = plugin_experiment(tmp_path)
+    config = load_config(path)
+    study = open_study(config, open_storage(config))
+    trial = study.ask()
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "999999")  # a task SLURM does not know: scontrol refuses it
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    assert worker.requeue_or_fail(study, trial, config, "SIGUSR2") is worker.Outcome.STOPPED
+    left = load_study(path).trials[0]
+    assert left.state.name == "RUNNING" and left.user_attrs["requeues"] == 1, "left for the reconcile to retry"
+    assert "scontrol requeue 999999_0 exited" in worker.requeue_task("999999_0")
