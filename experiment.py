@@ -680,8 +680,10 @@ def _build(namespace, spec, key, source, config=None):
     for option, value in list(spec.items()):
         if isinstance(value, dict) and isinstance(value.get("name"), str):
             spec[option] = _build(namespace, dict(value), f"{key}.{option}", source, config)
-    if name == "GridSampler" and "search_space" not in spec and config is not None:
-        spec["search_space"] = grid_of(config, source)
+    if name == "GridSampler":
+        cls = samplers.GridSampler  # ask/tell workers: an exhausted grid must not raise
+        if "search_space" not in spec and config is not None:
+            spec["search_space"] = grid_of(config, source)
     try:
         return cls(**spec)
     except (TypeError, ValueError) as e:

@@ -7,6 +7,8 @@ and options are used as given. Either way each worker seeds its sampler as that 
 
 import importlib
 
+import optuna
+
 # Optional packages a sampler or pruner needs, with the pip command that installs them.
 NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
 # Samplers whose workers must share one seed: QMC's sequence and the grid's order are study-wide
@@ -66,3 +68,18 @@ def missing_package(name):
     """The pip package a sampler or pruner class needs and lacks, else None."""
     package = NEEDS.get(name)
     return package if package and not has_module(package) else None
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler for workers that ask and tell: an exhausted grid does not end the process.
+
+    Optuna's calls study.stop() once every grid point was asked, which only works inside
+    Study.optimize(); here it would raise after the last trial was told. The study's budget ends it.
+    """
+
+    def after_trial(self, study, trial, state, values):
+        try:
+            super().after_trial(study, trial, state, values)
+        except RuntimeError as e:
+            if "Study.stop" not in str(e):
+                raise

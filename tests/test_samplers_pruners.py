@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import optuna
 import pytest
 from conftest import PROJECT, load_study, run_script, write_experiment
 
@@ -43,7 +44,7 @@ def config_with(tmp_path, changes):
 @pytest.mark.parametrize("spec", SAMPLERS, ids=lambda s: s["name"])
 def test_every_sampler_by_name(tmp_path, spec):
     sampler = build_sampler(config_with(tmp_path, {"study.sampler": spec}), seed_offset=3)
-    assert type(sampler).__name__ == spec["name"]
+    assert isinstance(sampler, getattr(optuna.samplers, spec["name"]))
 
 
 @pytest.mark.parametrize("spec", PRUNERS, ids=lambda s: s["name"])
@@ -101,3 +102,18 @@ def test_a_missing_extra_is_named_with_its_pip_command(tmp_path, key, spec, modu
     )
     assert out.returncode == 2 and f"study.{key}.name" in out.stderr and f"pip install {module}" in out.stderr
     assert out.stderr.count("\n") == 1 and not (path.parent / "runs").exists()
+
+
+def test_a_worker_goes_on_past_an_exhausted_grid(tmp_path):
+    grid = {
+        "study.sampler": {"name": "GridSampler"},
+        "study.n_trials": 3,
+        "search_space.model.d_pos": {"type": "int", "low": 2, "high": 4, "step": 2},
+        "search_space.training.lr": {"type": "float", "low": 0.01, "high": 0.01, "step": 0.01},
+    }
+    path = write_experiment(tmp_path / "exp", grid)
+    out = run_script("submit_study.py", "--config", path, "--local", 1)
+    assert out.returncode == 0 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    trials = load_study(path).trials
+    assert sorted(t.params["model.d_pos"] for t in trials[:2]) == [2, 4], "both grid points trained"
+    assert trials[2].state.name == "COMPLETE" and "duplicate_of" in trials[2].user_attrs, "the third is answered"
