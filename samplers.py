@@ -20,7 +20,7 @@ GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE st
 
 def default_spec(space, n_trials):
     """The sampler a YAML without a sampler name gets: {"name": ..., options}."""
-    if len(space) <= GP_MAX_PARAMS and n_trials <= GP_MAX_TRIALS and has_module("scipy"):
+    if space and len(space) <= GP_MAX_PARAMS and n_trials <= GP_MAX_TRIALS and has_module("scipy"):
         return {"name": "GPSampler"}
     return {"name": "TPESampler"}
 
@@ -52,7 +52,10 @@ def describe(spec, space, n_trials):
         return f"{shown} (study.sampler)"
     if name == "GPSampler":
         return f"{shown} (default: {len(space)} params, {n_trials} trials)"
-    why = "scipy not installed" if not has_module("scipy") else f"{len(space)} params, {n_trials} trials"
+    if not space:
+        why = "no search_space in the YAML: the objective defines its own"
+    else:
+        why = "scipy not installed" if not has_module("scipy") else f"{len(space)} params, {n_trials} trials"
     return f"{shown} (default: {why})"
 
 

@@ -167,3 +167,8 @@ def test_a_sampler_stuck_on_tried_configs_stops_the_worker_with_a_clear_error(tm
     repeats.dropped_in_a_row = 0
     with pytest.raises(ConfigError, match="allow_repeats"):
         worker.claim_trial(study, config)
+
+
+def test_a_plain_objective_gets_tpe_by_default():
+    assert samplers.default_spec({}, 20) == {"name": "TPESampler"}
+    assert "the objective defines its own" in samplers.describe({}, {}, 20)
