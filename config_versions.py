@@ -46,6 +46,7 @@ def load(path, overrides, worker=False):
     folder = default_folder(path, overrides)
     try:
         text = read_settled(path) if worker else read_text(path)
+        read_as = signature(path)
         config = load_config(path, overrides, text)
     except ConfigError as e:
         return fall_back(folder, path, overrides, str(e), worker, error=e)
@@ -57,7 +58,7 @@ def load(path, overrides, worker=False):
         if problems:
             return fall_back(folder, path, overrides, f"{path}: {problems[0]}", worker)
     if worker:
-        adopt(folder, config, text)
+        adopt(folder, config, text, read_as)
     return config
 
 
@@ -132,8 +133,12 @@ def at_version(version, path, overrides, folder):
     return config
 
 
-def adopt(folder, config, text):
-    """Keep this valid version and make it the one in force."""
+def adopt(folder, config, text, read_as=None):
+    """Keep this valid version and make it the one in force.
+
+    `read_as` is the file's signature when `text` was read: a worker that read a good file just
+    before a bad save must not clear the problem another worker has since recorded.
+    """
     version = version_of(text)
     config["config_version"] = version
     make_run_dir(config)  # 0700: a worker may come before any submit
@@ -147,7 +152,17 @@ def adopt(folder, config, text):
         write_atomic(folder / "current.json", json.dumps(in_force_now))
         if in_force:
             log.info("config version %s adopted (was %s)", version, in_force["version"])
-    (folder / "problem.json").unlink(missing_ok=True)
+    if read_as is None or signature(config["config_path"]) == read_as:
+        (folder / "problem.json").unlink(missing_ok=True)
+
+
+def signature(path):
+    """(mtime, size) of the file: it changes with every save."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def note_problem(folder, problem):

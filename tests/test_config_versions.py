@@ -74,6 +74,18 @@ def test_a_broken_yaml_mid_study_runs_on_the_last_valid_version(tmp_path):
     assert "cannot be used" not in run_script("submit_study.py", "--config", path, "--status").stdout
 
 
+def test_a_worker_that_read_the_file_before_a_bad_save_does_not_hide_it(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.n_trials": 3})
+    assert submit_dry(path).returncode == 0
+    text, read_as = path.read_text(), config_versions.signature(path)  # a slow worker reads the good file
+    good = config_versions.load(path, {"study_name": "tiny"})
+    settled(path, BROKEN)
+    config_versions.load(path, {"study_name": "tiny"}, worker=True)  # a faster one records the bad save
+    config_versions.adopt(config_versions.versions_folder(good), good, text, read_as)  # the slow one goes on
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    assert "cannot be used since" in status, "a stale adopt cleared the warning"
+
+
 def test_a_yaml_cut_short_is_not_adopted(tmp_path):
     path = write_experiment(tmp_path / "exp", {"study.n_trials": 3})
     assert submit_dry(path).returncode == 0
@@ -162,18 +174,20 @@ def test_editing_the_yaml_while_an_array_runs(slurm, tmp_path):
     study = load_study(path, "tiny")
     wait_until(lambda: [t for t in study.get_trials() if t.state.name == "RUNNING"], what="a first trial")
     settled(path, BROKEN)
-    broken_at = time.time()
 
-    def started_while_broken():  # a trial of a task that began after the bad save, with a checkpoint
+    def status_warns():  # once a worker has read the bad save, which may be a trial later
+        status = run_script("submit_study.py", "--config", path, "--status").stdout
+        return "cannot be used since" in status and "workers use the version of" in status
+
+    wait_until(status_warns, what="status to warn of the bad save")
+
+    def running_with_checkpoint():
         for t in study.get_trials():
             folder = path.parent / "runs/tiny/trials" / str(t.number)
-            if t.state.name == "RUNNING" and t.datetime_start.timestamp() > broken_at:
-                if (folder / "checkpoint.pt").exists() and "pid" in t.user_attrs:
-                    return t
+            if t.state.name == "RUNNING" and (folder / "checkpoint.pt").exists() and "pid" in t.user_attrs:
+                return t
 
-    victim = wait_until(started_while_broken, what="a trial started on the last valid version")
-    status = run_script("submit_study.py", "--config", path, "--status").stdout
-    assert "cannot be used since" in status and "workers use the version of" in status
+    victim = wait_until(running_with_checkpoint, what="a trial on the last valid version, with a checkpoint")
     settled(path, good.replace("batch_size: 64", "batch_size: 32"))  # a safe edit of the trainer's config
     fixed_at = time.time()
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # its retry must keep the version it started with
