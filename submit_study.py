@@ -852,7 +852,7 @@ def export_best(study, config, path, number=None):
     else:
         front = [retrainable(study, config, t, target.with_suffix(f".{t.number}.pt")) for t in members]
         exported = {"pareto_front": front}
-        retrain = "make best ARGS=\"--trial <number>\", then python worker.py --config trial_<number>.yaml"
+        retrain = 'make best ARGS="--trial <number>", then python worker.py --config trial_<number>.yaml'
     which = "Best trial(s)" if number is None else f"Trial {number}"
     header = (
         f"# {which} of study {study.study_name}: the full resolved config (base YAML + sampled params +\n"

@@ -87,8 +87,6 @@ def load_study(config_path, study_name=None):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-
-
 def plugin_experiment(tmp_path, changes=None):
     path = write_experiment(tmp_path / "exp", {"study.trainer": "plugin:train", **(changes or {})})
     shutil.copy(PROJECT / "tests" / "plugin.py", path.parent / "plugin.py")

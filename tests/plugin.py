@@ -2,6 +2,7 @@
 
 With training.misbehave, the enqueued lr 0.01 (never sampled exactly) with d_pos 2 raises, with 4 reports NaN.
 """
+
 import os
 import pathlib
 import time
