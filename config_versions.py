@@ -129,7 +129,7 @@ def at_version(version, path, overrides, folder):
         config = load_config(path, overrides, text)
     except (OSError, ConfigError):
         return None
-    config["config_version"] = version
+    config.version = version
     return config
 
 
@@ -140,7 +140,7 @@ def adopt(folder, config, text, read_as=None):
     before a bad save must not clear the problem another worker has since recorded.
     """
     version = version_of(text)
-    config["config_version"] = version
+    config.version = version
     make_run_dir(config)  # 0700: a worker may come before any submit
     folder.mkdir(exist_ok=True, mode=0o700)
     kept = folder / f"{version}.yaml"
@@ -148,11 +148,11 @@ def adopt(folder, config, text, read_as=None):
         write_atomic(kept, text)
     in_force = current(folder)
     if not in_force or in_force["version"] != version:
-        in_force_now = {"version": version, "adopted_at": now(), "path": config["config_path"]}
+        in_force_now = {"version": version, "adopted_at": now(), "path": config.path}
         write_atomic(folder / "current.json", json.dumps(in_force_now))
         if in_force:
             log.info("config version %s adopted (was %s)", version, in_force["version"])
-    if read_as is None or signature(config["config_path"]) == read_as:
+    if read_as is None or signature(config.path) == read_as:
         (folder / "problem.json").unlink(missing_ok=True)
 
 
@@ -230,8 +230,6 @@ def lost_keys(old, new):
 def dotted_keys(config, prefix=""):
     keys = set()
     for key, value in config.items():
-        if prefix == "" and key in ("experiment_dir", "config_path", "cli_overrides", "config_version"):
-            continue
         name = f"{prefix}{key}"
         keys.add(name)
         if isinstance(value, dict) and name != "search_space":
@@ -241,7 +239,7 @@ def dotted_keys(config, prefix=""):
 
 def check_study(study, config):
     """submit_study.py: refuse a YAML that contradicts the study stored under the same name."""
-    source, settings = config["config_path"], config["study"]
+    source, settings = config.path, config["study"]
     wanted, stored = directions(config), [d.name.lower() for d in study.directions]
     if wanted != stored:
         raise ConfigError(
@@ -282,7 +280,7 @@ def status_lines(config, trials):
         problem = None
     if problem and in_force:
         lines.append(
-            f"warning: {config['config_path']} on disk cannot be used since {problem['since']} "
+            f"warning: {config.path} on disk cannot be used since {problem['since']} "
             f"({problem['problem']}); workers use the version of {in_force['adopted_at']} ({in_force['version']})"
         )
     ran = {}

@@ -294,21 +294,36 @@ def experiment_yaml(exp_id=None, config=None, experiments_dir="experiments"):
     return Path(experiments_dir) / exp_id / "config.yaml"
 
 
+class Config(dict):
+    """The experiment's settings: the YAML as a dict, with defaults filled in and paths made absolute.
+
+    Where they came from is the tool's business and rides beside the settings, never inside them,
+    so a trainer, a trial's config.yaml and an export see only the user's keys (pass dict(config)
+    where a plain dict is needed, as yaml.safe_dump does):
+      path       the YAML file, absolute
+      dir        its folder: relative paths and the user's modules are found from here
+      overrides  the command line's values (those given)
+      version    the config_versions version it is, once known
+    """
+
+    def __init__(self, settings, path, overrides=None, version=None):
+        super().__init__(settings)
+        self.path = str(Path(path).resolve())
+        self.dir = str(Path(self.path).parent)
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.version = version
+
+
 def load_config(path, overrides=None, text=None):
     """Read and validate the experiment YAML, fresh from disk (or `text`, a saved version of it), with CLI overrides.
 
-    Returns the whole config with `study` and `slurm` filled with defaults and paths made absolute.
-    Raises ConfigError for anything that would fail later.
+    Returns the whole config (a Config) with `study` and `slurm` filled with defaults and paths made
+    absolute. Raises ConfigError for anything that would fail later.
     """
-    path = Path(path)
     source = str(path)
-    config = parse_yaml(read_text(path) if text is None else text, source)
-    _fill_sections(config, overrides or {}, source)
-    base = path.resolve().parent
-    config["experiment_dir"] = str(base)
-    config["config_path"] = str(path.resolve())
-    config["cli_overrides"] = {k: v for k, v in (overrides or {}).items() if v is not None}
-    _resolve_paths(config, base, source)
+    config = Config(parse_yaml(read_text(path) if text is None else text, source), path, overrides)
+    _fill_sections(config, config.overrides, source)
+    _resolve_paths(config, Path(config.dir), source)
     _check_objectives(config, source)
     _check_search_space(config, source)
     _check_slurm(config, source)
@@ -385,11 +400,7 @@ def _resolve_paths(config, base, source):
             "choose a runs_dir (and folder) without them: SLURM log paths cannot hold them",
         )
     storage = study["storage"] or ""
-    if (
-        storage.startswith("sqlite:///")
-        and not storage.startswith("sqlite:////")
-        and "storage" not in config["cli_overrides"]
-    ):
+    if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////") and "storage" not in config.overrides:
         study["storage"] = f"sqlite:///{base / study['storage'][len('sqlite:///') :]}"  # relative to the YAML
     data = config.get("data")
     if isinstance(data, dict) and isinstance(data.get("dir"), str):
@@ -501,7 +512,7 @@ def _check_search_space(config, source):
 
 
 def _sections(config):
-    ours = {"study", "slurm", "search_space", "experiment_dir", "config_path", "cli_overrides"}
+    ours = {"study", "slurm", "search_space"}
     return "sections: " + ", ".join(k for k in config if k not in ours)
 
 
@@ -549,15 +560,15 @@ def get_dotted(config, dotted):
 
 
 def resolve_config(config, params):
-    """A fresh copy of the config with the sampled params written in and derived dimensions recomputed."""
-    resolved = copy.deepcopy(config)
+    """A plain-dict copy of the settings with the sampled params written in and derived dimensions recomputed."""
+    resolved = copy.deepcopy(dict(config))
     for dotted, value in params.items():
         *parents, leaf = dotted.split(".")
         node = resolved
         for part in parents:
             node = node[part]
         node[leaf] = value
-    update = getattr(trainer_module(resolved), "update_config", None)
+    update = getattr(trainer_module(config), "update_config", None)
     return (update(resolved) or resolved) if update else resolved  # in place or returned, both work
 
 
@@ -581,12 +592,12 @@ def trainer_module(config, key="trainer"):
     name = config["study"][key].partition(":")[0]
     if name.split(".")[0] in TOOL_MODULES:
         raise ConfigError(
-            config["config_path"],
+            config.path,
             f"study.{key}",
             f"module {name.split('.')[0]!r} has the name of one of Parallel Optuna's own modules",
             f"rename your module (not one of {', '.join(sorted(TOOL_MODULES))})",
         )
-    for folder in (os.getcwd(), config.get("experiment_dir")):  # each goes first: the experiment's own code wins
+    for folder in (os.getcwd(), config.dir):  # each goes first: the experiment's own code wins
         if folder and folder not in sys.path:
             sys.path.insert(0, folder)
     if str(PROJECT) not in sys.path:
@@ -637,7 +648,7 @@ def prepare_data(config, source="config"):
     """Let the trainer write its data once (optional `prepare(config)` in its module), then check it is there."""
     prepare = None if config["study"]["objective"] else getattr(trainer_module(config), "prepare", None)
     if prepare:
-        prepare(config)
+        prepare(dict(config))  # the user's settings only, as the trainer gets them
     data_dir = (config.get("data") or {}).get("dir")
     if isinstance(data_dir, str) and not Path(data_dir).is_dir():
         raise ConfigError(source, "data.dir", f"{data_dir} does not exist", "point data.dir at the experiment's data")
@@ -766,7 +777,7 @@ def make_run_dir(config):
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds the storage and the checkpoints
     except OSError as e:
         raise ConfigError(
-            config["config_path"],
+            config.path,
             "study.runs_dir",
             f"cannot create {folder} ({e.strerror})",
             "point runs_dir at a writable directory",

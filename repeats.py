@@ -16,6 +16,7 @@ import time
 
 import optuna
 
+from config_versions import compact
 from experiment import ConfigError, sample_params
 
 log = logging.getLogger("worker")
@@ -66,7 +67,7 @@ def drop(study, trial, twin, config):
     log.info("trial %d dropped (%s): asking again", trial.number, reason)
     if dropped_in_a_row >= MAX_IN_A_ROW:
         raise ConfigError(
-            config["config_path"],
+            config.path,
             "search_space",
             f"the sampler proposed {MAX_IN_A_ROW} configs in a row that are running, pruned or failed",
             "widen search_space, or set study.allow_repeats: true to train repeats",
@@ -87,3 +88,21 @@ def find_twin(study, number, params):
     ]
     twins.sort(key=lambda t: (t.state != COMPLETE, t.number))
     return twins[0] if twins else None
+
+
+def status_lines(config, trials):
+    """Which finished trials repeat an earlier config: answered from it, or trained again."""
+    answered = [t.number for t in trials if "duplicate_of" in t.user_attrs]
+    seen, trained = set(), []
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state.is_finished() and t.state != FAIL and "duplicate_of" not in t.user_attrs:
+            config_key = tuple(sorted(t.params.items()))
+            if config_key in seen:
+                trained.append(t.number)
+            seen.add(config_key)
+    lines = [f"repeats answered from an earlier trial, not trained: trials {compact(answered)}"] if answered else []
+    if trained:
+        plain = config["study"]["objective"]
+        why = "a plain objective picks its params as it runs" if plain else "enqueued, or study.allow_repeats"
+        lines.append(f"repeats trained again ({why}): trials {compact(trained)}")
+    return lines

@@ -34,6 +34,7 @@ import checkpoints
 import config_versions
 import journal
 import liveness
+import repeats
 import report
 import study_control
 from experiment import (
@@ -181,9 +182,9 @@ def control(args, study, config):
 # ---------------------------------------------------------------- submit
 def submit(args, config):
     storage, url, data_dir = check_and_prepare(args, config)
-    study = open_study(config, storage, 0, config["config_path"])
+    study = open_study(config, storage, 0, config.path)
     config_versions.check_study(study, config)
-    config_versions.adopt(config_versions.versions_folder(config), config, read_text(config["config_path"]))
+    config_versions.adopt(config_versions.versions_folder(config), config, read_text(config.path))
     take_stock(study, config, url)
     take_controls(args, study, config)
     storage_file = storage_reference(config, url)
@@ -195,9 +196,9 @@ def submit(args, config):
 def check_and_prepare(args, config):
     """Everything that can be wrong is checked before a file is written or a study created."""
     url, storage = check_inputs(args, config)
-    prepare_data(config, config["config_path"])
+    prepare_data(config, config.path)
     data_dir = stage_data(config) if args.cluster else None
-    storage = storage or open_storage(config, None, config["config_path"])  # the journal file, once all passed
+    storage = storage or open_storage(config, None, config.path)  # the journal file, once all passed
     if args.group_access:
         run_dir(config).chmod(0o750)
     return storage, url, data_dir
@@ -205,7 +206,7 @@ def check_and_prepare(args, config):
 
 def check_inputs(args, config):
     """The checks that need no data and write nothing: the URL and an opened storage (None: journal file)."""
-    source = config["config_path"]
+    source = config.path
     if config["study"]["objective"]:
         load_objective(config, source)  # an import error fails here, not in every array task
     else:
@@ -246,7 +247,7 @@ def take_stock(study, config, url):
             print(f"note: study.objective {objective} runs; the YAML's trainer and search_space are not used")
     elif not config.get("search_space"):
         print(
-            f"warning: {config['config_path']}: search_space is empty: every trial trains the same config",
+            f"warning: {config.path}: search_space is empty: every trial trains the same config",
             file=sys.stderr,
         )
     if config["study"]["sampler"].get("name") == "GridSampler":
@@ -255,7 +256,7 @@ def take_stock(study, config, url):
             file=sys.stderr,
         )
     if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(base_params(config, config["config_path"]), user_attrs={"baseline": True})
+        study.enqueue_trial(base_params(config, config.path), user_attrs={"baseline": True})
         print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
     before, budget = study.user_attrs.get("n_trials"), config["study"]["n_trials"]
     if before is not None and before != budget:
@@ -270,12 +271,12 @@ def take_stock(study, config, url):
 def take_controls(args, study, config):
     """At a (re)submission: the throttle in force, a pause, and the trials stopped by hand (study_control.py)."""
     slurm = config["slurm"]
-    if "max_concurrent_jobs" in config["cli_overrides"]:
+    if "max_concurrent_jobs" in config.overrides:
         study.set_user_attr("max_concurrent_jobs", slurm["max_concurrent_jobs"])
     else:  # the last --throttle, else the YAML's
         slurm["max_concurrent_jobs"] = study.user_attrs.get("max_concurrent_jobs", slurm["max_concurrent_jobs"])
     if study_control.mark(study) == study_control.PAUSED and args.local is not None:
-        raise ConfigError(config["config_path"], "study", "the study is paused", "resume it first (--resume)")
+        raise ConfigError(config.path, "study", "the study is paused", "resume it first (--resume)")
     retried = study_control.resume_stopped(study, config["study"]["n_trials"])
     if retried:
         print(f"trials {retried} were stopped by hand: they continue from their checkpoints as linked retries")
@@ -336,7 +337,7 @@ def scratch_dir(config):
     scratch = config["slurm"]["scratch"] or os.environ.get("SCRATCH")
     if not scratch:
         raise ConfigError(
-            config["config_path"],
+            config.path,
             "slurm.scratch",
             "--cluster needs a scratch directory",
             "set $SCRATCH, pass --scratch DIR or set slurm.scratch",
@@ -344,7 +345,7 @@ def scratch_dir(config):
     source = (config.get("data") or {}).get("dir")
     if not source:
         raise ConfigError(
-            config["config_path"],
+            config.path,
             "data.dir",
             "--cluster stages data.dir, which is not set",
             "set data.dir to the experiment's data directory",
@@ -368,17 +369,17 @@ FROM_ELSEWHERE = ("storage", "study_name", "runs_dir")  # by reference (a passwo
 def worker_flags(config, storage_file):
     """What every worker is told beyond its YAML: this submission's study flags and the storage."""
     # The study's name and place always: an edit of the YAML cannot point a running array at another study.
-    flags = ["--config", config["config_path"], "--study_name", config["study"]["study_name"]]
+    flags = ["--config", config.path, "--study_name", config["study"]["study_name"]]
     flags += ["--runs_dir", config["study"]["runs_dir"]]
     for option in OPTIONS:
-        if option.key in config["cli_overrides"] and option.section == "study" and option.key not in FROM_ELSEWHERE:
+        if option.key in config.overrides and option.section == "study" and option.key not in FROM_ELSEWHERE:
             flags += [f"--{option.key}", str(config["study"][option.key])]
     return flags + (["--storage_file", str(storage_file)] if storage_file else [])
 
 
 def storage_reference(config, url):
     """A URL from the command line or the environment may hold a password: workers get it from a 0600 file."""
-    if not url or (config["study"]["storage"] and "storage" not in config["cli_overrides"]):
+    if not url or (config["study"]["storage"] and "storage" not in config.overrides):
         return None  # the journal file, or a URL the workers read from the YAML themselves
     storage_file = make_run_dir(config) / "storage_url"
     storage_file.touch(mode=0o600)
@@ -455,7 +456,7 @@ def submit_arrays(study, config, commands):
         study.set_user_attr("array_jobs", jobs)
         print(f"submitted array job {previous}: {tasks} tasks")
     folder = run_dir(config)
-    which = quote_command(["--config", config["config_path"], "--study_name", config["study"]["study_name"]])
+    which = quote_command(["--config", config.path, "--study_name", config["study"]["study_name"]])
     print(
         "watch it:\n"
         f"  squeue --me --array --jobs={','.join(j['job_id'] for j in jobs[-len(commands) :])}\n"
@@ -515,7 +516,7 @@ def submit_finish_job(study, config):
     """--notify_on_finish: one small job once every array task of the study has ended."""
     name, slurm = f"optuna_finish_{study.study_name}", config["slurm"]
     study_control.run(["scancel", "--me", f"--name={name}", "--state=PENDING"])  # it replaces an earlier one
-    which = ["--config", config["config_path"], "--study_name", study.study_name]
+    which = ["--config", config.path, "--study_name", study.study_name]
     which += ["--runs_dir", config["study"]["runs_dir"]]
     steps = [quote_command([python_in_jobs(config), PROJECT / "submit_study.py", *which, *s]) for s in FINISH_STEPS]
     mail = ["#SBATCH --mail-type=END,FAIL", f"#SBATCH --mail-user={slurm['mail_user']}"] if slurm["mail_user"] else []
@@ -578,15 +579,15 @@ def open_existing_study(config):
     url = storage_url(config) or (storage_url(config, saved_url) if saved_url.exists() else None)
     if not url and not (run_dir(config) / "journal.log").exists():
         raise ConfigError(
-            config["config_path"],
+            config.path,
             "study.study_name",
             f"no study {name!r} in {run_dir(config)}",
             "submit it first, or pass the --study_name it was submitted with",
         )
-    storage = open_storage(config, url, config["config_path"])
+    storage = open_storage(config, url, config.path)
     if name not in optuna.get_all_study_names(storage):  # summaries would deep-copy every trial
         raise ConfigError(
-            config["config_path"],
+            config.path,
             "study.study_name",
             f"no study {name!r} in the storage",
             "submit it first, or pass the --study_name it was submitted with",
@@ -595,7 +596,7 @@ def open_existing_study(config):
 
 
 def show_status(study, config):
-    if "n_trials" not in config["cli_overrides"]:  # the budget of the last submission, if the YAML differs
+    if "n_trials" not in config.overrides:  # the budget of the last submission, if the YAML differs
         config["study"]["n_trials"] = study.user_attrs.get("n_trials", config["study"]["n_trials"])
     tasks = liveness.squeue_tasks(study_jobs(study))
     liveness.reconcile(study, config, tasks)
@@ -607,7 +608,7 @@ def show_status(study, config):
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
     concurrency = study.user_attrs.get("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
     print(eta_line(trials, budget, concurrency, study_control.mark(study)))
-    for line in config_versions.status_lines(config, trials):
+    for line in config_versions.status_lines(config, trials) + repeats.status_lines(config, trials):
         print(line)
     print(f"sampler: {describe_sampler(config)}")
     best = best_trial(study)
@@ -816,7 +817,7 @@ def storage_verdict(config, left, repair):
     if not left:
         print("storage OK" if not repair else "storage OK after the repair")
         return 0
-    which = quote_command(["--config", config["config_path"], "--study_name", config["study"]["study_name"]])
+    which = quote_command(["--config", config.path, "--study_name", config["study"]["study_name"]])
     print(f"{left} problem(s) left; fix: python submit_study.py {which} --check_storage --repair")
     return 1
 
@@ -835,7 +836,7 @@ def best_trial(study):
 def export_best(study, config, path, number=None):
     """best_trial.yaml: a complete experiment YAML for retraining the best trial (or trial `number`),
     plus its results. With several objectives, the Pareto front: every member, each retrainable."""
-    source = config["config_path"]
+    source = config.path
     if number is not None:
         chosen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
         if chosen is None or chosen.state.name != "COMPLETE":
@@ -873,9 +874,8 @@ def retrainable(study, config, trial, weights_target):
     if trained.is_file():
         resolved = read_yaml(trained.read_text())
     else:  # a plain objective's params are suggested by the objective again (best_trial.params)
-        resolved = copy.deepcopy(config) if config["study"]["objective"] else resolve_config(config, trial.params)
-    for key in ("experiment_dir", "config_path", "cli_overrides", "config_version", "best_trial"):
-        resolved.pop(key, None)
+        resolved = copy.deepcopy(dict(config)) if config["study"]["objective"] else resolve_config(config, trial.params)
+    resolved.pop("best_trial", None)  # the trial may itself be a retrain of an export
     resolved["study"].update(
         study_name=f"{study.study_name}_best{trial.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}
     )
@@ -900,7 +900,7 @@ def values_text(config, trial):
 
 
 def export_target(config, path, number):
-    target = Path(path or config["experiment_dir"])
+    target = Path(path or config.dir)
     if target.is_dir() or path.endswith("/") or not path:
         target = target / ("best_trial.yaml" if number is None else f"trial_{number}.yaml")
     return target

@@ -223,10 +223,10 @@ def read_config(args):
 def pinned_config(trial, config, args):
     """A trial that resumes, or continues as a retry, keeps the config version it started with."""
     version = trial.user_attrs.get("config_version")
-    if not version or version == config.get("config_version"):
+    if not version or version == config.version:
         return config
     folder = config_versions.versions_folder(config)
-    pinned = config_versions.at_version(version, config["config_path"], flag_overrides(args), folder)
+    pinned = config_versions.at_version(version, config.path, flag_overrides(args), folder)
     if pinned is None:
         log.warning("trial %d: its config version %s is not kept in %s; using today's", trial.number, version, folder)
         return config
@@ -319,7 +319,7 @@ def record_owner(trial, folder, config):
         "pid_start": liveness.process_start(os.getpid()),
         "started_at": trial.user_attrs.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config_path": str(folder / "config.yaml"),
-        "config_version": config.get("config_version"),
+        "config_version": config.version,
         "log_path": str(folder / "worker.log"),
         "slurm_task": liveness.slurm_task_key(),
         "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
@@ -420,7 +420,7 @@ def train_and_tell(study, trial, config, handle):
 def run_trainer(study, trial, config, handle):
     """The trainer API: the YAML's search space sampled into the config, the trainer's metrics back."""
     resolved = prepare_trial(study, trial, config, handle)
-    metrics = plain_metrics(load_trainer(resolved, resolved["config_path"])(resolved, handle))
+    metrics = plain_metrics(load_trainer(config, config.path)(resolved, handle))
     for metric in metric_names(config):
         if metric not in metrics:
             raise KeyError(f"the trainer's metrics {sorted(metrics)} have no {metric!r} (study.optimization_metric)")
@@ -429,8 +429,8 @@ def run_trainer(study, trial, config, handle):
 
 def run_objective(study, trial, config, handle):
     """A plain Optuna objective(trial), unchanged: it suggests its own params and returns its value."""
-    objective = load_objective(config, config["config_path"])
-    (handle.folder / "config.yaml").write_text(yaml.safe_dump(public(config), sort_keys=False))
+    objective = load_objective(config, config.path)
+    (handle.folder / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
     adopt_origin_checkpoint(study, trial, handle, config)
     trial_control.Running.folder, trial_control.Running.stop = handle.folder, handle.stop
     handle.stop.interrupt_now = True  # until the objective asks stop_requested() itself
@@ -446,11 +446,6 @@ def run_objective(study, trial, config, handle):
     if len(values) != len(names):
         raise TypeError(f"the objective returned {len(values)} value(s) for {len(names)} objective(s) ({names})")
     return plain_metrics(dict(zip(names, values, strict=True)))
-
-
-def public(config):
-    """The user's config without the tool's own bookkeeping keys."""
-    return {k: v for k, v in config.items() if k not in ("experiment_dir", "config_path", "cli_overrides")}
 
 
 def plain_metrics(metrics):
@@ -545,7 +540,7 @@ STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint
 
 def work(args):
     config = read_config(args)
-    source = config["config_path"]
+    source = config.path
     storage = open_storage(config, storage_url(config, args.storage_file), source)
     study = open_study(config, storage, seed_offset(args), source)
     log.info("sampler: %s", describe_sampler(config))

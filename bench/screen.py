@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import repeats  # noqa: E402
 from bench import problems  # noqa: E402
 from bench.quality import PROBLEMS  # noqa: E402
+from experiment import Config  # noqa: E402
 
 S = optuna.samplers
 CANDIDATES = {
@@ -64,11 +65,7 @@ def run(problem, candidate, k, seed, n_trials):
     make = CANDIDATES[candidate]
     workers = [optuna.load_study(study_name="s", storage=storage, sampler=make(seed * 1000 + i, k)) for i in range(k)]
     spec = PROBLEMS[problem]
-    config = {
-        "study": {"allow_repeats": False, "n_trials": n_trials},
-        "search_space": spec["space"],
-        "config_path": "-",
-    }
+    config = Config({"study": {"allow_repeats": False, "n_trials": n_trials}, "search_space": spec["space"]}, "-")
     rng, events = random.Random(seed), []
     for w in range(k):
         heapq.heappush(events, (rng.uniform(0.7, 1.3), w, claim(workers[w], config)))

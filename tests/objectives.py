@@ -63,3 +63,8 @@ def two(trial):
     """Two objectives: the Pareto front is x in [0, 1]."""
     x = trial.suggest_float("x", -2, 3)
     return x * x, (x - 1) ** 2
+
+
+def coin(trial):
+    """Two configs only: a plain objective cannot help repeating one."""
+    return 1.0 if trial.suggest_categorical("side", ["heads", "tails"]) == "heads" else 0.0

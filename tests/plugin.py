@@ -21,7 +21,7 @@ def train(config, trial):
     if misbehave and d_pos == 4:
         trial.report(float("nan"), 0)
     if config["training"].get("edit_yaml_to"):  # edit the experiment YAML on disk mid-study
-        path = pathlib.Path(config["config_path"])
+        path = pathlib.Path(__file__).with_name("config.yaml")  # the experiment beside this module
         data = yaml.safe_load(path.read_text())
         data["model"]["d_hidden"] = config["training"]["edit_yaml_to"]
         data["training"]["edit_yaml_to"] = None  # a YAML that drops keys is not adopted mid-study

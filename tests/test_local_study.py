@@ -21,9 +21,11 @@ def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(
     assert [t for t in study.get_trials() if t.state.name in ("RUNNING", "WAITING")] == []
     pids = {t.user_attrs["pid"] for t in study.get_trials()}
     assert len(pids) == 2, "both local workers ran trials"
+    sections = set(yaml.safe_load(experiment.read_text())) | {"study", "slurm"}
     for t in finished(study):
         folder = experiment.parent / "runs" / "tiny" / "trials" / str(t.number)
         resolved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert set(resolved) == sections, "the trainer gets the user's settings, none of the tool's bookkeeping"
         assert resolved["model"]["d_in"] == 1 + t.params["model.d_pos"]
         assert (folder / "worker.log").read_text().count(f"trial {t.number} step") >= 1
         if t.state.name == "COMPLETE":
@@ -33,6 +35,7 @@ def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(
     best_file = experiment.parent / "best_trial.yaml"
     assert "best trial" in out.stdout and best_file.exists()
     exported = yaml.safe_load(best_file.read_text())
+    assert set(exported) == sections | {"best_trial"}
     assert exported["best_trial"]["value"] == study.best_value
     assert exported["best_trial"]["params"] == study.best_params
     assert set(exported["best_trial"]["metrics"]) >= {"val_mae_mean", "val_rmse_mean", "val_r2_mean"}

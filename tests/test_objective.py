@@ -11,6 +11,8 @@ import yaml
 from conftest import PROJECT, finished, load_study, run_script, write_experiment
 from slurm_helpers import submitted_jobs, wait_for_jobs
 
+from config_versions import compact
+
 
 def objective_experiment(tmp_path, objective, changes=None):
     changes = {"study.objective": f"objectives:{objective}", "data.dir": None, **(changes or {})}
@@ -57,6 +59,19 @@ def test_the_objective_flag_wins_over_the_yaml_and_bad_modules_fail_at_submit(tm
     trial = load_study(path).trials[0]
     assert trial.state.name == "FAIL" and "'host' is the tool's own" in trial.user_attrs["fail_reason"]
     assert trial.user_attrs["host"] != "elsewhere"
+
+
+def test_status_reports_the_configs_a_plain_objective_trained_again(tmp_path):
+    path = objective_experiment(tmp_path, "coin", {"study.n_trials": 4})
+    out = run_script("worker.py", "--config", path, "--trials", 4)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = load_study(path).trials
+    again = [t.number for t in trials if any(u.params == t.params for u in trials[: t.number])]
+    assert len(again) >= 2, "four trials of two configs repeat at least two"
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    line = next(line for line in status.splitlines() if line.startswith("repeats trained again"))
+    assert "a plain objective picks its params as it runs" in line
+    assert line.endswith(f"trials {compact(again)}"), line
 
 
 @pytest.mark.slurm

@@ -112,9 +112,12 @@ def test_the_dashboard_serves_our_trials_on_localhost_read_only(tmp_path):
         with pytest.raises(urllib.error.HTTPError, match="403"):
             get(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", method="DELETE")
         assert len(load_study(path).trials) == 2
-    finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0
+        assert server.wait(timeout=60) == 0, "Ctrl-C stops the dashboard cleanly"
+    finally:
+        if server.poll() is None:  # a failure above: do not hide it behind a hanging server
+            server.kill()
+            server.wait()
 
 
 def test_a_multi_objective_study_also_gets_its_pareto_front(tmp_path):
