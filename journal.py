@@ -23,7 +23,7 @@ load (optuna#5138): the study is dead. Here:
 
 Ops are numbered by their order in the file, bad lines not counted, so every process (and a later
 BaseJournalSnapshot, which stores the number of ops it has applied) agrees on the numbering, before
-and after a rewrite. All private Optuna use of the project lives in this module.
+and after a rewrite. Optuna's private classes come through optuna_internals.py.
 """
 
 import errno
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-from optuna.storages.journal._base import BaseJournalSnapshot
-from optuna.storages.journal._file import LOCK_FILE_SUFFIX, BaseJournalFileLock, get_lock_file
+
+from optuna_internals import LOCK_FILE_SUFFIX, BaseJournalFileLock, BaseJournalSnapshot, get_lock_file
 
 log = logging.getLogger("journal")
 OP_START = b'{"op_code":'  # how Optuna's JournalStorage serializes every op
@@ -500,4 +500,5 @@ def rewrite(path):
 def strict_read(path):
     """How many trials Optuna's own reader, strict about every line, finds in the journal (raises if it cannot)."""
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    return sum(len(storage.get_all_trials(s._study_id, deepcopy=False)) for s in storage.get_all_studies())
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    return sum(len(optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False)) for n in names)

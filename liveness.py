@@ -19,6 +19,7 @@ import time
 
 import optuna
 
+import optuna_internals
 from experiment import hostname, still_to_run
 
 log = logging.getLogger("liveness")
@@ -107,7 +108,7 @@ def is_dead(trial, tasks, now=None):
 def fail_and_retry(study, trial, reason, max_retries, n_trials):
     """Mark the trial FAIL with its reason; if we were the one to do so, enqueue one retry."""
     try:
-        optuna.trial.Trial(study, trial._trial_id).set_user_attr("fail_reason", reason)
+        optuna_internals.live_trial(study, trial).set_user_attr("fail_reason", reason)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     except (RuntimeError, ValueError):
         return False  # another process finished it first: the retry is theirs
@@ -150,14 +151,13 @@ def fail_stale(study, config):
     from squeue: the dead trial keeps a reason, the retry gets a clean owner, and whichever of the two
     checks fails the trial first is the only one that retries it.
     """
-    storage = study._storage
-    if not getattr(storage, "get_heartbeat_interval", lambda: None)():
+    if not optuna_internals.heartbeat_interval(study):
         return []
-    stale = set(storage._get_stale_trial_ids(study._study_id))
+    stale = optuna_internals.stale_trial_numbers(study)
     settings = config["study"]
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
-        if trial._trial_id in stale:
+        if trial.number in stale:
             reason = f"worker died: no heartbeat for over {settings['grace_period']} s (study.grace_period)"
             if fail_and_retry(study, trial, reason, settings["max_retries"], settings["n_trials"]):
                 failed.append(trial.number)

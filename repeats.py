@@ -16,6 +16,7 @@ import time
 
 import optuna
 
+import optuna_internals
 from config_versions import compact
 from experiment import ConfigError, sample_params
 
@@ -75,7 +76,7 @@ def drop(study, trial, twin, config):
 
 
 def is_exempt(study, trial):
-    system = study._storage.get_trial_system_attrs(trial._trial_id)
+    system = optuna_internals.system_attrs(study, trial)
     return "retry_of" in trial.user_attrs or "fixed_params" in system
 
 

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import optuna_internals
 from experiment import ConfigError, run_dir
 
 # worker.py's log lines (LOG_FORMAT): every run of a trial logs its params; a run cut short by a requeue, this.
@@ -157,7 +158,7 @@ def read_only(app):
 def serve_dashboard(study, config, port):
     """optuna-dashboard on 127.0.0.1 over the study's own storage object (the journal's own lock), until Ctrl-C."""
     dashboard = extra("optuna_dashboard", "--dashboard")
-    app = read_only(dashboard.wsgi(study._storage))
+    app = read_only(dashboard.wsgi(optuna_internals.storage_of(study)))
     try:
         server = make_server("127.0.0.1", port, app, handler_class=QuietHandler)
     except OSError as e:

@@ -55,6 +55,7 @@ import yaml
 import checkpoints
 import config_versions
 import liveness
+import optuna_internals
 import repeats
 import study_control
 import trial_control
@@ -280,7 +281,7 @@ def drop(study, trial, reason):
 
 def link_heartbeat_retry(study, trial):
     """Optuna's heartbeat retries name their origin in system attrs; use our link for every retry."""
-    system = study._storage.get_trial_system_attrs(trial._trial_id)
+    system = optuna_internals.system_attrs(study, trial)
     if system.get("failed_trial") is not None and "retry_of" not in trial.user_attrs:
         trial.set_user_attr("retry_of", system["failed_trial"])
         trial.set_user_attr("retry_attempt", len(system.get("retry_history", [])))
@@ -289,8 +290,7 @@ def link_heartbeat_retry(study, trial):
 @contextlib.contextmanager
 def heartbeat(study, trial):
     """On RDB storages, beat as Study.optimize would; ask/tell alone sends no heartbeat."""
-    storage = study._storage  # the study's own storage object (RDB, wrapped in a cache) holds the settings
-    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    interval = optuna_internals.heartbeat_interval(study)
     if not interval:
         yield
         return
@@ -298,7 +298,7 @@ def heartbeat(study, trial):
 
     def beat():
         while True:
-            storage.record_heartbeat(trial._trial_id)
+            optuna_internals.record_heartbeat(study, trial)
             if stopped.wait(interval):
                 return
 
@@ -437,11 +437,11 @@ def run_objective(study, trial, config, handle):
     try:
         if handle.stop.received:
             raise Interrupted(handle.stop.received)  # the signal came first: requeue before starting
-        value = objective(ObjectiveTrial(study, trial._trial_id))
+        value = objective(optuna_internals.live_trial(study, trial, ObjectiveTrial))
     finally:
         handle.stop.interrupt_now = False
         trial_control.Running.folder = trial_control.Running.stop = None
-    log.info("trial %d params: %s", trial.number, optuna.trial.Trial(study, trial._trial_id).params)
+    log.info("trial %d params: %s", trial.number, optuna_internals.live_trial(study, trial).params)
     names, values = metric_names(config), list(value) if isinstance(value, (list, tuple)) else [value]
     if len(values) != len(names):
         raise TypeError(f"the objective returned {len(values)} value(s) for {len(names)} objective(s) ({names})")
@@ -571,7 +571,7 @@ def work(args):
                 continue  # a local worker died meanwhile (pid check, no SLURM query): take its retry
         else:
             log.info("resuming trial %d after a requeue", trial.number)
-            trial = optuna.trial.Trial(study, trial._trial_id)
+            trial = optuna_internals.live_trial(study, trial)
         if trial is None:
             log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
             break

@@ -1,0 +1,44 @@
+"""Every use of Optuna's private API, in one place: Optuna is pinned (requirements.txt), and an
+upgrade checks this file.
+
+What the tool needs that Optuna's public API does not give: a live Trial for a trial found in
+get_trials() (to fail another worker's dead trial, resume one after a requeue, or hand a plain
+objective its trial), the study's storage object (heartbeats, system attributes, the dashboard),
+and the journal's snapshot and lock classes (journal.py).
+"""
+
+import optuna
+from optuna.storages.journal._base import BaseJournalSnapshot
+from optuna.storages.journal._file import LOCK_FILE_SUFFIX, BaseJournalFileLock, get_lock_file
+
+__all__ = ["BaseJournalSnapshot", "BaseJournalFileLock", "LOCK_FILE_SUFFIX", "get_lock_file"]
+
+
+def storage_of(study):
+    """The study's own storage object (RDB: wrapped in a cache that holds the heartbeat settings)."""
+    return study._storage
+
+
+def live_trial(study, trial, kind=optuna.trial.Trial):
+    """A live `kind` (an optuna.Trial) for a trial of the study, found by get_trials() or ask()."""
+    return kind(study, trial._trial_id)
+
+
+def system_attrs(study, trial):
+    """The trial's system attributes as stored now (Optuna's retry callback links a retry there)."""
+    return study._storage.get_trial_system_attrs(trial._trial_id)
+
+
+def heartbeat_interval(study):
+    """The storage's heartbeat interval in seconds; None when it has no heartbeat (journal, in-memory)."""
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+
+
+def record_heartbeat(study, trial):
+    study._storage.record_heartbeat(trial._trial_id)
+
+
+def stale_trial_numbers(study):
+    """The RUNNING trials whose heartbeat stopped (RDB storages with a heartbeat)."""
+    storage = study._storage
+    return {storage.get_trial_number_from_id(i) for i in storage._get_stale_trial_ids(study._study_id)}
