@@ -22,6 +22,7 @@ import trial_control  # noqa: E402
 
 EPOCHS = 20
 N_SAMPLES = 2048
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # under SLURM: the task's own GPU
 
 
 def make_data(seed=0):
@@ -30,6 +31,7 @@ def make_data(seed=0):
     x = torch.rand(N_SAMPLES, 2, generator=g) * 2 - 1
     y = torch.sin(3 * x[:, :1]) * x[:, 1:] + 0.1 * torch.randn(N_SAMPLES, 1, generator=g)
     cut = N_SAMPLES * 3 // 4
+    x, y = x.to(DEVICE), y.to(DEVICE)
     return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
 
@@ -44,20 +46,20 @@ def make_model(trial):
 
 def objective(trial):
     torch.manual_seed(trial.number)
-    model = make_model(trial)
+    model = make_model(trial).to(DEVICE)
     lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     (x_train, y_train), (x_val, y_val) = make_data()
     checkpoint = trial_control.trial_dir(trial) / "checkpoint.pt"
     start = 0
     if checkpoint.exists():  # a requeued or retried trial goes on where it stopped
-        state = torch.load(checkpoint)
+        state = torch.load(checkpoint, map_location=DEVICE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
     for epoch in range(start, EPOCHS):
         model.train()
-        for batch in torch.randperm(len(x_train)).split(128):
+        for batch in torch.randperm(len(x_train), device=DEVICE).split(128):
             optimizer.zero_grad()
             nn.functional.mse_loss(model(x_train[batch]), y_train[batch]).backward()
             optimizer.step()
