@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import shutil
 import socket
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
+import optuna_internals
 from optuna_internals import LOCK_FILE_SUFFIX, BaseJournalFileLock, BaseJournalSnapshot, get_lock_file
 
 log = logging.getLogger("journal")
@@ -325,9 +325,7 @@ def open_journal(path):
 
 def save_snapshot(storage):
     """Save the journal storage's replayed state as its snapshot now (as Optuna does every 100 trials)."""
-    with storage._thread_lock:
-        storage._sync_with_backend()
-        storage._backend.save_snapshot(pickle.dumps(storage._replay_result))
+    optuna_internals.save_journal_snapshot(storage)
 
 
 # ---------------------------------------------------------------- snapshot

@@ -7,6 +7,8 @@ objective its trial), the study's storage object (heartbeats, system attributes,
 and the journal's snapshot and lock classes (journal.py).
 """
 
+import pickle
+
 import optuna
 from optuna.storages.journal._base import BaseJournalSnapshot
 from optuna.storages.journal._file import LOCK_FILE_SUFFIX, BaseJournalFileLock, get_lock_file
@@ -42,3 +44,10 @@ def stale_trial_numbers(study):
     """The RUNNING trials whose heartbeat stopped (RDB storages with a heartbeat)."""
     storage = study._storage
     return {storage.get_trial_number_from_id(i) for i in storage._get_stale_trial_ids(study._study_id)}
+
+
+def save_journal_snapshot(storage):
+    """Save a JournalStorage's replayed state as its backend's snapshot now (as Optuna does every 100 trials)."""
+    with storage._thread_lock:
+        storage._sync_with_backend()
+        storage._backend.save_snapshot(pickle.dumps(storage._replay_result))
