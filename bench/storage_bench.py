@@ -2,6 +2,7 @@
 
     python bench/storage_bench.py                      # 16 workers x 10 trials, every storage
     python bench/storage_bench.py --workers 256 --trials 10 --storages journal,postgres,sqlite
+    python bench/storage_bench.py --workers 256 --trials 10 --train 5    # each trial "trains" ~5 s
 
 postgres is the local server of scripts/local_postgres.sh (started here when run as root), or
 $BENCH_POSTGRES_URL; each run gets a fresh database `optuna_bench`. Without a server it is left out.
@@ -13,11 +14,16 @@ Storages: journal (the tool's: journal.py with Optuna's JournalFileOpenLock, the
 after the lock), journal-queued (the same, its lock queued behind a fcntl lock: JOURNAL_LOCK=queued),
 optuna-journal (Optuna's JournalFileBackend and JournalFileOpenLock, which flushes under the lock),
 SQLite with timeout=60 and with its 5 s default.
+
+Without --train every worker asks again the moment it has told: the storage is saturated, which
+no real study does. With --train S each trial sleeps 0.5 S to 1.5 S between ask and tell (the
+workers' starts spread over one S), so the asks arrive as they would from trials that train.
 """
 
 import argparse
 import multiprocessing
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -80,9 +86,11 @@ def storage_for(kind, folder, postgres=None):
     return f"sqlite:///{folder}/study.db?timeout={timeout}"
 
 
-def worker(kind, folder, postgres, index, trials, queue):
+def worker(kind, folder, postgres, index, trials, train, queue):
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     asks, errors = [], 0
+    pace = random.Random(index)
+    time.sleep(pace.uniform(0, train))
     try:
         study = optuna.load_study(
             study_name="bench",
@@ -99,20 +107,21 @@ def worker(kind, folder, postgres, index, trials, queue):
             x = trial.suggest_float("x", -10, 10)
             y = trial.suggest_int("y", 0, 10)
             asks.append(time.perf_counter() - started)
+            time.sleep(pace.uniform(0.5 * train, 1.5 * train))
             study.tell(trial, (x - 2) ** 2 + y)
         except Exception:
             errors += 1
     queue.put((asks, errors))
 
 
-def run(kind, workers, trials, postgres=None):
+def run(kind, workers, trials, train=0.0, postgres=None):
     postgres = fresh_database(postgres) if kind == "postgres" else None
     with tempfile.TemporaryDirectory() as folder:
         optuna.create_study(study_name="bench", storage=storage_for(kind, folder, postgres))
         queue = multiprocessing.Queue()
         started = time.perf_counter()
         processes = [
-            multiprocessing.Process(target=worker, args=(kind, folder, postgres, i, trials, queue))
+            multiprocessing.Process(target=worker, args=(kind, folder, postgres, i, trials, train, queue))
             for i in range(workers)
         ]
         for p in processes:
@@ -139,15 +148,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--trials", type=int, default=10, help="trials per worker")
+    parser.add_argument("--train", type=float, default=0.0, help="seconds each trial trains, on average")
     parser.add_argument("--storages", default="journal,journal-queued,optuna-journal,postgres,sqlite,sqlite-5s")
     args = parser.parse_args()
     kinds = args.storages.split(",")
     postgres = postgres_server() if "postgres" in kinds else None
     kinds = [k for k in kinds if k != "postgres" or postgres]
-    print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE), {args.workers * args.trials} asked")
+    pacing = f", trials of ~{args.train:g} s" if args.train else ""
+    asked = args.workers * args.trials
+    print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE{pacing}), {asked} asked")
     rows = []
     for kind in kinds:  # each row as soon as it is measured: a full run takes a while
-        rows.append(run(kind, args.workers, args.trials, postgres))
+        rows.append(run(kind, args.workers, args.trials, args.train, postgres))
         if len(rows) == 1:
             print("  ".join(f"{c:>13}" for c in rows[0]))
         print("  ".join(f"{v:>13.3f}" if isinstance(v, float) else f"{v:>13}" for v in rows[-1].values()), flush=True)
