@@ -15,8 +15,10 @@ $SCRATCH has a quota, so `clean` deletes what nobody will read again. It keeps
     trainer saved no weights (the Pareto front, for a multi-objective study).
 Everything else goes: PRUNED trials, COMPLETE trials outside the best, FAIL trials nobody continues
 (cancelled, crashed, surplus) once the study is finished, and the half-written files of killed workers.
-Workers clean after every trial they run; status and export clean too. Metrics, configs and
-logs are never deleted.
+Status and export clean every trial. Workers clean after every trial they run, but only the
+trials whose files can have become removable since the last clean (`recent`): a study of 10,000
+trials would otherwise cost every worker 40,000 file checks per trial. Metrics, configs and logs
+are never deleted.
 """
 
 import contextlib
@@ -28,6 +30,7 @@ import optuna
 from experiment import run_dir, still_to_run
 
 CHECKPOINT, WEIGHTS = "checkpoint.pt", "weights.pt"
+RECENT = 200  # a worker's clean looks at the newest trials, far more than run at once
 State = optuna.trial.TrialState
 
 
@@ -68,12 +71,26 @@ def fail_kept(number, retried, pending, done):
     return number in pending or (number not in retried and not done)
 
 
-def removable(study, config, trials):
-    """The files of finished trials that no retry, resume or export will read."""
+def recent(study, trials, keep):
+    """The trials a worker's clean looks at: the RECENT newest and the RECENT last to finish, every
+    FAIL trial (a retry may have ended its wait), and those that were the best before the newest
+    came (one may have been pushed out). A multi-objective study's front can lose any member: there
+    it is every trial."""
+    if len(study.directions) > 1 or len(trials) <= RECENT:
+        return trials
+    newest = max(t.number for t in trials)
+    finished = sorted((t for t in trials if t.datetime_complete), key=lambda t: t.datetime_complete)
+    looked_at = {t.number for t in finished[-RECENT:]}
+    looked_at |= best_numbers(study, [t for t in trials if t.number <= newest - RECENT], keep)
+    return [t for t in trials if t.number > newest - RECENT or t.state == State.FAIL or t.number in looked_at]
+
+
+def removable(study, config, trials, candidates=None):
+    """The files of finished trials (of `candidates`, else all) that no retry, resume or export will read."""
     best, (retried, pending) = best_numbers(study, trials, config["study"]["keep_best"]), retries(trials, config)
     done = study_finished(trials, config["study"]["n_trials"])
     paths = []
-    for t in trials:
+    for t in trials if candidates is None else candidates:
         folder = trial_folder(config, t.number)
         if t.state in (State.RUNNING, State.WAITING):
             continue
@@ -86,10 +103,15 @@ def removable(study, config, trials):
     return paths
 
 
-def clean(study, config):
-    """Delete the checkpoints and weights nobody will read again; returns (files, bytes) freed."""
+def clean(study, config, everything=True):
+    """Delete the checkpoints and weights nobody will read again; returns (files, bytes) freed.
+
+    everything=False: only the trials that can have changed since the last clean (recent).
+    """
     files = freed = 0
-    for path in removable(study, config, study.get_trials(deepcopy=False)):
+    trials = study.get_trials(deepcopy=False)
+    candidates = None if everything else recent(study, trials, config["study"]["keep_best"])
+    for path in removable(study, config, trials, candidates):
         with contextlib.suppress(OSError):  # already gone, or not ours to delete: never an error
             size = path.stat().st_size
             path.unlink()

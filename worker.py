@@ -603,7 +603,7 @@ MAX_FAILS_IN_A_ROW = 3  # failed trials do not count toward the budget: a broken
 
 def clean_checkpoints(study, config):
     """A safe point: this trial is told. Delete what nobody will read again (checkpoints.py)."""
-    files, freed = checkpoints.clean(study, config)
+    files, freed = checkpoints.clean(study, config, everything=False)
     if files:
         log.info("deleted %d checkpoint/weights files of finished trials (%s freed)", files, checkpoints.size(freed))
 

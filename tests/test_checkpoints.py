@@ -91,3 +91,22 @@ def test_cleanup_keeps_running_best_and_retry_sources_and_deletes_the_rest(tmp_p
     study.tell(study.ask(), 0.5)  # the waiting retry
     checkpoints.clean(study, config)
     assert files_left(path) == {(best, "weights.pt"), (second, "checkpoint.pt")}
+
+
+def test_a_workers_clean_in_a_large_study_leaves_what_a_full_clean_would(tmp_path):
+    """A worker looks only at the trials that can have changed; at 10,000 trials that is what keeps it fast."""
+    path = write_experiment(tmp_path / "exp", {"study.keep_best": 1, "study.n_trials": 10_000})
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study, config = load_study(path, "tiny"), load_config(path)
+    old_best = trial_with_files(study, path, "COMPLETE", 0.1)
+    slow = study.ask({"x": X})  # it trains on while many shorter trials come and go
+    for _ in range(checkpoints.RECENT + 20):
+        study.tell(study.ask({"x": X}), 1.0)
+    folder = path.parent / "runs/tiny/trials" / str(slow.number)
+    folder.mkdir(parents=True)
+    torch.save({}, folder / "checkpoint.pt")
+    study.tell(slow, 2.0)
+    new_best = trial_with_files(study, path, "COMPLETE", 0.05)
+    checkpoints.clean(study, config, everything=False)
+    assert files_left(path) == {(new_best, "weights.pt")}, "the pushed-out best and the slow trial's files went"
+    assert checkpoints.clean(study, config) == (0, 0), "a full clean finds nothing more"
