@@ -22,6 +22,7 @@ are never deleted.
 """
 
 import contextlib
+import os
 import shutil
 import subprocess
 
@@ -86,36 +87,41 @@ def recent(study, trials, keep):
 
 
 def removable(study, config, trials, candidates=None):
-    """The files of finished trials (of `candidates`, else all) that no retry, resume or export will read."""
+    """{trial number: file names} of finished trials (of `candidates`, else all) that no retry,
+    resume or export will read."""
     best, (retried, pending) = best_numbers(study, trials, config["study"]["keep_best"]), retries(trials, config)
     done = study_finished(trials, config["study"]["n_trials"])
-    paths = []
+    names = {}
     for t in trials if candidates is None else candidates:
-        folder = trial_folder(config, t.number)
         if t.state in (State.RUNNING, State.WAITING):
             continue
-        paths += [folder / "checkpoint.partial", folder / "weights.partial"]  # a write its worker never finished
+        names[t.number] = {"checkpoint.partial", "weights.partial"}  # a write its worker never finished
         if t.number in best:
-            if (folder / WEIGHTS).exists():
-                paths.append(folder / CHECKPOINT)  # the weights are what make best exports
+            if (trial_folder(config, t.number) / WEIGHTS).exists():
+                names[t.number].add(CHECKPOINT)  # the weights are what make best exports
         elif t.state != State.FAIL or not fail_kept(t.number, retried, pending, done):
-            paths += [folder / CHECKPOINT, folder / WEIGHTS]
-    return paths
+            names[t.number] |= {CHECKPOINT, WEIGHTS}
+    return names
 
 
 def clean(study, config, everything=True):
     """Delete the checkpoints and weights nobody will read again; returns (files, bytes) freed.
 
     everything=False: only the trials that can have changed since the last clean (recent).
+    One listing per trial folder, in plain strings: a study of 10,000 trials has 10,000 folders.
     """
     files = freed = 0
     trials = study.get_trials(deepcopy=False)
     candidates = None if everything else recent(study, trials, config["study"]["keep_best"])
-    for path in removable(study, config, trials, candidates):
-        with contextlib.suppress(OSError):  # already gone, or not ours to delete: never an error
-            size = path.stat().st_size
-            path.unlink()
-            files, freed = files + 1, freed + size
+    folders = str(run_dir(config) / "trials")
+    for number, names in removable(study, config, trials, candidates).items():
+        folder = os.path.join(folders, str(number))
+        with contextlib.suppress(OSError):  # no folder, a file already gone, or not ours to delete: never an error
+            for name in names.intersection(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                size = os.stat(path).st_size
+                os.unlink(path)
+                files, freed = files + 1, freed + size
     return files, freed
 
 

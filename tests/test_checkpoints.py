@@ -105,6 +105,8 @@ def test_a_workers_clean_in_a_large_study_leaves_what_a_full_clean_would(tmp_pat
     folder = path.parent / "runs/tiny/trials" / str(slow.number)
     folder.mkdir(parents=True)
     torch.save({}, folder / "checkpoint.pt")
+    checkpoints.clean(study, config, everything=False)
+    assert (old_best, "weights.pt") in files_left(path), "the best keeps its weights"
     study.tell(slow, 2.0)
     new_best = trial_with_files(study, path, "COMPLETE", 0.05)
     checkpoints.clean(study, config, everything=False)
