@@ -37,6 +37,8 @@ CANDIDATES = {
     "gp": lambda seed, k: S.GPSampler(seed=seed),
     "gp_startK": lambda seed, k: S.GPSampler(seed=seed, n_startup_trials=max(10, 2 * k)),
     "random": lambda seed, k: S.RandomSampler(seed=seed),
+    # a portfolio: even workers GP, odd workers TPE, all on the same study (K=1: GP alone)
+    "gp_tpe": lambda seed, k: S.GPSampler(seed=seed) if seed % 2 == 0 else S.TPESampler(seed=seed),
 }
 
 
@@ -65,7 +67,9 @@ def run(problem, candidate, k, seed, n_trials):
     make = CANDIDATES[candidate]
     workers = [optuna.load_study(study_name="s", storage=storage, sampler=make(seed * 1000 + i, k)) for i in range(k)]
     spec = PROBLEMS[problem]
-    config = Config({"study": {"allow_repeats": False, "n_trials": n_trials}, "search_space": spec["space"]}, "-")
+    config = Config(
+        {"study": {"allow_repeats": False, "n_trials": n_trials, "objective": None}, "search_space": spec["space"]}, "-"
+    )
     rng, events = random.Random(seed), []
     for w in range(k):
         heapq.heappush(events, (rng.uniform(0.7, 1.3), w, claim(workers[w], config)))
