@@ -41,6 +41,10 @@ def job_name(study_name):
     return f"optuna_{study_name}"  # the array file's --job-name (submit_study.write_array_file)
 
 
+def submit_job_name(study_name):
+    return f"optuna_submit_{study_name}"  # the job of --as_job, which submits the study's array
+
+
 def queued_arrays(study):
     """{array job id: [(task, state, reason)]} of the study's arrays that SLURM still holds."""
     recorded = {j["job_id"] for j in study.user_attrs.get("array_jobs", [])}
@@ -114,9 +118,14 @@ def cancel(study):
     arrays = queued_arrays(study)
     if arrays:
         run(["scancel", *sorted(arrays)])  # SIGTERM (the workers checkpoint), SIGKILL after KillWait
+    # A submit job still queued (--as_job) would submit again, and a submit resumes the study.
+    submitters = sorted({line.split("|")[0] for line in squeue(f"--name={submit_job_name(study.study_name)}", "--me")})
+    if submitters:
+        run(["scancel", *submitters])
     print(
-        f"study {study.study_name}: cancelled ({describe(arrays)}); running trials checkpoint and end as "
-        "FAIL 'cancelled'; submit again to continue them"
+        f"study {study.study_name}: cancelled ({describe(arrays)}"
+        + (f"; submit job(s) {', '.join(submitters)} cancelled too" if submitters else "")
+        + "); running trials checkpoint and end as FAIL 'cancelled'; submit again to continue them"
     )
     return 0
 

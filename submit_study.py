@@ -499,7 +499,11 @@ def submit_as_job(args, config, argv):
     name = config["study"]["study_name"]
     command = [python_in_jobs(config), PROJECT / "submit_study.py", *[a for a in argv if a != "--as_job"]]
     script = render_job(
-        SUBMIT_TEMPLATE, config, "submit_job.sbatch", job_name=f"optuna_submit_{name}", command=quote_command(command)
+        SUBMIT_TEMPLATE,
+        config,
+        "submit_job.sbatch",
+        job_name=study_control.submit_job_name(name),
+        command=quote_command(command),
     )
     if not args.submit_jobs:
         print(script.read_text() + f"dry run, nothing submitted; to submit:\n  sbatch {script}")

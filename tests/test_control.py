@@ -107,8 +107,11 @@ def test_cancel_then_submit_continues_the_cancelled_trials(slurm, tmp_path):
     path = plugin_experiment(tmp_path, {**SLOW, "study.n_trials": 4, "slurm.max_concurrent_jobs": 2})
     jobs = submitted_jobs(control(path).stdout)
     running_trial_with_checkpoint(path)
-    control(path, "--cancel")
-    wait_for_jobs(jobs)
+    held = ["sbatch", "--parsable", "--hold", "--job-name=optuna_submit_tiny", "--output=/dev/null", "--wrap=true"]
+    submitter = subprocess.run(held, capture_output=True, text=True, check=True).stdout.strip()  # as --as_job's
+    out = control(path, "--cancel")
+    assert f"submit job(s) {submitter} cancelled too" in out.stdout
+    wait_for_jobs(jobs + [submitter])
     study = load_study(path)
     assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
     cancelled = [t for t in study.trials if t.user_attrs.get("fail_reason") == "cancelled"]
