@@ -467,6 +467,7 @@ def submit_arrays(study, config, commands):
 
 
 # ---------------------------------------------------------------- jobs around the array
+MAX_TASK_LINES = 20  # status lists every array task with something to say, and this many of the rest
 FINISH_STEPS = [["--status"], ["--export_best"]]  # what the finish job runs; add ["--report"] here once it exists
 
 
@@ -678,15 +679,20 @@ def print_slurm_tasks(study, trials, tasks):
     for t in trials:
         if t.user_attrs.get("slurm_task", "").split("_")[0] in job_ids:
             by_task.setdefault(t.user_attrs["slurm_task"], []).append(t)
+    rows = [(key, t) for key in sorted(set(states) | set(by_task), key=task_order) for t in by_task.get(key) or [None]]
+    # A large array: the tasks that ended with their trial finished are the many and the dull; the last few show.
+    dull = [i for i, (key, t) in enumerate(rows) if t and t.state in FINISHED and states.get(key, "ended") != "RUNNING"]
+    hidden = set(dull[:-MAX_TASK_LINES]) if len(rows) > 2 * MAX_TASK_LINES else set()
     print(f"{'array task':<14}{'slurm':<12}{'trial':>6}  {'state':<9}{'value':>12}  {'elapsed':>9}  log")
-    for key in sorted(set(states) | set(by_task), key=task_order):
-        for t in by_task.get(key) or [None]:
-            value = f"{t.value:.6g}" if t and t.value is not None else "-"
-            elapsed = duration(trial_seconds(t)) if t else "-"
-            print(
-                f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
-                f"{value:>12}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
-            )
+    if hidden:
+        print(f"  ({len(hidden)} earlier array tasks ended with their trial finished: not listed)")
+    for key, t in (row for i, row in enumerate(rows) if i not in hidden):
+        value = f"{t.value:.6g}" if t and t.value is not None else "-"
+        elapsed = duration(trial_seconds(t)) if t else "-"
+        print(
+            f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
+            f"{value:>12}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
+        )
 
 
 def sacct_states(job_ids):

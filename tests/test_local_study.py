@@ -192,3 +192,23 @@ def test_a_repeated_config_is_answered_from_its_first_training_not_trained_again
     assert trials[2].user_attrs["metrics"] == trials[0].user_attrs["metrics"]
     assert out.stdout.count("COMPLETE: val_mae_mean") == 1, "trained once"
     assert not (path.parent / "runs/tiny/trials/1").exists()
+
+
+def test_status_of_a_large_array_lists_what_needs_a_look_not_every_task(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 100})
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study = load_study(path)
+    study.set_user_attr("array_jobs", [{"job_id": "990001"}])  # an array long gone from SLURM
+    x = optuna.distributions.FloatDistribution(0, 1)
+    for task in range(60):
+        trial = study.ask({"x": x})
+        trial.set_user_attr("slurm_task", f"990001_{task}")
+        if task == 7:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, float(task))
+    lines = run_script("submit_study.py", "--config", path, "--status").stdout.splitlines()
+    listed = [line.split()[0] for line in lines if line.startswith("990001_")]
+    assert "990001_7" in listed, "a task whose trial failed is always listed"
+    assert listed[-20:] == [f"990001_{t}" for t in range(40, 60)], "the last tasks show"
+    assert len(listed) == 21 and "  (39 earlier array tasks ended with their trial finished: not listed)" in lines
