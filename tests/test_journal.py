@@ -129,15 +129,16 @@ def a_checkpoint(path):
     return list((path.parent / "runs" / "tiny" / "trials").glob("*/checkpoint.pt"))
 
 
+def local_study(path, stderr):
+    """`submit_study.py --local 2` in the background, its output kept for the assertions."""
+    command = [sys.executable, "submit_study.py", "--config", path, "--local", "2"]
+    project = Path(journal.__file__).parent
+    return subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
 def test_torn_line_between_the_ops_of_running_workers(tmp_path):
     path = plugin_experiment(tmp_path, {"training.sleep": 0.8, "training.epochs": 6, "study.n_trials": 4})
-    run = subprocess.Popen(
-        [sys.executable, "submit_study.py", "--config", path, "--local", "2"],
-        cwd=Path(journal.__file__).parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    run = local_study(path, stderr=subprocess.STDOUT)
     wait_for(lambda: a_checkpoint(path), what="a checkpoint")
     tear(journal_of(path))
     repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
@@ -220,13 +221,7 @@ def fill(folder):
 def test_full_filesystem_mid_study_loses_at_most_the_torn_ops(tmp_path, full_disk_runs):
     path = plugin_experiment(tmp_path, {"training.sleep": 0.5, "training.epochs": 6, "study.n_trials": 4})
     log = journal_of(path)
-    run = subprocess.Popen(
-        [sys.executable, "submit_study.py", "--config", path, "--local", "2"],
-        cwd=Path(journal.__file__).parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = local_study(path, stderr=subprocess.PIPE)
     wait_for(lambda: len(a_checkpoint(path)) >= 2, what="both workers' first checkpoints")
     filler = fill(full_disk_runs)
     out, err = run.communicate(timeout=120)
