@@ -655,24 +655,19 @@ def prepare_data(config, source="config"):
 
 
 # ---------------------------------------------------------------- sampler and pruner
-def build_sampler(config, seed_offset=0, source="config", workers=None):
-    """This worker's sampler: the YAML's, or the default for the search space and the workers
-    running at once (samplers.py; by default the YAML's slurm.max_concurrent_jobs)."""
+def build_sampler(config, seed_offset=0, source="config"):
+    """This worker's sampler: the YAML's, or the default for the search space (samplers.py)."""
     spec = config["study"]["sampler"]
     seed = spec.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(source, "study.sampler.seed", f"{seed!r} is not an integer", "give seed as an int")
     space, n_trials = config.get("search_space") or {}, config["study"]["n_trials"]
-    workers = workers or config["slurm"]["max_concurrent_jobs"]
-    name, options = samplers.resolve(spec, space, n_trials, seed_offset, workers)
+    name, options = samplers.resolve(spec, space, n_trials, seed_offset)
     return _build(optuna.samplers, {"name": name, **options}, "study.sampler", source, config)
 
 
-def describe_sampler(config, workers=None):
-    space, n_trials = config.get("search_space") or {}, config["study"]["n_trials"]
-    return samplers.describe(
-        config["study"]["sampler"], space, n_trials, workers or config["slurm"]["max_concurrent_jobs"]
-    )
+def describe_sampler(config):
+    return samplers.describe(config["study"]["sampler"], config.get("search_space") or {}, config["study"]["n_trials"])
 
 
 def build_pruner(config, source="config"):
@@ -823,12 +818,12 @@ def open_storage(config, url=None, source="config"):
         ) from None
 
 
-def open_study(config, storage, seed_offset=0, source="config", workers=None):
+def open_study(config, storage, seed_offset=0, source="config"):
     return optuna.create_study(
         storage=storage,
         study_name=config["study"]["study_name"],
         directions=directions(config),
-        sampler=build_sampler(config, seed_offset, source, workers),
+        sampler=build_sampler(config, seed_offset, source),
         pruner=build_pruner(config, source),
         load_if_exists=True,
     )

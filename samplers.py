@@ -18,21 +18,11 @@ GP_MAX_PARAMS = 12  # a GP models small spaces well; past this TPE is the safer 
 GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE stays fast
 
 
-def default_spec(space, n_trials, workers=1, offset=0):
-    """The sampler a YAML without a sampler name gets: {"name": ..., options}.
-
-    GP for a small space and budget. When several workers run at once, every other one (by its
-    seed offset: the array task's job id, the local worker's index) runs TPE on the same study
-    instead: measured as the better hedge, since GP alone loses badly on a noisy metric in parallel
-    (bench/README.md, "a GP/TPE portfolio"). Alone, GP is far ahead: one worker runs GP.
-    """
-    if gp_fits(space, n_trials) and (workers <= 1 or offset % 2 == 0):
+def default_spec(space, n_trials):
+    """The sampler a YAML without a sampler name gets: {"name": ..., options}."""
+    if space and len(space) <= GP_MAX_PARAMS and n_trials <= GP_MAX_TRIALS and has_module("scipy"):
         return {"name": "GPSampler"}
     return {"name": "TPESampler"}
-
-
-def gp_fits(space, n_trials):
-    return bool(space) and len(space) <= GP_MAX_PARAMS and n_trials <= GP_MAX_TRIALS and has_module("scipy")
 
 
 def worker_seed(name, seed, offset):
@@ -42,18 +32,18 @@ def worker_seed(name, seed, offset):
     return None if seed is None else seed + offset  # the same seed everywhere repeats the same configs
 
 
-def resolve(spec, space, n_trials, offset, workers=1):
+def resolve(spec, space, n_trials, offset):
     """The sampler's class name and its options for this worker, the default filled in."""
     spec = dict(spec)
     seed = spec.pop("seed", None)
     if "name" not in spec:
-        spec.update(default_spec(space, n_trials, workers, offset))
+        spec.update(default_spec(space, n_trials))
     name = spec.pop("name")
     seed = worker_seed(name, seed, offset)
     return name, ({**spec, "seed": seed} if seed is not None else spec)
 
 
-def describe(spec, space, n_trials, workers=1):
+def describe(spec, space, n_trials):
     """One line for logs and --status: which sampler the study runs and why."""
     name, options = resolve(spec, space, n_trials, 0)
     options.pop("seed", None)
@@ -61,9 +51,7 @@ def describe(spec, space, n_trials, workers=1):
     if "name" in spec:
         return f"{shown} (study.sampler)"
     if name == "GPSampler":
-        at_once = f"{workers} at once" if workers > 1 else "one at a time"
-        shown = "GPSampler and TPESampler, every other worker" if workers > 1 else shown
-        return f"{shown} (default: {len(space)} params, {n_trials} trials, {at_once})"
+        return f"{shown} (default: {len(space)} params, {n_trials} trials)"
     if not space:
         why = "no search_space in the YAML: the objective defines its own"
     else:

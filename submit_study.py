@@ -366,12 +366,11 @@ def sbatch_directives(slurm):
 FROM_ELSEWHERE = ("storage", "study_name", "runs_dir")  # by reference (a password), or named above
 
 
-def worker_flags(config, storage_file, workers):
-    """What every worker is told beyond its YAML: this submission's study flags, how many workers
-    run at once (the default sampler depends on it), and the storage."""
+def worker_flags(config, storage_file):
+    """What every worker is told beyond its YAML: this submission's study flags and the storage."""
     # The study's name and place always: an edit of the YAML cannot point a running array at another study.
     flags = ["--config", config.path, "--study_name", config["study"]["study_name"]]
-    flags += ["--runs_dir", config["study"]["runs_dir"], "--workers", str(workers)]
+    flags += ["--runs_dir", config["study"]["runs_dir"]]
     for option in OPTIONS:
         if option.key in config.overrides and option.section == "study" and option.key not in FROM_ELSEWHERE:
             flags += [f"--{option.key}", str(config["study"][option.key])]
@@ -392,13 +391,7 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
     folder, slurm = run_dir(config), config["slurm"]
     (folder / "slurm_logs").mkdir(parents=True, exist_ok=True)
     python = "python" if slurm["setup"] else sys.executable  # setup lines bring their own environment
-    command = [
-        python,
-        PROJECT / "worker.py",
-        *worker_flags(config, storage_file, config["slurm"]["max_concurrent_jobs"]),
-        "--trials",
-        "1",
-    ]
+    command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", "1"]
     script = folder / "array_job.sbatch"
     script.write_text(
         TEMPLATE.read_text().format(
@@ -566,8 +559,7 @@ class LocalStop:
 
 def run_local(args, config, study, storage_file):
     """K worker processes on this machine, each running trials until the budget is met."""
-    flags = worker_flags(config, storage_file, args.local)
-    command = [sys.executable, str(PROJECT / "worker.py"), *flags, "--trials", "0"]
+    command = [sys.executable, str(PROJECT / "worker.py"), *worker_flags(config, storage_file), "--trials", "0"]
     print(f"running {args.local} local workers: {quote_command(command)}")
     first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
     workers = [subprocess.Popen(command + ["--seed_offset", str(first + i)]) for i in range(args.local)]
@@ -623,7 +615,7 @@ def show_status(study, config):
     print(eta_line(trials, budget, concurrency, study_control.mark(study)))
     for line in config_versions.status_lines(config, trials) + repeats.status_lines(config, trials):
         print(line)
-    print(f"sampler: {describe_sampler(config, concurrency)}")
+    print(f"sampler: {describe_sampler(config)}")
     best = best_trial(study)
     if best:
         print(f"best: trial {best.number}  {values_text(config, best)}  params {best.params}")

@@ -208,9 +208,6 @@ def parse_args(argv=None):
         "--trials", type=int, default=1, help="trials to run in this process; 0 = until the budget is met"
     )
     parser.add_argument("--seed_offset", type=int, help="added to the sampler seed (default: SLURM job id or pid)")
-    parser.add_argument(
-        "--workers", type=int, help="how many workers run the study at once (default: slurm.max_concurrent_jobs)"
-    )
     return parser.parse_args(argv)
 
 
@@ -545,8 +542,8 @@ def work(args):
     config = read_config(args)
     source = config.path
     storage = open_storage(config, storage_url(config, args.storage_file), source)
-    study = open_study(config, storage, seed_offset(args), source, args.workers)
-    log.info("sampler: %s; this worker runs %s", describe_sampler(config, args.workers), type(study.sampler).__name__)
+    study = open_study(config, storage, seed_offset(args), source)
+    log.info("sampler: %s", describe_sampler(config))
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
     liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped

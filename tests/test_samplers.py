@@ -2,7 +2,7 @@
 
 import optuna
 import pytest
-from conftest import load_study, run_script, write_experiment
+from conftest import write_experiment
 
 import repeats
 import samplers
@@ -37,15 +37,6 @@ def test_a_yaml_without_a_sampler_name_gets_the_default_for_its_space(tmp_path):
     assert type(build_sampler(config)).__name__ == "TPESampler", "a large budget gets TPE"
 
 
-def test_several_workers_at_once_run_gp_and_tpe_every_other_worker(tmp_path):
-    config = config_with(tmp_path, {"study.sampler": {}})
-    kinds = [type(build_sampler(config, offset, workers=8)).__name__ for offset in range(4)]
-    assert kinds == ["GPSampler", "TPESampler", "GPSampler", "TPESampler"]
-    assert {type(build_sampler(config, offset, workers=1)).__name__ for offset in range(4)} == {"GPSampler"}
-    assert "GPSampler and TPESampler, every other worker" in describe_sampler(config, 8)
-    assert "GPSampler (default" in describe_sampler(config, 1) and "one at a time" in describe_sampler(config, 1)
-
-
 def test_without_scipy_the_default_is_tpe_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(samplers, "has_module", lambda name: False)
     config = config_with(tmp_path, {"study.sampler": {}})
@@ -56,7 +47,7 @@ def test_without_scipy_the_default_is_tpe_and_says_why(tmp_path, monkeypatch):
 def test_a_seed_without_a_name_seeds_the_default(tmp_path):
     config = config_with(tmp_path, {"study.sampler": {"seed": 0}})
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    one, two = build_sampler(config, 4), build_sampler(config, 4)
+    one, two = build_sampler(config, 3), build_sampler(config, 3)
     study_one, study_two = optuna.create_study(sampler=one), optuna.create_study(sampler=two)
     assert study_one.ask(space).params == study_two.ask(space).params, "same seed, same worker: reproducible"
     assert type(one).__name__ == "GPSampler"
@@ -181,12 +172,3 @@ def test_a_sampler_stuck_on_tried_configs_stops_the_worker_with_a_clear_error(tm
 def test_a_plain_objective_gets_tpe_by_default():
     assert samplers.default_spec({}, 20) == {"name": "TPESampler"}
     assert "the objective defines its own" in samplers.describe({}, {}, 20)
-
-
-def test_two_local_workers_of_the_default_run_one_gp_and_one_tpe(tmp_path):
-    path = write_experiment(tmp_path / "exp", {"study.sampler": {"seed": 0}, "study.n_trials": 4})
-    out = run_script("submit_study.py", "--config", path, "--local", 2)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert "GPSampler and TPESampler, every other worker (default: 2 params, 4 trials, 2 at once)" in out.stdout
-    assert "this worker runs GPSampler" in out.stdout and "this worker runs TPESampler" in out.stdout
-    assert len([t for t in load_study(path).trials if t.state.name == "COMPLETE"]) >= 4
