@@ -10,6 +10,7 @@ command to the end of the array's last task (polling squeue); the ratio is proje
 """
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,15 +21,6 @@ from pathlib import Path
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
-TRAINER = """import time
-
-METRICS = ("loss",)
-
-
-def train(config, trial):
-    time.sleep(config["training"]["seconds"])
-    return {"loss": trial.params["model.x"]}
-"""
 
 
 def command(words, timeout=120):
@@ -52,7 +44,7 @@ def wait_for(job_ids, timeout=900):
 
 
 def experiment(folder, trials, seconds, limit):
-    (folder / "sleep_trainer.py").write_text(TRAINER)
+    shutil.copy(PROJECT / "bench" / "sleep_trainer.py", folder)  # the experiment's own code: beside its YAML
     config = {
         "study": {
             "study_name": "makespan",
