@@ -5,7 +5,13 @@
 and options are used as given. Either way each worker seeds its sampler as that kind needs.
 """
 
+import contextlib
+import errno
+import fcntl
 import importlib
+import os
+import time
+from pathlib import Path
 
 import optuna
 
@@ -16,6 +22,8 @@ NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy",
 SHARED_SEED = ("QMCSampler", "GridSampler")
 GP_MAX_PARAMS = 12  # a GP models small spaces well; past this TPE is the safer default
 GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE stays fast
+ASK_LOCK = "ask.lock"  # in the run directory: workers take turns to sample
+ASK_LOCK_TIMEOUT_S = 120  # past this a worker samples anyway (a holder stuck on a slow filesystem)
 
 
 def default_spec(space, n_trials):
@@ -86,3 +94,34 @@ class GridSampler(optuna.samplers.GridSampler):
         except RuntimeError as e:
             if "Study.stop" not in str(e):
                 raise
+
+
+@contextlib.contextmanager
+def one_ask_at_a_time(folder):
+    """The study's workers sample their trials one after another (a fcntl lock in the run directory).
+
+    Array tasks start together, and stay in step when their trials take about as long. K fresh
+    processes asking a GPSampler at the same moment, none yet seeing the others' trials, proposed K
+    near-copies of one point (bench/README.md). In turn, each ask sees the trials asked before it as
+    RUNNING, with their params: GPSampler plans around them, TPE's constant liar too. The turn costs
+    a worker the others' sampling time once per trial. Where the filesystem has no fcntl locks, or
+    the lock is held past ASK_LOCK_TIMEOUT_S, the worker samples anyway.
+    """
+    try:
+        fd = os.open(Path(folder) / ASK_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        fd = None
+    try:
+        deadline = time.monotonic() + ASK_LOCK_TIMEOUT_S
+        while fd is not None:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock

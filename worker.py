@@ -57,6 +57,7 @@ import config_versions
 import liveness
 import optuna_internals
 import repeats
+import samplers
 import study_control
 import trial_control
 from experiment import (
@@ -256,21 +257,29 @@ def claim_trial(study, config):
     """A new trial within the budget, or None when the budget is covered."""
     budget = config["study"]["n_trials"]
     while still_to_run(study.get_trials(deepcopy=False), budget) > 0:
-        trial = study.ask()
-        link_heartbeat_retry(study, trial)
-        # Trial numbers are consecutive: everything numbered below ours existed when we asked.
-        ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
-        origin = trial.user_attrs.get("retry_of")
-        if len(ahead) >= budget:
-            drop(study, trial, f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}")
-            return None
-        if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
-            drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
-            continue
-        if repeats.settle(study, trial, config):  # params already tried: answered from its twin, or asked again
-            continue
-        return trial
+        with samplers.one_ask_at_a_time(run_dir(config)):  # each ask sees the trials asked before it
+            trial, again = ask_once(study, config, budget)
+        if not again:
+            return trial
     return None
+
+
+def ask_once(study, config, budget):
+    """(trial to run or None, whether to ask again): one ask, its params sampled and checked."""
+    trial = study.ask()
+    link_heartbeat_retry(study, trial)
+    # Trial numbers are consecutive: everything numbered below ours existed when we asked.
+    ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
+    origin = trial.user_attrs.get("retry_of")
+    if len(ahead) >= budget:
+        drop(study, trial, f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}")
+        return None, False
+    if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
+        drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
+        return None, True
+    if repeats.settle(study, trial, config):  # params already tried: answered from its twin, or asked again
+        return None, True
+    return trial, False
 
 
 def drop(study, trial, reason):

@@ -1,8 +1,13 @@
 """Which sampler a study gets, how each worker seeds it, and no configuration trained twice."""
 
+import math
+import random
+import subprocess
+import sys
+
 import optuna
 import pytest
-from conftest import write_experiment
+from conftest import PROJECT, load_study, plugin_experiment, run_script, write_experiment
 
 import repeats
 import samplers
@@ -172,3 +177,27 @@ def test_a_sampler_stuck_on_tried_configs_stops_the_worker_with_a_clear_error(tm
 def test_a_plain_objective_gets_tpe_by_default():
     assert samplers.default_spec({}, 20) == {"name": "TPESampler"}
     assert "the objective defines its own" in samplers.describe({}, {}, 20)
+
+
+def test_workers_that_ask_at_once_take_turns_so_gp_does_not_propose_one_point_k_times(tmp_path):
+    """Array tasks start together; each ask must see the trials asked before it (samplers.one_ask_at_a_time)."""
+    path = plugin_experiment(
+        tmp_path, {"study.sampler": {"seed": 0}, "study.n_trials": 14, "training.sleep": 3.0, "training.epochs": 1}
+    )
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study = load_study(path)
+    space = {
+        "model.d_pos": optuna.distributions.IntDistribution(2, 12, step=2),
+        "training.lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True),
+    }
+    rng = random.Random(0)
+    for _ in range(10):  # past GPSampler's 10 random startup trials
+        params = {"model.d_pos": rng.choice(range(2, 13, 2)), "training.lr": 10 ** rng.uniform(-3, -1.53)}
+        value = (math.log10(params["training.lr"]) + 2) ** 2 + params["model.d_pos"] / 100
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=value))
+    command = [sys.executable, str(PROJECT / "worker.py"), "--config", str(path), "--study_name", "tiny"]
+    workers = [subprocess.Popen([*command, "--seed_offset", str(i)], stdout=subprocess.DEVNULL) for i in range(4)]
+    assert [w.wait(timeout=240) for w in workers] == [0] * 4
+    asked = [t.params for t in load_study(path).trials[10:]]
+    assert len(asked) == 4
+    assert len({(p["model.d_pos"], round(p["training.lr"], 4)) for p in asked}) == 4, asked
