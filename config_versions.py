@@ -46,7 +46,7 @@ def load(path, overrides, worker=False):
     folder = default_folder(path, overrides)
     try:
         text = read_settled(path) if worker else read_text(path)
-        read_as = signature(path)
+        read_as = signature(path) if worker else None  # only a worker adopts
         config = load_config(path, overrides, text)
     except ConfigError as e:
         return fall_back(folder, path, overrides, str(e), worker, error=e)

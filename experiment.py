@@ -306,12 +306,12 @@ class Config(dict):
       version    the config_versions version it is, once known
     """
 
-    def __init__(self, settings, path, overrides=None, version=None):
+    def __init__(self, settings, path, overrides=None):
         super().__init__(settings)
         self.path = str(Path(path).resolve())
         self.dir = str(Path(self.path).parent)
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        self.version = version
+        self.version = None
 
 
 def load_config(path, overrides=None, text=None):
