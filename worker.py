@@ -121,9 +121,16 @@ class StopSignal:
         self.received = signal.Signals(signum).name
         if self.interrupt_now:  # the objective has no safe point of its own: stop it here, rerun it later
             self.interrupt_now = False
-            log.warning("%s received: the objective is stopped and runs again after the requeue", self.received)
+            announce("%s received: the objective is stopped and runs again after the requeue", self.received)
             raise Interrupted(self.received)
-        log.warning("%s received: checkpointing at the next save_checkpoint()", self.received)
+        announce("%s received: checkpointing at the next save_checkpoint()", self.received)
+
+
+def announce(message, *args):
+    """Log from a signal handler. From a thread: the code the signal interrupted may be writing a log
+    record itself, and logging from the handler would re-enter that write (a RuntimeError); the
+    thread waits for the logging lock instead."""
+    threading.Thread(target=log.warning, args=(message, *args), name="signal-log").start()
 
 
 class ObjectiveTrial(optuna.trial.Trial):
