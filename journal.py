@@ -43,7 +43,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 import optuna_internals
-from optuna_internals import LOCK_FILE_SUFFIX, BaseJournalFileLock, BaseJournalSnapshot, get_lock_file
+from optuna_internals import LOCK_FILE_SUFFIX, BaseJournalFileLock, BaseJournalSnapshot, JournalOperation, get_lock_file
 
 log = logging.getLogger("journal")
 OP_START = b'{"op_code":'  # how Optuna's JournalStorage serializes every op
@@ -62,6 +62,18 @@ FINGERPRINT_BYTES = 4096
 # A load that replayed this many ops past its snapshot (about 100 trials of ~23 ops) writes a new one.
 REFRESH_OPS = 2500
 BACKUP_PATTERN = "{name}.bak-{stamp}"
+# Ops of a trial still running: a new trial, its params, reports and attributes. They reach the disk
+# with the next op that is flushed (a trial's end, anyone's), not each on its own: what only a crash of
+# the machine holding them in its page cache could lose is a running trial's state, and that crash
+# kills the trial's worker too (on NFS, close() already sends every op to the server). A trial's end,
+# its result, is flushed before Optuna goes on.
+FLUSHED_LATER = {
+    JournalOperation.CREATE_TRIAL,
+    JournalOperation.SET_TRIAL_PARAM,
+    JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
+    JournalOperation.SET_TRIAL_USER_ATTR,
+    JournalOperation.SET_TRIAL_SYSTEM_ATTR,
+}
 UNTERMINATED = "unterminated last line (an append in progress, or a torn one that the next append seals)"
 
 
@@ -151,15 +163,23 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
         try:
             with get_lock_file(self._lock):
                 self._append(data)
-            # Durable before Optuna goes on, but flushed outside the lock: a flush to disk takes ~5 ms,
-            # the append itself far less, and writers flushing at once share one flush of the disk.
-            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if self.flush_now(logs):
+                self._flush()
         except OSError as e:
             raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
+
+    def flush_now(self, logs):
+        """Whether these ops must be on disk before Optuna goes on (FLUSHED_LATER: the ones that need not)."""
+        return any(op.get("op_code") not in FLUSHED_LATER for op in logs)
+
+    def _flush(self):
+        # Outside the lock: a flush to disk takes ~5 ms, the append itself far less, and writers
+        # flushing at once share one flush of the disk. It covers every op appended before it.
+        fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _append(self, data):
         fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)

@@ -4,7 +4,7 @@ upgrade checks this file.
 What the tool needs that Optuna's public API does not give: a live Trial for a trial found in
 get_trials() (to fail another worker's dead trial, resume one after a requeue, or hand a plain
 objective its trial), the study's storage object (heartbeats, system attributes, the dashboard),
-and the journal's snapshot and lock classes (journal.py).
+and the journal's snapshot and lock classes and op codes (journal.py).
 """
 
 import pickle
@@ -12,8 +12,9 @@ import pickle
 import optuna
 from optuna.storages.journal._base import BaseJournalSnapshot
 from optuna.storages.journal._file import LOCK_FILE_SUFFIX, BaseJournalFileLock, get_lock_file
+from optuna.storages.journal._storage import JournalOperation
 
-__all__ = ["BaseJournalSnapshot", "BaseJournalFileLock", "LOCK_FILE_SUFFIX", "get_lock_file"]
+__all__ = ["BaseJournalSnapshot", "BaseJournalFileLock", "JournalOperation", "LOCK_FILE_SUFFIX", "get_lock_file"]
 
 
 def storage_of(study):

@@ -9,9 +9,12 @@ $BENCH_POSTGRES_URL; each run gets a fresh database `optuna_bench`. Without a se
 
 Each worker is a separate process (as array tasks are) that loads the study and runs
 ask -> suggest -> tell with TPE. Reported per storage: finished trials, trials left RUNNING
-(lost), errors, throughput and the median/p95 ask latency, then the ratios side by side.
+(lost), errors, throughput, the median/p95 ask latency, and the workers' CPU per trial and the
+cores it kept busy (as many as the machine has: the asks wait for a core, not for the storage),
+then the ratios side by side.
 Storages: journal (the tool's: journal.py with Optuna's JournalFileOpenLock, the flush to disk
-after the lock), journal-queued (the same, its lock queued behind a fcntl lock: JOURNAL_LOCK=queued),
+after the lock, only for a trial's end), journal-flush-every-op (the same, every op flushed),
+journal-queued (the same, its lock queued behind a fcntl lock: JOURNAL_LOCK=queued),
 optuna-journal (Optuna's JournalFileBackend and JournalFileOpenLock, which flushes under the lock),
 SQLite with timeout=60 and with its 5 s default.
 
@@ -72,12 +75,21 @@ def fresh_database(url, name="optuna_bench"):
     return u.set(database=name).render_as_string(hide_password=False)
 
 
+class FlushEveryOp(journal.JournalFile):
+    """The tool's journal as it was: every op flushed to disk before Optuna goes on."""
+
+    def flush_now(self, logs):
+        return True
+
+
 def storage_for(kind, folder, postgres=None):
     if kind == "postgres":
         return postgres
     path = Path(folder) / "journal.log"
     if kind == "journal":
         return journal.open_journal(path)  # the tool's default (Optuna's open lock, unless JOURNAL_LOCK is set)
+    if kind == "journal-flush-every-op":
+        return optuna.storages.JournalStorage(FlushEveryOp(path))
     if kind == "journal-queued":  # the same, its lock queued behind a fcntl lock (JOURNAL_LOCK=queued)
         return optuna.storages.JournalStorage(journal.JournalFile(path, journal.JournalLock(str(path))))
     if kind == "optuna-journal":  # Optuna's own backend and open lock: fsync under the lock (the seed's)
@@ -98,8 +110,9 @@ def worker(kind, folder, postgres, index, trials, train, queue):
             sampler=optuna.samplers.TPESampler(seed=index),
         )
     except Exception:
-        queue.put((asks, trials))
+        queue.put((asks, trials, 0.0))
         return
+    cpu = time.process_time()
     for _ in range(trials):
         try:
             started = time.perf_counter()
@@ -111,7 +124,7 @@ def worker(kind, folder, postgres, index, trials, train, queue):
             study.tell(trial, (x - 2) ** 2 + y)
         except Exception:
             errors += 1
-    queue.put((asks, errors))
+    queue.put((asks, errors, time.process_time() - cpu))
 
 
 def run(kind, workers, trials, train=0.0, postgres=None):
@@ -141,6 +154,9 @@ def run(kind, workers, trials, train=0.0, postgres=None):
         "ops/s": 2 * states.count("COMPLETE") / elapsed,
         "ask median s": statistics.median(asks) if asks else float("nan"),
         "ask p95 s": asks[int(0.95 * (len(asks) - 1))] if asks else float("nan"),
+        # the workers' own CPU (sampling, replaying the others' ops) per trial, and how many cores it kept busy
+        "cpu ms/trial": 1000 * sum(r[2] for r in results) / max(1, len(asks)),
+        "cores busy": sum(r[2] for r in results) / elapsed,
     }
 
 
@@ -156,7 +172,8 @@ def main():
     kinds = [k for k in kinds if k != "postgres" or postgres]
     pacing = f", trials of ~{args.train:g} s" if args.train else ""
     asked = args.workers * args.trials
-    print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE{pacing}), {asked} asked")
+    cores = os.cpu_count()
+    print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE{pacing}), {asked} asked, {cores} cores")
     rows = []
     for kind in kinds:  # each row as soon as it is measured: a full run takes a while
         rows.append(run(kind, args.workers, args.trials, args.train, postgres))

@@ -257,3 +257,24 @@ def test_full_filesystem_mid_study_loses_at_most_the_torn_ops(tmp_path, full_dis
     repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
     assert repair.returncode == 0, repair.stdout + repair.stderr
     assert len(strict_load(log).trials) == len(study.trials) == len(optuna_cli_trials(log))
+
+
+# ---------------------------------------------------------------- what reaches the disk when
+def test_a_result_is_on_disk_before_tell_returns_the_ask_waits_for_no_disk(tmp_path, monkeypatch):
+    """A trial's end is flushed to disk (fsync) before tell() returns, and that flush covers every op
+    before it; creating a trial and setting its params and attributes wait for no flush of their own."""
+    path = tmp_path / "journal.log"
+    flushed = []  # the journal's size at each flush
+    real_fsync = os.fsync
+    monkeypatch.setattr(journal.os, "fsync", lambda fd: (flushed.append(os.fstat(fd).st_size), real_fsync(fd)))
+    study = optuna.create_study(study_name="s", storage=journal.open_journal(path))
+    flushed.clear()
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    trial.set_user_attr("worker", "node1")
+    trial.report(0.5, step=0)
+    assert flushed == []
+    study.tell(trial, 0.25)
+    assert flushed == [path.stat().st_size]
+    reread = optuna.load_study(study_name="s", storage=journal.open_journal(path)).trials[0]
+    assert (reread.value, reread.user_attrs, reread.intermediate_values) == (0.25, {"worker": "node1"}, {0: 0.5})
