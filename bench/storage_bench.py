@@ -8,10 +8,10 @@ postgres is the local server of scripts/local_postgres.sh (started here when run
 $BENCH_POSTGRES_URL; each run gets a fresh database `optuna_bench`. Without a server it is left out.
 
 Each worker is a separate process (as array tasks are) that loads the study and runs
-ask -> suggest -> tell with TPE. Reported per storage: finished trials, trials left RUNNING
-(lost), errors, throughput, the median/p95 ask latency, and the workers' CPU per trial and the
-cores it kept busy (as many as the machine has: the asks wait for a core, not for the storage),
-then the ratios side by side.
+ask -> suggest -> tell with TPE (--sampler random: no sampling work, the storage alone).
+Reported per storage: finished trials, trials left RUNNING (lost), errors, throughput, the
+median/p95 ask latency, and the workers' CPU per trial and the cores it kept busy (as many as the
+machine has: the asks wait for a core, not for the storage), then the ratios side by side.
 Storages: journal (the tool's: journal.py with Optuna's JournalFileOpenLock, the flush to disk
 after the lock, only for a trial's end), journal-flush-every-op (the same, every op flushed),
 journal-queued (the same, its lock queued behind a fcntl lock: JOURNAL_LOCK=queued),
@@ -98,7 +98,10 @@ def storage_for(kind, folder, postgres=None):
     return f"sqlite:///{folder}/study.db?timeout={timeout}"
 
 
-def worker(kind, folder, postgres, index, trials, train, queue):
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+
+
+def worker(kind, folder, postgres, index, trials, train, sampler, queue):
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     asks, errors = [], 0
     pace = random.Random(index)
@@ -107,7 +110,7 @@ def worker(kind, folder, postgres, index, trials, train, queue):
         study = optuna.load_study(
             study_name="bench",
             storage=storage_for(kind, folder, postgres),
-            sampler=optuna.samplers.TPESampler(seed=index),
+            sampler=SAMPLERS[sampler](seed=index),
         )
     except Exception:
         queue.put((asks, trials, 0.0))
@@ -127,14 +130,14 @@ def worker(kind, folder, postgres, index, trials, train, queue):
     queue.put((asks, errors, time.process_time() - cpu))
 
 
-def run(kind, workers, trials, train=0.0, postgres=None):
+def run(kind, workers, trials, train=0.0, sampler="tpe", postgres=None):
     postgres = fresh_database(postgres) if kind == "postgres" else None
     with tempfile.TemporaryDirectory() as folder:
         optuna.create_study(study_name="bench", storage=storage_for(kind, folder, postgres))
         queue = multiprocessing.Queue()
         started = time.perf_counter()
         processes = [
-            multiprocessing.Process(target=worker, args=(kind, folder, postgres, i, trials, train, queue))
+            multiprocessing.Process(target=worker, args=(kind, folder, postgres, i, trials, train, sampler, queue))
             for i in range(workers)
         ]
         for p in processes:
@@ -165,6 +168,9 @@ def main():
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--trials", type=int, default=10, help="trials per worker")
     parser.add_argument("--train", type=float, default=0.0, help="seconds each trial trains, on average")
+    parser.add_argument(
+        "--sampler", default="tpe", choices=SAMPLERS, help="random: no sampling work, the storage's share alone"
+    )
     parser.add_argument("--storages", default="journal,journal-queued,optuna-journal,postgres,sqlite,sqlite-5s")
     args = parser.parse_args()
     kinds = args.storages.split(",")
@@ -173,10 +179,11 @@ def main():
     pacing = f", trials of ~{args.train:g} s" if args.train else ""
     asked = args.workers * args.trials
     cores = os.cpu_count()
-    print(f"{args.workers} workers x {args.trials} trials (ask + tell, TPE{pacing}), {asked} asked, {cores} cores")
+    shown = f"ask + tell, {args.sampler}{pacing}"
+    print(f"{args.workers} workers x {args.trials} trials ({shown}), {asked} asked, {cores} cores")
     rows = []
     for kind in kinds:  # each row as soon as it is measured: a full run takes a while
-        rows.append(run(kind, args.workers, args.trials, args.train, postgres))
+        rows.append(run(kind, args.workers, args.trials, args.train, args.sampler, postgres))
         if len(rows) == 1:
             print("  ".join(f"{c:>13}" for c in rows[0]))
         print("  ".join(f"{v:>13.3f}" if isinstance(v, float) else f"{v:>13}" for v in rows[-1].values()), flush=True)
