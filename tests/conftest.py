@@ -74,6 +74,11 @@ def run_script(script, *args, env=None, timeout=300, cwd=None):
     )
 
 
+def run_script_without(module, script, *args):
+    """Run one of the project's scripts as if the package `module` were not installed."""
+    return run_script("tests/processes.py", "without", module, PROJECT / script, *args, timeout=120)
+
+
 def load_study(config_path, study_name=None):
     """The study the YAML names: in its study.storage URL, else in the journal file of its run directory."""
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import finished, load_study, plugin_experiment, run_script
+from conftest import PROJECT, finished, load_study, plugin_experiment, run_script
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.storages.journal._file import get_lock_file
 
@@ -158,7 +158,10 @@ def test_kill_9_while_holding_the_journal_lock(tmp_path):
     assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
     log = journal_of(path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(log)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+        [sys.executable, PROJECT / "tests" / "processes.py", "hold_lock_forever", log],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
     )
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
@@ -170,15 +173,6 @@ def test_kill_9_while_holding_the_journal_lock(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert journal.LOCK_GRACE_S <= waited < journal.LOCK_GRACE_S + 60, waited
     assert len(finished(load_study(path))) == 1
-
-
-HOLD_LOCK = """
-import sys, time
-from optuna.storages.journal import JournalFileOpenLock
-JournalFileOpenLock(sys.argv[1]).acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
 
 
 # ---------------------------------------------------------------- a real full filesystem

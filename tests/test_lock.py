@@ -12,31 +12,10 @@ from conftest import PROJECT
 
 import journal
 
-APPENDER = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import journal
-backend = journal.JournalFile(sys.argv[2], journal.JournalLock(sys.argv[2]))
-for i in range(int(sys.argv[4])):
-    backend.append_logs([{"op_code": 8, "worker_id": sys.argv[3], "trial_id": 0, "user_attr": {"i": i}}])
-"""
 
-HOLDER = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import journal
-from optuna.storages.journal import JournalFileOpenLock
-lock = journal.JournalLock(sys.argv[2]) if sys.argv[3] == "queued" else JournalFileOpenLock(sys.argv[2])
-lock.acquire()
-print("locked", flush=True)
-sys.stdin.readline()
-lock.release()
-"""
-
-
-def start(script, *args):
+def start(program, *args):
     return subprocess.Popen(
-        [sys.executable, "-c", script, str(PROJECT), *map(str, args)],
+        [sys.executable, str(PROJECT / "tests" / "processes.py"), program, *map(str, args)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -46,7 +25,7 @@ def start(script, *args):
 
 def test_writers_contending_for_the_lock_all_complete_with_whole_lines(tmp_path):
     path = tmp_path / "journal.log"
-    writers = [start(APPENDER, path, f"w{k}", 150) for k in range(3)]
+    writers = [start("append_ops", path, f"w{k}", 150) for k in range(3)]
     for w in writers:
         assert w.wait(timeout=120) == 0, w.stderr.read()
     ops, bad = journal.scan(path)
@@ -61,13 +40,13 @@ def test_writers_contending_for_the_lock_all_complete_with_whole_lines(tmp_path)
 def test_a_holder_killed_with_kill_9_does_not_stop_the_next_writer_for_the_grace(tmp_path, capfd):
     path = tmp_path / "journal.log"
     path.touch()
-    holder = start(HOLDER, path, "queued")
+    holder = start("hold_lock", path, "queued")
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert journal.lock_path(path).exists(), "the lock file stays; the kernel released the fcntl lock"
     # Waiting Optuna's grace would take LOCK_GRACE_S; the queued writer breaks a dead holder's lock at once.
-    writer = start(APPENDER, path, "next", 1)
+    writer = start("append_ops", path, "next", 1)
     assert writer.wait(timeout=journal.LOCK_GRACE_S / 2) == 0
     assert "died holding it" in writer.stderr.read()
     assert journal.scan(path) == (1, [])
@@ -78,9 +57,9 @@ def test_a_lock_file_of_a_writer_outside_the_queue_is_respected(tmp_path):
     """Optuna's CLI (or a node without fcntl locks) holds the lock file alone: queued writers wait for it."""
     path = tmp_path / "journal.log"
     path.touch()
-    holder = start(HOLDER, path, "open")
+    holder = start("hold_lock", path, "open")
     assert holder.stdout.readline().strip() == "locked"
-    writer = start(APPENDER, path, "queued", 1)
+    writer = start("append_ops", path, "queued", 1)
     with pytest.raises(subprocess.TimeoutExpired):
         writer.wait(timeout=2)
     assert journal.scan(path) == (0, [])

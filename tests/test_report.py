@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 import optuna
 import pytest
-from conftest import PROJECT, load_study, run_script, write_experiment
+from conftest import PROJECT, load_study, run_script, run_script_without, write_experiment
 
 import report
 from experiment import load_config, open_storage
@@ -71,16 +71,7 @@ def test_the_timeline_marks_requeues_from_the_worker_log_and_links_retries(tmp_p
 @pytest.mark.parametrize(("flag", "module"), [("--report", "matplotlib"), ("--dashboard", "optuna_dashboard")])
 def test_a_missing_extra_is_named_with_its_pip_command(tmp_path, flag, module):
     path, _ = created_study(tmp_path)
-    hide = (
-        f"import os, runpy, sys; sys.modules[{module!r}] = None; sys.argv = sys.argv[1:]; "
-        "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", hide, str(PROJECT / "submit_study.py"), "--config", str(path), flag],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_script_without(module, "submit_study.py", "--config", str(path), flag)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and f"pip install {module.replace('_', '-')}" in out.stderr
 

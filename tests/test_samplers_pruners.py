@@ -1,11 +1,8 @@
 """Every Optuna sampler and pruner by name from the YAML, objects in their YAML form, the baseline first."""
 
-import subprocess
-import sys
-
 import optuna
 import pytest
-from conftest import PROJECT, load_study, run_script, write_experiment
+from conftest import load_study, run_script, run_script_without, write_experiment
 
 from experiment import ConfigError, build_pruner, build_sampler, load_config
 
@@ -90,16 +87,7 @@ def test_grid_warning_and_the_baseline_first(tmp_path):
 )
 def test_a_missing_extra_is_named_with_its_pip_command(tmp_path, key, spec, module):
     path = write_experiment(tmp_path / "exp", {f"study.{key}": spec})
-    hide = (  # run submit_study.py as if the extra were not installed
-        f"import os, runpy, sys; sys.modules[{module!r}] = None; sys.argv = sys.argv[1:]; "
-        "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", hide, str(PROJECT / "submit_study.py"), "--config", str(path), "--no-submit_jobs"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_script_without(module, "submit_study.py", "--config", str(path), "--no-submit_jobs")
     assert out.returncode == 2 and f"study.{key}.name" in out.stderr and f"pip install {module}" in out.stderr
     assert out.stderr.count("\n") == 1 and not (path.parent / "runs").exists()
 
