@@ -663,6 +663,8 @@ def build_sampler(config, seed_offset=0, source="config"):
         raise ConfigError(source, "study.sampler.seed", f"{seed!r} is not an integer", "give seed as an int")
     space, n_trials = config.get("search_space") or {}, config["study"]["n_trials"]
     name, options = samplers.resolve(spec, space, n_trials, seed_offset)
+    if name == samplers.PORTFOLIO:
+        return samplers.portfolio(options.get("seed"))
     return _build(optuna.samplers, {"name": name, **options}, "study.sampler", source, config)
 
 

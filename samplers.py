@@ -20,6 +20,11 @@ NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy",
 # Samplers whose workers must share one seed: QMC's sequence and the grid's order are study-wide
 # (a sample counter, grid ids in system attrs); a different seed per worker gives a different sequence.
 SHARED_SEED = ("QMCSampler", "GridSampler")
+# The default for small spaces: GPSampler and TPESampler by turns, one trial each (ByTrial). GP alone
+# plans best on smooth problems, but on a multimodal one it lost 2.5x to sequential TPE with 8 workers,
+# where TPE finds the basins; by turns that loss is 1.4-1.5x, the smooth problems stay far ahead
+# (README "Which sampler?").
+PORTFOLIO = "GPSampler+TPESampler"
 GP_MAX_PARAMS = 12  # a GP models small spaces well; past this TPE is the safer default
 GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE stays fast
 ASK_LOCK = "ask.lock"  # in the run directory: workers take turns to sample
@@ -29,7 +34,7 @@ ASK_LOCK_TIMEOUT_S = 120  # past this a worker samples anyway (a holder stuck on
 def default_spec(space, n_trials):
     """The sampler a YAML without a sampler name gets: {"name": ..., options}."""
     if space and len(space) <= GP_MAX_PARAMS and n_trials <= GP_MAX_TRIALS and has_module("scipy"):
-        return {"name": "GPSampler"}
+        return {"name": PORTFOLIO}
     return {"name": "TPESampler"}
 
 
@@ -58,8 +63,8 @@ def describe(spec, space, n_trials):
     shown = name + (f" {options}" if options else "")
     if "name" in spec:
         return f"{shown} (study.sampler)"
-    if name == "GPSampler":
-        return f"{shown} (default: {len(space)} params, {n_trials} trials)"
+    if name == PORTFOLIO:
+        return f"GPSampler and TPESampler by turns (default: {len(space)} params, {n_trials} trials)"
     if not space:
         why = "no search_space in the YAML: the objective defines its own"
     else:
@@ -79,6 +84,50 @@ def missing_package(name):
     """The pip package a sampler or pruner class needs and lacks, else None."""
     package = NEEDS.get(name)
     return package if package and not has_module(package) else None
+
+
+def portfolio(seed=None):
+    """The default for small spaces: even trials sampled by GPSampler, odd ones by TPESampler."""
+    if seed is None:
+        return ByTrial(optuna.samplers.GPSampler(), optuna.samplers.TPESampler())
+    # Two seeds per worker, none shared with another worker's (whose seeds differ by their offset):
+    # with one seed the two samplers' random startup trials would be the same configs.
+    return ByTrial(optuna.samplers.GPSampler(seed=2 * seed), optuna.samplers.TPESampler(seed=2 * seed + 1))
+
+
+class ByTrial(optuna.samplers.BaseSampler):
+    """A portfolio on one study: trial n is sampled by samplers[n % len(samplers)].
+
+    By trial number, not by worker: every worker runs each sampler in turn, so the split stays even
+    however long each sampler takes to choose (a GP refit takes seconds, TPE milliseconds). Each
+    sampler sees every trial, whichever sampler chose it.
+    """
+
+    def __init__(self, *samplers):
+        self.samplers = samplers
+
+    def _of(self, trial):
+        return self.samplers[trial.number % len(self.samplers)]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._of(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._of(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._of(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        for sampler in self.samplers:
+            sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        for sampler in self.samplers:
+            sampler.reseed_rng()
 
 
 class GridSampler(optuna.samplers.GridSampler):

@@ -23,11 +23,14 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import repeats  # noqa: E402
+import samplers  # noqa: E402
 from bench import problems  # noqa: E402
 from bench.quality import PROBLEMS  # noqa: E402
 from experiment import Config  # noqa: E402
 
 S = optuna.samplers
+
+
 CANDIDATES = {
     "tpe": lambda seed, k: S.TPESampler(seed=seed),  # optuna 5: multivariate, constant_liar
     "tpe_nocl": lambda seed, k: S.TPESampler(seed=seed, constant_liar=False),
@@ -39,6 +42,8 @@ CANDIDATES = {
     "random": lambda seed, k: S.RandomSampler(seed=seed),
     # a portfolio: even workers GP, odd workers TPE, all on the same study (K=1: GP alone)
     "gp_tpe": lambda seed, k: S.GPSampler(seed=seed) if seed % 2 == 0 else S.TPESampler(seed=seed),
+    # the default for small spaces (samplers.portfolio): even trials GP, odd trials TPE, in every worker
+    "portfolio": lambda seed, k: samplers.portfolio(seed),
 }
 
 

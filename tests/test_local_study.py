@@ -184,7 +184,7 @@ def test_a_repeated_config_is_answered_from_its_first_training_not_trained_again
     path = plugin_experiment(tmp_path, {"study.n_trials": 3, "study.sampler": {"seed": 0}, "search_space": one_config})
     out = run_script("worker.py", "--config", path, "--trials", 0)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert "sampler: GPSampler (default" in out.stdout
+    assert "sampler: GPSampler and TPESampler by turns (default" in out.stdout
     trials = load_study(path).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, 0]

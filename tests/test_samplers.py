@@ -33,8 +33,9 @@ def first_params(sampler, n=1):
 # ---------------------------------------------------------------- the default
 def test_a_yaml_without_a_sampler_name_gets_the_default_for_its_space(tmp_path):
     config = config_with(tmp_path, {"study.sampler": {}})
-    assert type(build_sampler(config)).__name__ == "GPSampler"
-    assert "default" in describe_sampler(config)
+    default = build_sampler(config)
+    assert [type(s).__name__ for s in default.samplers] == ["GPSampler", "TPESampler"]
+    assert "GPSampler and TPESampler by turns (default" in describe_sampler(config)
     many = {f"model.p{i}": {"type": "float", "low": 0, "high": 1} for i in range(20)}
     config["search_space"] = many
     assert type(build_sampler(config)).__name__ == "TPESampler", "a large space gets TPE"
@@ -55,7 +56,44 @@ def test_a_seed_without_a_name_seeds_the_default(tmp_path):
     one, two = build_sampler(config, 3), build_sampler(config, 3)
     study_one, study_two = optuna.create_study(sampler=one), optuna.create_study(sampler=two)
     assert study_one.ask(space).params == study_two.ask(space).params, "same seed, same worker: reproducible"
-    assert type(one).__name__ == "GPSampler"
+    assert type(one) is samplers.ByTrial
+
+
+class Constant(optuna.samplers.BaseSampler):
+    """Proposes x = value, every time."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.value
+
+
+def test_the_default_portfolio_hands_trials_to_its_samplers_by_turns_whatever_the_worker():
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage, study_name="s")
+    workers = [
+        optuna.load_study(study_name="s", storage=storage, sampler=samplers.ByTrial(Constant(0.25), Constant(0.75)))
+        for _ in range(2)
+    ]
+    for worker_index in (0, 0, 0, 1, 1):  # one worker asks three times in a row: a fast sampler's worker would
+        workers[worker_index].ask().suggest_float("x", 0, 1)
+    assert [t.params["x"] for t in workers[0].trials] == [0.25, 0.75, 0.25, 0.75, 0.25]
+
+
+def test_the_default_portfolios_two_samplers_start_with_different_configs():
+    """Seeded alike, GP's and TPE's random startup trials would be the same configs, one of each pair wasted."""
+    study = optuna.create_study(sampler=samplers.portfolio(seed=0))
+    for _ in range(6):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_float("y", 0, 1))
+    assert len({tuple(t.params.values()) for t in study.trials}) == 6
 
 
 def test_a_named_sampler_keeps_its_options_and_a_bad_seed_is_one_clear_error(tmp_path):
@@ -73,6 +111,13 @@ def test_model_based_and_random_samplers_get_a_different_seed_in_each_worker(tmp
     config = config_with(tmp_path, {"study.sampler": {"name": name, "seed": 0}})
     assert first_params(build_sampler(config, 1)) != first_params(build_sampler(config, 2))
     assert first_params(build_sampler(config, 1)) == first_params(build_sampler(config, 1))
+
+
+def test_the_default_gets_different_seeds_in_each_worker(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {"seed": 0}})
+    first = [first_params(build_sampler(config, offset), 2) for offset in range(3)]
+    assert len({tuple(tuple(p.values()) for p in params) for params in first}) == 3
+    assert first_params(build_sampler(config, 1), 2) == first[1]
 
 
 def test_qmc_workers_share_one_seed_and_walk_one_sequence_together(tmp_path):
@@ -182,7 +227,13 @@ def test_a_plain_objective_gets_tpe_by_default():
 def test_workers_that_ask_at_once_take_turns_so_gp_does_not_propose_one_point_k_times(tmp_path):
     """Array tasks start together; each ask must see the trials asked before it (samplers.one_ask_at_a_time)."""
     path = plugin_experiment(
-        tmp_path, {"study.sampler": {"seed": 0}, "study.n_trials": 14, "training.sleep": 3.0, "training.epochs": 1}
+        tmp_path,
+        {
+            "study.sampler": {"name": "GPSampler", "seed": 0},
+            "study.n_trials": 14,
+            "training.sleep": 3.0,
+            "training.epochs": 1,
+        },
     )
     assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
     study = load_study(path)
