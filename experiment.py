@@ -661,7 +661,11 @@ def build_sampler(config, seed_offset=0, source="config"):
     seed = spec.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(source, "study.sampler.seed", f"{seed!r} is not an integer", "give seed as an int")
-    space, n_trials = config.get("search_space") or {}, config["study"]["n_trials"]
+    unnamed = sorted(set(spec) - {"name", "seed"}) if "name" not in spec else []
+    if unnamed:  # the default is one sampler or another (or two): options of which one?
+        fix = "name the sampler they are for (name: TPESampler, say), or keep only seed for the default"
+        raise ConfigError(source, "study.sampler", f"options {', '.join(unnamed)} without a sampler name", fix)
+    space, n_trials = sampled_space(config), config["study"]["n_trials"]
     name, options = samplers.resolve(spec, space, n_trials, seed_offset)
     if name == samplers.PORTFOLIO:
         return samplers.portfolio(options.get("seed"))
@@ -669,7 +673,12 @@ def build_sampler(config, seed_offset=0, source="config"):
 
 
 def describe_sampler(config):
-    return samplers.describe(config["study"]["sampler"], config.get("search_space") or {}, config["study"]["n_trials"])
+    return samplers.describe(config["study"]["sampler"], sampled_space(config), config["study"]["n_trials"])
+
+
+def sampled_space(config):
+    """The YAML's search space, which a plain objective replaces with its own suggestions."""
+    return {} if config["study"]["objective"] else config.get("search_space") or {}
 
 
 def build_pruner(config, source="config"):

@@ -26,6 +26,7 @@ BaseJournalSnapshot, which stores the number of ops it has applied) agrees on th
 and after a rewrite. Optuna's private classes come through optuna_internals.py.
 """
 
+import atexit
 import errno
 import fcntl
 import hashlib
@@ -63,10 +64,12 @@ FINGERPRINT_BYTES = 4096
 REFRESH_OPS = 2500
 BACKUP_PATTERN = "{name}.bak-{stamp}"
 # Ops of a trial still running: a new trial, its params, reports and attributes. They reach the disk
-# with the next op that is flushed (a trial's end, anyone's), not each on its own: what only a crash of
-# the machine holding them in its page cache could lose is a running trial's state, and that crash
-# kills the trial's worker too (on NFS, close() already sends every op to the server). A trial's end,
-# its result, is flushed before Optuna goes on.
+# with the next op that is flushed (a trial's end, anyone's), or when the process exits, not each on
+# its own: what only a crash of the machine holding them in its page cache could lose is a running
+# trial's state, and that crash kills the trial's worker too (on NFS, close() already sends every op
+# to the server). A trial's end (its result), a change to the study, and a trial created in another
+# state than RUNNING (a retry or an enqueued config WAITING, a repeat answered COMPLETE) are flushed
+# before Optuna goes on.
 FLUSHED_LATER = {
     JournalOperation.CREATE_TRIAL,
     JournalOperation.SET_TRIAL_PARAM,
@@ -74,6 +77,29 @@ FLUSHED_LATER = {
     JournalOperation.SET_TRIAL_USER_ATTR,
     JournalOperation.SET_TRIAL_SYSTEM_ATTR,
 }
+_unflushed = set()  # journals this process appended to since their last flush
+
+
+@atexit.register
+def _flush_on_exit():
+    for path in list(_unflushed):
+        try:
+            _fsync(path)
+        except OSError:
+            pass  # gone (a temporary study) or unwritable: nothing left to keep
+
+
+def _fsync(path):
+    # Outside the lock: a flush to disk takes ~5 ms, the append itself far less, and writers
+    # flushing at once share one flush of the disk. It covers every op appended before it.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _unflushed.discard(path)
+
+
 UNTERMINATED = "unterminated last line (an append in progress, or a torn one that the next append seals)"
 
 
@@ -163,23 +189,15 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
         try:
             with get_lock_file(self._lock):
                 self._append(data)
+            _unflushed.add(self._file_path)
             if self.flush_now(logs):
-                self._flush()
+                _fsync(self._file_path)
         except OSError as e:
             raise OSError(e.errno, e.strerror, self._file_path) from e  # name the file in the error
 
     def flush_now(self, logs):
         """Whether these ops must be on disk before Optuna goes on (FLUSHED_LATER: the ones that need not)."""
-        return any(op.get("op_code") not in FLUSHED_LATER for op in logs)
-
-    def _flush(self):
-        # Outside the lock: a flush to disk takes ~5 ms, the append itself far less, and writers
-        # flushing at once share one flush of the disk. It covers every op appended before it.
-        fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        return any(op.get("op_code") not in FLUSHED_LATER or _created_finished_or_waiting(op) for op in logs)
 
     def _append(self, data):
         fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND)
@@ -208,6 +226,11 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
         self._positions[ops] = (offset, line)  # the replay goes on from there without parsing a line before it
         self.restored = ops
         return payload
+
+
+def _created_finished_or_waiting(op):
+    running = optuna.trial.TrialState.RUNNING
+    return op.get("op_code") == JournalOperation.CREATE_TRIAL and op.get("state", running) != running
 
 
 def _write_all(fd, data):

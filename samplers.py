@@ -27,6 +27,7 @@ SHARED_SEED = ("QMCSampler", "GridSampler")
 PORTFOLIO = "GPSampler+TPESampler"
 GP_MAX_PARAMS = 12  # a GP models small spaces well; past this TPE is the safer default
 GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE stays fast
+SEEDS = 2**32  # numpy's range, 0 .. 2**32 - 1: a seed plus a SLURM job id can pass it
 ASK_LOCK = "ask.lock"  # in the run directory: workers take turns to sample
 ASK_LOCK_TIMEOUT_S = 120  # past this a worker samples anyway (a holder stuck on a slow filesystem)
 
@@ -41,8 +42,8 @@ def default_spec(space, n_trials):
 def worker_seed(name, seed, offset):
     """The seed this worker gives its sampler: a different one per worker, or one shared by all."""
     if name in SHARED_SEED:
-        return 0 if seed is None else seed  # never unseeded: each worker would draw its own
-    return None if seed is None else seed + offset  # the same seed everywhere repeats the same configs
+        return 0 if seed is None else seed % SEEDS  # never unseeded: each worker would draw its own
+    return None if seed is None else (seed + offset) % SEEDS  # the same seed everywhere repeats the same configs
 
 
 def resolve(spec, space, n_trials, offset):
@@ -92,7 +93,9 @@ def portfolio(seed=None):
         return ByTrial(optuna.samplers.GPSampler(), optuna.samplers.TPESampler())
     # Two seeds per worker, none shared with another worker's (whose seeds differ by their offset):
     # with one seed the two samplers' random startup trials would be the same configs.
-    return ByTrial(optuna.samplers.GPSampler(seed=2 * seed), optuna.samplers.TPESampler(seed=2 * seed + 1))
+    return ByTrial(
+        optuna.samplers.GPSampler(seed=2 * seed % SEEDS), optuna.samplers.TPESampler(seed=(2 * seed + 1) % SEEDS)
+    )
 
 
 class ByTrial(optuna.samplers.BaseSampler):

@@ -13,8 +13,8 @@ Reported per storage: finished trials, trials left RUNNING (lost), errors, throu
 median/p95 ask latency, and the workers' CPU per trial and the cores it kept busy (as many as the
 machine has: the asks wait for a core, not for the storage), then the ratios side by side.
 Storages: journal (the tool's: journal.py with Optuna's JournalFileOpenLock, the flush to disk
-after the lock, only for a trial's end), journal-flush-every-op (the same, every op flushed),
-journal-queued (the same, its lock queued behind a fcntl lock: JOURNAL_LOCK=queued),
+after the lock, only for a trial's end and what must outlive a crash), journal-flush-every-op
+(the same, every op flushed), journal-queued (the same, its lock queued behind a fcntl lock: JOURNAL_LOCK=queued),
 optuna-journal (Optuna's JournalFileBackend and JournalFileOpenLock, which flushes under the lock),
 SQLite with timeout=60 and with its 5 s default.
 

@@ -272,3 +272,10 @@ def test_a_result_is_on_disk_before_tell_returns_the_ask_waits_for_no_disk(tmp_p
     assert flushed == [path.stat().st_size]
     reread = optuna.load_study(study_name="s", storage=journal.open_journal(path)).trials[0]
     assert (reread.value, reread.user_attrs, reread.intermediate_values) == (0.25, {"worker": "node1"}, {0: 0.5})
+
+    flushed.clear()
+    study.enqueue_trial({"lr": 0.01})  # a retry or the user's config, WAITING: no worker holds it yet
+    assert flushed == [path.stat().st_size]
+    study.ask().set_user_attr("worker", "node2")  # a process that exits now still flushes what it wrote
+    journal._flush_on_exit()
+    assert flushed[-1] == path.stat().st_size

@@ -96,6 +96,25 @@ def test_the_default_portfolios_two_samplers_start_with_different_configs():
     assert len({tuple(t.params.values()) for t in study.trials}) == 6
 
 
+def test_a_seed_past_numpys_range_with_a_slurm_job_id_still_builds_every_sampler(tmp_path):
+    for spec in ({"seed": 2**31}, {"name": "TPESampler", "seed": 2**32 - 1}, {"name": "QMCSampler", "seed": 2**33}):
+        config = config_with(tmp_path, {"study.sampler": spec})
+        first_params(build_sampler(config, seed_offset=4_294_967_000))
+
+
+def test_options_without_a_sampler_name_are_one_clear_error(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {"seed": 0, "n_startup_trials": 5}})
+    with pytest.raises(ConfigError, match="study.sampler.*n_startup_trials without a sampler name.*name: TPESampler"):
+        build_sampler(config)
+
+
+def test_a_plain_objective_gets_tpe_even_beside_a_leftover_search_space(tmp_path):
+    config = config_with(tmp_path, {"study.sampler": {}})
+    config["study"]["objective"] = "objectives:quadratic"
+    assert type(build_sampler(config)).__name__ == "TPESampler"
+    assert "the objective defines its own" in describe_sampler(config)
+
+
 def test_a_named_sampler_keeps_its_options_and_a_bad_seed_is_one_clear_error(tmp_path):
     config = config_with(tmp_path, {"study.sampler": {"name": "RandomSampler", "seed": 1}})
     assert type(build_sampler(config)).__name__ == "RandomSampler"
