@@ -91,7 +91,8 @@ bench: venv
 ifeq ($(FULL),1)
 	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal,postgres,sqlite
 	$(PY) bench/status_bench.py --sizes 100,1000,5000
-	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal,journal-queued,optuna-journal
+	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --sampler random --storages journal,journal-flush-every-op,optuna-journal,journal-queued
+	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --storages journal,journal-flush-every-op,journal-queued,optuna-journal
 	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --train 2 --storages journal,optuna-journal,journal-queued
 	$(PY) bench/scale_bench.py --full
 	$(PY) bench/makespan_bench.py --repeats 3
