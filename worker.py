@@ -500,17 +500,19 @@ def requeue_or_fail(study, trial, config, signal_name):
         liveness.fail_and_retry(study, frozen, reason, settings["max_retries"], settings["n_trials"])
         return Outcome.FAIL
     trial.set_user_attr("requeues", requeues + 1)  # the walltime is spent whether or not the requeue works
+    # Said before: the requeue's own SIGTERM may reach this process (and its log) before scontrol returns.
+    log.info("trial %d checkpointed before the walltime; requeueing its task %s", trial.number, task)
     problem = requeue_task(task)
     if problem:
         log.warning(
-            "trial %d checkpointed before the walltime, but task %s could not be requeued (%s); the trial stays "
-            "RUNNING and the next reconcile retries it from its checkpoint",
-            trial.number,
+            "task %s could not be requeued (%s); trial %d stays RUNNING and the next reconcile retries it from "
+            "its checkpoint",
             task,
             problem,
+            trial.number,
         )
         return Outcome.STOPPED
-    log.info("trial %d checkpointed before the walltime; task %s requeued", trial.number, task)
+    log.info("task %s requeued: it resumes trial %d", task, trial.number)
     return Outcome.REQUEUED
 
 

@@ -47,7 +47,8 @@ def test_the_timeline_marks_requeues_from_the_worker_log_and_links_retries(tmp_p
     log = tmp_path / "worker.log"
     log.write_text(
         f"{times[0]:%Y-%m-%d %H:%M:%S},001 INFO worker: trial 0 params: {{'x': 0.5}}\n"
-        f"{times[1]:%Y-%m-%d %H:%M:%S},002 INFO worker: trial 0 checkpointed before the walltime; task 7_0 requeued\n"
+        f"{times[1]:%Y-%m-%d %H:%M:%S},002 INFO worker: trial 0 checkpointed before the walltime; "
+        "requeueing its task 7_0\n"
         f"{times[2]:%Y-%m-%d %H:%M:%S},003 INFO worker: trial 0 params: {{'x': 0.5}}\n"
     )
     requeued = study.ask({"x": X})
