@@ -89,13 +89,10 @@ def missing_package(name):
 
 def portfolio(seed=None):
     """The default for small spaces: even trials sampled by GPSampler, odd ones by TPESampler."""
-    if seed is None:
-        return ByTrial(optuna.samplers.GPSampler(), optuna.samplers.TPESampler())
     # Two seeds per worker, none shared with another worker's (whose seeds differ by their offset):
     # with one seed the two samplers' random startup trials would be the same configs.
-    return ByTrial(
-        optuna.samplers.GPSampler(seed=2 * seed % SEEDS), optuna.samplers.TPESampler(seed=(2 * seed + 1) % SEEDS)
-    )
+    gp_seed, tpe_seed = (None, None) if seed is None else (2 * seed % SEEDS, (2 * seed + 1) % SEEDS)
+    return ByTrial(optuna.samplers.GPSampler(seed=gp_seed), optuna.samplers.TPESampler(seed=tpe_seed))
 
 
 class ByTrial(optuna.samplers.BaseSampler):
