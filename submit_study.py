@@ -616,6 +616,20 @@ def show_status(study, config):
     for line in config_versions.status_lines(config, trials) + repeats.status_lines(config, trials):
         print(line)
     print(f"sampler: {describe_sampler(config)}")
+    print_best(study, config, counts)
+    print_running(study, trials)
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    for t in failed[-10:]:
+        reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
+        print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
+    if study_jobs(study):
+        print_slurm_tasks(study, trials, tasks)
+    print_top_up(remaining(study, config) - queued_tasks(study, tasks), failed)
+    print(disk_line(study, config))
+    return 0
+
+
+def print_best(study, config, counts):
     best = best_trial(study)
     if best:
         print(f"best: trial {best.number}  {values_text(config, best)}  params {best.params}")
@@ -624,6 +638,10 @@ def show_status(study, config):
         print(f"Pareto front: {len(front)} trial(s)")
         for t in front[:10]:
             print(f"  trial {t.number}  {values_text(config, t)}  params {t.params}")
+
+
+def print_running(study, trials):
+    """Each RUNNING trial: where it runs, for how long, and its last logged step."""
     running = [t for t in trials if t.state == liveness.RUNNING]
     if running:
         print("running:")
@@ -634,22 +652,18 @@ def show_status(study, config):
         step = study_control.last_step(a["log_path"]) if a.get("log_path") else None
         last = f"  step {step[0]} ({step[1]}) {duration(time.time() - step[2].timestamp())} ago" if step else ""
         print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {age}{where}{last}")
-    failed = [t for t in trials if t.state.name == "FAIL"]
-    for t in failed[-10:]:
-        reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
-        print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
-    if study_jobs(study):
-        print_slurm_tasks(study, trials, tasks)
-    missing = remaining(study, config) - queued_tasks(study, tasks)
+
+
+def print_top_up(missing, failed):
+    """What to do when the budget is not covered by queued or running tasks."""
+    if missing <= 0:
+        return
     crashed = [
         t for t in failed if not t.user_attrs.get("fail_reason", "worker died").startswith(("worker died", "surplus"))
     ]
-    if missing > 0 and crashed:
+    if crashed:
         print(f"{len(crashed)} trial(s) failed in the trainer (reasons above, tracebacks in their worker.log)")
-    if missing > 0:
-        print(f"{missing} trial(s) not covered by any worker: submit again to top up")
-    print(disk_line(study, config))
-    return 0
+    print(f"{missing} trial(s) not covered by any worker: submit again to top up")
 
 
 def disk_line(study, config):

@@ -558,9 +558,8 @@ STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint
 
 def work(args):
     config = read_config(args)
-    source = config.path
-    storage = open_storage(config, storage_url(config, args.storage_file), source)
-    study = open_study(config, storage, seed_offset(args), source)
+    storage = open_storage(config, storage_url(config, args.storage_file), config.path)
+    study = open_study(config, storage, seed_offset(args), config.path)
     log.info("sampler: %s", describe_sampler(config))
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
@@ -569,12 +568,22 @@ def work(args):
     if trial is None and not still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"]):
         log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
         return 0  # decided before importing the trainer, which may take seconds (torch)
-    if config["study"]["objective"]:
-        load_objective(config, source)
-    else:
-        load_trainer(config, source)
-    prepare_data(config, source)
+    load_user_code(config)
     enqueue_exported_params(study, config)
+    return run_trials(study, trial, config, args, taken_over)
+
+
+def load_user_code(config):
+    """Import the trainer (or objective) and prepare the data it reads."""
+    if config["study"]["objective"]:
+        load_objective(config, config.path)
+    else:
+        load_trainer(config, config.path)
+    prepare_data(config, config.path)
+
+
+def run_trials(study, trial, config, args, taken_over):
+    """Claim, run and tell trials until the budget, --trials or a signal says stop; 1 if any failed."""
     stop = StopSignal()
     failed = done = in_a_row = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may

@@ -44,6 +44,10 @@ CANDIDATES = {
     "gp_tpe": lambda seed, k: S.GPSampler(seed=seed) if seed % 2 == 0 else S.TPESampler(seed=seed),
     # the default for small spaces (samplers.portfolio): even trials GP, odd trials TPE, in every worker
     "portfolio": lambda seed, k: samplers.portfolio(seed),
+    # TPE-heavier: trials 0, 3, 6, ... GP, the others TPE
+    "portfolio_tpe2": lambda seed, k: samplers.ByTrial(
+        S.GPSampler(seed=3 * seed), S.TPESampler(seed=3 * seed + 1), S.TPESampler(seed=3 * seed + 2)
+    ),
 }
 
 
@@ -65,7 +69,7 @@ def claim(study, config):
             return None
 
 
-def run(problem, candidate, k, seed, n_trials):
+def run(problem, candidate, k, seed, n_trials, noise=None):
     """One study: regret of the best trial (its noiseless value) and the repeats settled."""
     storage = optuna.storages.InMemoryStorage()
     optuna.create_study(storage=storage, study_name="s")
@@ -75,6 +79,7 @@ def run(problem, candidate, k, seed, n_trials):
     config = Config(
         {"study": {"allow_repeats": False, "n_trials": n_trials, "objective": None}, "search_space": spec["space"]}, "-"
     )
+    sd = spec.get("noise", 0.0) if noise is None else noise
     rng, events = random.Random(seed), []
     for w in range(k):
         heapq.heappush(events, (rng.uniform(0.7, 1.3), w, claim(workers[w], config)))
@@ -82,8 +87,7 @@ def run(problem, candidate, k, seed, n_trials):
         clock, w, trial = heapq.heappop(events)
         true = value(problem, trial.params)
         trial.set_user_attr("true_value", true)
-        noise = spec.get("noise", 0.0)
-        workers[w].tell(trial, true + (rng.gauss(0, noise) if noise else 0.0))
+        workers[w].tell(trial, true + (rng.gauss(0, sd) if sd else 0.0))
         done = sum(t.state.name == "COMPLETE" for t in workers[w].get_trials(deepcopy=False))
         following = claim(workers[w], config) if done + len(events) < n_trials else None
         if following is not None:
@@ -104,6 +108,7 @@ def main():
     parser.add_argument("--ks", default="1,8")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--noise", type=float, help="the sd of the noise added to each value (default: the problem's)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -111,7 +116,7 @@ def main():
     for candidate in args.candidates.split(","):
         for k in map(int, args.ks.split(",")):
             started = time.time()
-            results = [run(args.problem, candidate, k, seed, args.trials) for seed in range(args.seeds)]
+            results = [run(args.problem, candidate, k, seed, args.trials, args.noise) for seed in range(args.seeds)]
             regrets = sorted(r[0] for r in results)
             print(
                 f"{args.problem:<11}{candidate:<12}{k:>3}{statistics.median(regrets):>9.3f}{regrets[-1]:>9.3f}"
