@@ -13,6 +13,7 @@ the same name, its check, and the #SBATCH line it renders to all come from that 
 import copy
 import errno
 import importlib
+import inspect
 import os
 import re
 import shlex
@@ -303,6 +304,7 @@ class Config(dict):
       path       the YAML file, absolute
       dir        its folder: relative paths and the user's modules are found from here
       overrides  the command line's values (those given)
+      in_yaml    the YAML's own values of the keys the overrides replaced
       version    the config_versions version it is, once known
     """
 
@@ -311,6 +313,7 @@ class Config(dict):
         self.path = str(Path(path).resolve())
         self.dir = str(Path(self.path).parent)
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.in_yaml = {}
         self.version = None
 
 
@@ -366,16 +369,17 @@ def _fill_sections(config, overrides, source):
             )
         config[section] = values
     for option in OPTIONS:
-        if overrides.get(option.key) is not None:
-            config[option.section][option.key] = overrides[option.key]
         config[option.section].setdefault(option.key, copy.deepcopy(option.default))
+        if overrides.get(option.key) is not None:
+            config.in_yaml[option.key] = config[option.section][option.key]
+            config[option.section][option.key] = overrides[option.key]
         value = config[option.section][option.key]
         if option.key in ("walltime", "mem_per_cpu") and isinstance(value, int) and not isinstance(value, bool):
             value = config[option.section][option.key] = str(value)  # 30 = 30 minutes, 4096 = 4096 MB
         if option.key in ("optimization_metric", "optimization_direction") and "," in (value or ""):
             value = config[option.section][option.key] = value.split(",")  # --optimization_direction min...,max...
         if value is not None and option.check(value):
-            _bad_option(option, value, source)
+            _bad_option(option, value, f"--{option.key}" if overrides.get(option.key) is not None else source)
 
 
 def _bad_option(option, value, source):
@@ -625,22 +629,43 @@ def load_objective(config, source="config"):
     return load_function(config, "objective", source)[0]
 
 
+CALLED_WITH = {"trainer": ("config", "trial"), "objective": ("trial",)}  # how the worker calls each
+
+
 def load_function(config, key, source):
+    """The user's function that study.<key> names, and its module: imported, and its signature checked."""
     spec = config["study"][key]
     try:
         module = trainer_module(config, key)
     except ConfigError:
         raise
-    except Exception as e:  # ImportError, or a SyntaxError/NameError inside the user's module
+    except SyntaxError as e:
+        where = f"{Path(e.filename or '?').name}, line {e.lineno}"
+        raise ConfigError(
+            source, f"study.{key}", f"cannot import {spec!r}: {e.msg} ({where})", f"correct the syntax at {where}"
+        ) from None
+    except Exception as e:  # ImportError, or a NameError inside the user's module
         raise ConfigError(
             source,
             f"study.{key}",
             f"cannot import {spec!r} ({type(e).__name__}: {e})",
             "name a package.module:function importable from the experiment's folder, where you submit, or PYTHONPATH",
         ) from None
-    function = getattr(module, spec.partition(":")[2], None)
-    if not callable(function):
+    name = spec.partition(":")[2]
+    if not hasattr(module, name):
         raise ConfigError(source, f"study.{key}", f"{spec!r} has no such function", "name a function of that module")
+    function = getattr(module, name)
+    wanted = f"def {name}({', '.join(CALLED_WITH[key])})"
+    if not callable(function):
+        raise ConfigError(source, f"study.{key}", f"{spec!r} is not a function", f"define {wanted}")
+    try:
+        inspect.signature(function).bind(*CALLED_WITH[key])
+    except TypeError as e:
+        raise ConfigError(
+            source, f"study.{key}", f"{spec!r} cannot be called as {key} ({e})", f"define {wanted}"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): its call will tell
     return function, module
 
 

@@ -98,7 +98,10 @@ def pause(study):
     if pending:
         run(["scontrol", "hold", ",".join(pending)])
     running = sum(state == "RUNNING" for tasks in arrays.values() for _, state, _ in tasks)
-    print(f"study {study.study_name}: paused ({describe(arrays)}); {running} running task(s) finish their trial")
+    print(
+        f"study {study.study_name}: paused ({describe(arrays)}): {len(pending)} queued task(s) held, "
+        f"{running} running task(s) finish their trial"
+    )
     return 0
 
 
@@ -108,7 +111,7 @@ def resume(study):
     held = tasks_where(arrays, lambda state, reason: state == "PENDING" and "held" in reason.lower())
     if held:
         run(["scontrol", "release", ",".join(held)])
-    print(f"study {study.study_name}: resumed ({describe(arrays)})")
+    print(f"study {study.study_name}: resumed ({describe(arrays)}): {len(held)} held task(s) released")
     return 0
 
 

@@ -182,11 +182,21 @@ def control(args, study, config):
 # ---------------------------------------------------------------- submit
 def submit(args, config):
     storage, url, data_dir = check_and_prepare(args, config)
+    # A dry run creates a new study (the printed array can then be submitted with sbatch as it is), but
+    # leaves an existing one as it is: no version adopted, no budget recorded, no trial retried.
+    leave_as_is = not args.submit_jobs and args.local is None and exists(config, storage)
     study = open_study(config, storage, 0, config.path)
     config_versions.check_study(study, config)
-    config_versions.adopt(config_versions.versions_folder(config), config, read_text(config.path))
-    take_stock(study, config, url)
-    take_controls(args, study, config)
+    if study_control.mark(study) == study_control.PAUSED and args.local is not None:
+        raise ConfigError(config.path, "study", "the study is paused", "resume it first (--resume)")
+    use_budget(study, config)
+    if leave_as_is:
+        say_where_it_stands(study, config, url)
+        use_throttle(study, config)
+    else:
+        config_versions.adopt(config_versions.versions_folder(config), config, read_text(config.path))
+        take_stock(study, config, url)
+        take_controls(study, config)
     storage_file = storage_reference(config, url)
     if args.local is not None:
         return run_local(args, config, study, storage_file)
@@ -231,6 +241,19 @@ def check_inputs(args, config):
 
 def take_stock(study, config, url):
     """Say where the study stands, record the budget, and fail + retry trials whose workers died."""
+    say_where_it_stands(study, config, url)
+    if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(base_params(config, config.path), user_attrs={"baseline": True})
+        print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
+    study.set_user_attr("n_trials", config["study"]["n_trials"])  # the budget status and later submits use
+    study.set_user_attr("n_trials_in_yaml", config.in_yaml.get("n_trials", config["study"]["n_trials"]))
+    study.set_user_attr("optimization_metric", config["study"]["optimization_metric"])
+    failed = liveness.reconcile(study, config)
+    if failed:
+        print(f"trials {failed} had lost their workers: failed and re-enqueued")
+
+
+def say_where_it_stands(study, config, url):
     print(
         f"study {study.study_name}: {len(study.get_trials(deepcopy=False))} trials so far, "
         f"storage {mask_password(url) if url else run_dir(config) / 'journal.log'}"
@@ -255,28 +278,44 @@ def take_stock(study, config, url):
             "warning: GridSampler: parallel workers may train the same grid point twice (optuna#4627)",
             file=sys.stderr,
         )
-    if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(base_params(config, config.path), user_attrs={"baseline": True})
-        print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
-    before, budget = study.user_attrs.get("n_trials"), config["study"]["n_trials"]
+
+
+def exists(config, storage):
+    return config["study"]["study_name"] in optuna.get_all_study_names(storage)
+
+
+def use_budget(study, config):
+    """The budget is remembered like the throttle: --n_trials, else the YAML's n_trials if it was edited
+    since the last submission, else the last submission's (a budget raised by the flag stays raised)."""
+    settings = config["study"]
+    in_yaml = config.in_yaml.get("n_trials", settings["n_trials"])
+    before = study.user_attrs.get("n_trials")
+    if "n_trials" in config.overrides or before is None:
+        budget = settings["n_trials"]
+    elif in_yaml != study.user_attrs.get("n_trials_in_yaml"):
+        budget = in_yaml  # the YAML was edited: its word is the last
+    else:
+        budget = before
+        if budget != in_yaml:
+            print(f"budget: {budget} finished trials, the last --n_trials (the YAML says {in_yaml})")
     if before is not None and before != budget:
         print(f"budget: {before} -> {budget} finished trials")
-    study.set_user_attr("n_trials", budget)  # the budget status reports against
-    study.set_user_attr("optimization_metric", config["study"]["optimization_metric"])
-    failed = liveness.reconcile(study, config)
-    if failed:
-        print(f"trials {failed} had lost their workers: failed and re-enqueued")
+    if budget != in_yaml:
+        config.overrides["n_trials"] = settings["n_trials"] = budget  # the array's workers are told
 
 
-def take_controls(args, study, config):
-    """At a (re)submission: the throttle in force, a pause, and the trials stopped by hand (study_control.py)."""
+def use_throttle(study, config):
+    """The throttle in force: --max_concurrent_jobs, else the last --throttle, else the YAML's."""
     slurm = config["slurm"]
-    if "max_concurrent_jobs" in config.overrides:
-        study.set_user_attr("max_concurrent_jobs", slurm["max_concurrent_jobs"])
-    else:  # the last --throttle, else the YAML's
+    if "max_concurrent_jobs" not in config.overrides:
         slurm["max_concurrent_jobs"] = study.user_attrs.get("max_concurrent_jobs", slurm["max_concurrent_jobs"])
-    if study_control.mark(study) == study_control.PAUSED and args.local is not None:
-        raise ConfigError(config.path, "study", "the study is paused", "resume it first (--resume)")
+
+
+def take_controls(study, config):
+    """At a (re)submission: the throttle in force and the trials stopped by hand (study_control.py)."""
+    if "max_concurrent_jobs" in config.overrides:
+        study.set_user_attr("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
+    use_throttle(study, config)
     retried = study_control.resume_stopped(study, config["study"]["n_trials"])
     if retried:
         print(f"trials {retried} were stopped by hand: they continue from their checkpoints as linked retries")

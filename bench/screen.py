@@ -44,6 +44,10 @@ CANDIDATES = {
     "gp_tpe": lambda seed, k: S.GPSampler(seed=seed) if seed % 2 == 0 else S.TPESampler(seed=seed),
     # the default for small spaces (samplers.portfolio): even trials GP, odd trials TPE, in every worker
     "portfolio": lambda seed, k: samplers.portfolio(seed),
+    # the default with TPE's random startup scaled with K, as tpe_startK
+    "portfolio_startK": lambda seed, k: samplers.ByTrial(
+        S.GPSampler(seed=2 * seed), S.TPESampler(seed=2 * seed + 1, n_startup_trials=max(10, 2 * k))
+    ),
     # TPE-heavier: trials 0, 3, 6, ... GP, the others TPE
     "portfolio_tpe2": lambda seed, k: samplers.ByTrial(
         S.GPSampler(seed=3 * seed), S.TPESampler(seed=3 * seed + 1), S.TPESampler(seed=3 * seed + 2)

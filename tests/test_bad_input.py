@@ -129,7 +129,25 @@ def test_a_broken_trainer_module_is_a_config_error(tmp_path, capsys):
     path = write_experiment(tmp_path / "exp", {"study.trainer": "broken:train"})
     (path.parent / "broken.py").write_text("def train(config, trial)\n    return {}\n")
     err = assert_one_line_error(capsys, submit_study.main(["--config", str(path)]), path, "study.trainer")
-    assert "SyntaxError" in err
+    assert "expected ':'" in err and "fix: correct the syntax at broken.py, line 1" in err
+
+
+@pytest.mark.parametrize(
+    "key,spec,fix",
+    [
+        ("study.trainer", "mine:one_arg", "def one_arg(config, trial)"),
+        ("study.trainer", "mine:not_a_function", "def not_a_function(config, trial)"),
+        ("study.objective", "mine:two_args", "def two_args(trial)"),
+    ],
+)
+def test_a_trainer_that_cannot_be_called_as_one_is_refused_at_submit(tmp_path, capsys, key, spec, fix):
+    path = write_experiment(tmp_path / "exp", {key: spec})
+    (path.parent / "mine.py").write_text(
+        "def one_arg(config):\n    return {}\n\nnot_a_function = 3\n\ndef two_args(config, trial):\n    return 0.0\n"
+    )
+    err = assert_one_line_error(capsys, submit_study.main(["--config", str(path)]), path, key)
+    assert f"fix: define {fix}" in err
+    assert not (tmp_path / "exp" / "runs").exists()
 
 
 def test_status_and_export_of_a_misnamed_study_create_nothing(experiment, capsys, tmp_path):
@@ -148,7 +166,7 @@ def test_missing_file_and_bad_exp_id(tmp_path, capsys):
 
 def test_bad_flag_value_is_refused_like_bad_yaml(experiment, capsys):
     code = submit_study.main(["--config", str(experiment), "--walltime", "2 hours", "--no-submit_jobs"])
-    assert_one_line_error(capsys, code, experiment, "slurm.walltime")
+    assert_one_line_error(capsys, code, "--walltime", "slurm.walltime")  # the flag is named, not the YAML
 
 
 def test_worker_refuses_bad_config_with_status_2(tmp_path, capsys):

@@ -171,6 +171,41 @@ def test_a_local_study_heals_when_one_of_its_workers_is_killed(tmp_path):
     assert retry.state.name == "COMPLETE" and retry.params == victim.params
 
 
+def test_a_budget_raised_by_the_flag_holds_at_the_next_submit_until_the_yaml_is_edited(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 2, "training.sleep": 0.01, "training.epochs": 1})
+
+    def submit(*flags):
+        out = run_script("submit_study.py", "--config", path, *flags)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        return out.stdout
+
+    submit("--local", 1, "--n_trials", 3)
+    out = submit("--local", 1)  # "submit again": the budget is the last one given, not the YAML's 2
+    assert "3 finished trials, the last --n_trials (the YAML says 2)" in out and "3/3 finished" in out
+    assert len(finished(load_study(path))) == 3
+
+    versions = path.parent / "runs/tiny/config_versions"
+    in_force = (versions / "current.json").read_text()
+    path.write_text(path.read_text().replace("n_trials: 2", "n_trials: 5"))
+    out = submit("--no-submit_jobs")  # a dry run of a live study shows what a submit would do, and does none of it
+    assert "--array=0-1" in out and "budget: 3 -> 5" in out
+    assert (versions / "current.json").read_text() == in_force
+    assert load_study(path).user_attrs["n_trials"] == 3
+
+    out = submit("--local", 1)  # the YAML was edited since: its budget counts
+    assert "5/5 finished" in out and len(finished(load_study(path))) == 5
+
+
+def test_a_paused_study_refuses_a_local_run_and_keeps_its_budget(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 1, "training.sleep": 0.01, "training.epochs": 1})
+    assert run_script("submit_study.py", "--config", path, "--local", 1).returncode == 0
+    assert run_script("submit_study.py", "--config", path, "--pause").returncode == 0
+    out = run_script("submit_study.py", "--config", path, "--local", 1, "--n_trials", 4)
+    assert out.returncode == 2 and "resume it first" in out.stderr
+    study = load_study(path)
+    assert study.user_attrs["n_trials"] == 1 and len(study.trials) == 1
+
+
 def test_help_lists_the_flags_of_the_option_table():
     for script in ("submit_study.py", "worker.py"):
         out = run_script(script, "--help")
