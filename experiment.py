@@ -11,6 +11,7 @@ the same name, its check, and the #SBATCH line it renders to all come from that 
 """
 
 import copy
+import difflib
 import errno
 import importlib
 import inspect
@@ -325,6 +326,7 @@ def load_config(path, overrides=None, text=None):
     """
     source = str(path)
     config = Config(parse_yaml(read_text(path) if text is None else text, source), path, overrides)
+    _check_section_names(config, source)
     _fill_sections(config, config.overrides, source)
     _resolve_paths(config, Path(config.dir), source)
     _check_objectives(config, source)
@@ -354,6 +356,15 @@ def parse_yaml(text, source):
             source, "(top level)", "is not a mapping", "write 'key: value' pairs, see config.example.yaml"
         )
     return config
+
+
+def _check_section_names(config, source):
+    """A misspelled study:, slurm: or search_space: would be ignored silently: its defaults, or no search space."""
+    missing = [section for section in ("study", "slurm", "search_space") if section not in config]
+    for key in config:
+        near = difflib.get_close_matches(str(key), missing, n=1, cutoff=0.8)
+        if near:
+            raise ConfigError(source, str(key), f"unknown section; did you mean {near[0]}?", f"rename it to {near[0]}")
 
 
 def _fill_sections(config, overrides, source):

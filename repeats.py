@@ -25,11 +25,12 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 FAIL = optuna.trial.TrialState.FAIL
 MAX_IN_A_ROW = 20  # repeats dropped in a row before a worker gives up: the space looks exhausted
 dropped_in_a_row = 0
+twin_unfinished = False  # the last repeat dropped was of a running or waiting trial: worth waiting for
 
 
 def settle(study, trial, config):
     """Sample the trial's params; True when they repeat a tried config and the trial is settled (ask again)."""
-    global dropped_in_a_row
+    global dropped_in_a_row, twin_unfinished
     if config["study"]["objective"]:
         return False  # a plain objective suggests its own params inside the run
     try:
@@ -47,6 +48,7 @@ def settle(study, trial, config):
         answer(study, trial, twin)
         return True
     dropped_in_a_row += 1
+    twin_unfinished = not twin.state.is_finished()
     drop(study, trial, twin, config)
     return True
 

@@ -269,10 +269,8 @@ def say_where_it_stands(study, config, url):
             objective = config["study"]["objective"]
             print(f"note: study.objective {objective} runs; the YAML's trainer and search_space are not used")
     elif not config.get("search_space"):
-        print(
-            f"warning: {config.path}: search_space is empty: every trial trains the same config",
-            file=sys.stderr,
-        )
+        once = "" if config["study"]["allow_repeats"] else ", trained once, the other trials answered from it"
+        print(f"warning: {config.path}: search_space is empty: one config{once}", file=sys.stderr)
     if config["study"]["sampler"].get("name") == "GridSampler":
         print(
             "warning: GridSampler: parallel workers may train the same grid point twice (optuna#4627)",
@@ -611,8 +609,17 @@ def run_local(args, config, study, storage_file):
         )
         return 130
     show_status(study, config)
-    if any(s in FINISHED for s in (t.state for t in study.get_trials(deepcopy=False))):
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state in FINISHED for t in trials):
         export_best(study, config, "")
+    short = still_to_run(trials, config["study"]["n_trials"])
+    if short and not study_control.mark(study):  # workers stopped early: their trials kept failing
+        print(
+            f"error: {short} trial(s) of the budget did not finish (reasons above); "
+            "fix: correct the trainer, then run the same command again",
+            file=sys.stderr,
+        )
+        return 1
     return 0 if all(c in (0, 1) for c in codes) else 1
 
 

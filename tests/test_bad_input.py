@@ -145,8 +145,17 @@ def test_a_trainer_that_cannot_be_called_as_one_is_refused_at_submit(tmp_path, c
     (path.parent / "mine.py").write_text(
         "def one_arg(config):\n    return {}\n\nnot_a_function = 3\n\ndef two_args(config, trial):\n    return 0.0\n"
     )
-    err = assert_one_line_error(capsys, submit_study.main(["--config", str(path)]), path, key)
+    err = assert_one_line_error(capsys, submit_study.main(["--config", str(path), "--no-submit_jobs"]), path, key)
     assert f"fix: define {fix}" in err
+    assert not (tmp_path / "exp" / "runs").exists()
+
+
+@pytest.mark.parametrize("section,typo", [("search_space", "searchspace"), ("slurm", "slurms"), ("study", "studdy")])
+def test_a_misspelled_section_is_refused_not_ignored(tmp_path, capsys, section, typo):
+    path = write_experiment(tmp_path / "exp")
+    path.write_text(path.read_text().replace(f"\n{section}:", f"\n{typo}:").replace(f"{section}:\n", f"{typo}:\n", 1))
+    err = assert_one_line_error(capsys, submit_study.main(["--config", str(path), "--no-submit_jobs"]), path, typo)
+    assert f"did you mean {section}?" in err
     assert not (tmp_path / "exp" / "runs").exists()
 
 

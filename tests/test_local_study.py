@@ -10,7 +10,7 @@ import time
 
 import optuna
 import yaml
-from conftest import PROJECT, enqueue, finished, load_study, plugin_experiment, run_script
+from conftest import PROJECT, enqueue, finished, load_study, plugin_experiment, run_script, write_experiment
 
 
 def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(experiment):
@@ -206,6 +206,17 @@ def test_a_paused_study_refuses_a_local_run_and_keeps_its_budget(tmp_path):
     assert study.user_attrs["n_trials"] == 1 and len(study.trials) == 1
 
 
+def test_a_local_run_whose_trials_keep_failing_exits_1(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.trainer": "no_result:train", "study.n_trials": 4})
+    (path.parent / "no_result.py").write_text(
+        "from ishigami_lstm import prepare  # noqa: F401\n\ndef train(config, trial):\n    return None\n"
+    )
+    out = run_script("submit_study.py", "--config", path, "--local", 1)
+    assert out.returncode == 1, (out.stdout + out.stderr)[-3000:]
+    assert "4 trial(s) of the budget did not finish" in out.stderr
+    assert [t.state.name for t in load_study(path).trials] == ["FAIL"] * 3  # three in a row stop the worker
+
+
 def test_help_lists_the_flags_of_the_option_table():
     for script in ("submit_study.py", "worker.py"):
         out = run_script(script, "--help")
@@ -227,6 +238,20 @@ def test_a_repeated_config_is_answered_from_its_first_training_not_trained_again
     assert trials[2].user_attrs["metrics"] == trials[0].user_attrs["metrics"]
     assert out.stdout.count("COMPLETE: val_mae_mean") == 1, "trained once"
     assert not (path.parent / "runs/tiny/trials/1").exists()
+
+
+def test_workers_wait_for_a_running_twin_rather_than_burn_trials(tmp_path):
+    """An empty search space: one config. The second worker waits for it and is answered from it."""
+    changes = {"search_space": {}, "study.n_trials": 3, "training.sleep": 0.5, "training.epochs": 4}
+    path = plugin_experiment(tmp_path, changes)
+    out = run_script("submit_study.py", "--config", path, "--local", 2)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    trials = load_study(path).trials
+    trained = [t for t in trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    answered = [t for t in trials if t.user_attrs.get("duplicate_of") == trained[0].number]
+    assert len(trained) == 1 and len(answered) == 2
+    dropped = [t for t in trials if t.state.name == "FAIL"]
+    assert len(dropped) <= 6, f"{len(dropped)} repeats of the running trial dropped in 2 s"
 
 
 def test_status_of_a_large_array_lists_what_needs_a_look_not_every_task(tmp_path):
