@@ -141,7 +141,7 @@ class Option:
 
 NAME = "letters, digits, '.', '_' or '-' (no spaces, no '/')"
 OPTIONS = [
-    Option("study", "study_name", None, _matches(SAFE_NAME, NAME), "study name (default: experiment id)"),
+    Option("study", "study_name", None, _matches(SAFE_NAME, NAME), "study name (default: the YAML's folder name)"),
     Option("study", "n_trials", 20, _int_at_least(1), "finished trials (COMPLETE+PRUNED) the whole study aims for"),
     Option(
         "study",

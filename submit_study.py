@@ -658,7 +658,8 @@ def show_status(study, config):
     print(f"study {study.study_name}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
     concurrency = study.user_attrs.get("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
-    print(eta_line(trials, budget, concurrency, study_control.mark(study)))
+    workers = None if tasks is None else queued_tasks(study, tasks) + counts["RUNNING"]  # None: squeue failed
+    print(eta_line(trials, budget, concurrency, study_control.mark(study), workers))
     for line in config_versions.status_lines(config, trials) + repeats.status_lines(config, trials):
         print(line)
     print(f"sampler: {describe_sampler(config)}")
@@ -700,13 +701,15 @@ def print_running(study, trials):
         print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {age}{where}{last}")
 
 
+# Fail reasons the tool gives trials that did not fail in the trainer: a lost worker, a stop, a repeat, the budget.
+NOT_THE_TRAINERS = ("worker died", "surplus", "duplicate", "walltime reached", *study_control.STOPPED_REASONS)
+
+
 def print_top_up(missing, failed):
     """What to do when the budget is not covered by queued or running tasks."""
     if missing <= 0:
         return
-    crashed = [
-        t for t in failed if not t.user_attrs.get("fail_reason", "worker died").startswith(("worker died", "surplus"))
-    ]
+    crashed = [t for t in failed if not t.user_attrs.get("fail_reason", "worker died").startswith(NOT_THE_TRAINERS)]
     if crashed:
         print(f"{len(crashed)} trial(s) failed in the trainer (reasons above, tracebacks in their worker.log)")
     print(f"{missing} trial(s) not covered by any worker: submit again to top up")
@@ -720,11 +723,14 @@ def disk_line(study, config):
     return line + (f" ({files} old checkpoint/weights files deleted, {checkpoints.size(freed)} freed)" if files else "")
 
 
-def eta_line(trials, budget, concurrency, mark):
+def eta_line(trials, budget, concurrency, mark, workers):
+    """When the budget will be met, at the study's concurrency; `workers`: trials running and tasks queued."""
     if mark:
         return f"{mark}: no new trial starts (--resume{'' if mark == 'paused' else ' or submit again'})"
     if sum(t.state in FINISHED for t in trials) >= budget:
         return "ETA: budget met"
+    if workers == 0:
+        return "ETA: none, no worker is running or queued"
     seconds = study_control.eta_seconds(trials, budget, concurrency)
     if seconds is None:
         return f"ETA: once a trial has finished ({concurrency} at once)"

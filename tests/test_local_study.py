@@ -254,6 +254,22 @@ def test_workers_wait_for_a_running_twin_rather_than_burn_trials(tmp_path):
     assert len(dropped) <= 6, f"{len(dropped)} repeats of the running trial dropped in 2 s"
 
 
+def test_status_blames_the_trainer_only_for_its_own_failures(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 4})
+    study = enqueue(path)
+    for reason in ("duplicate of running trial 0", "cancelled", "worker died: 12_0 on node1 is gone"):
+        trial = study.ask()
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    out = run_script("submit_study.py", "--config", path, "--status").stdout
+    assert "failed in the trainer" not in out
+    assert "ETA: none, no worker is running or queued" in out and "4 trial(s) not covered" in out
+    trial = study.ask()
+    trial.set_user_attr("fail_reason", "RuntimeError: boom")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert "1 trial(s) failed in the trainer" in run_script("submit_study.py", "--config", path, "--status").stdout
+
+
 def test_status_of_a_large_array_lists_what_needs_a_look_not_every_task(tmp_path):
     path = plugin_experiment(tmp_path, {"study.n_trials": 100})
     assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
