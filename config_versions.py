@@ -259,6 +259,13 @@ def check_study(study, config):
     stored_space = {}
     for trial in study.get_trials(deepcopy=False):
         stored_space.update(trial.distributions)
+    if stored_space and not config.get("search_space") and not settings["objective"]:
+        raise ConfigError(
+            source,
+            "search_space",
+            f"is missing, but study {study.study_name!r} samples {len(stored_space)} params (a save cut short?)",
+            "restore search_space, or choose a new study_name for a study without one",
+        )
     for name, spec in (config.get("search_space") or {}).items():
         if name in stored_space and distribution_kind(stored_space[name]) != sampling_kind(spec):
             raise ConfigError(

@@ -922,7 +922,7 @@ def export_best(study, config, path, number=None):
         members = [best_trial(study)] if len(study.directions) == 1 else study.best_trials
     if not members or members[0] is None:
         raise ConfigError(source, "study", "no COMPLETE trial yet", "wait for a trial to finish")
-    target = export_target(config, path, number)
+    target = export_target(config, path, number, study.study_name)
     if len(members) == 1 and (number is not None or len(study.directions) == 1):
         exported = retrainable(study, config, members[0], target.with_suffix(".pt"))
         retrain = "python worker.py --config {target}"
@@ -975,11 +975,24 @@ def values_text(config, trial):
     return ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, trial.values, strict=False))
 
 
-def export_target(config, path, number):
+def export_target(config, path, number, study_name):
     target = Path(path or config.dir)
     if target.is_dir() or path.endswith("/") or not path:
-        target = target / ("best_trial.yaml" if number is None else f"trial_{number}.yaml")
+        name = "best_trial" if number is None else f"trial_{number}"
+        target = target / f"{name}.yaml"
+        if exported_study(target) not in (None, study_name):  # another study's export, from the same folder
+            target = target.with_name(f"{name}_{study_name}.yaml")
     return target
+
+
+def exported_study(target):
+    """The study an earlier export at target came from (its first line says), else None."""
+    try:
+        with open(target) as f:
+            match = re.match(r"# .* of study (\S+):", f.readline())
+    except OSError:
+        return None
+    return match.group(1) if match else None
 
 
 def write_export(target, text):

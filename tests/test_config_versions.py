@@ -95,6 +95,12 @@ def test_a_yaml_cut_short_is_not_adopted(tmp_path):
     assert "lacks search_space" in out.stdout
     trial = load_study(path, "tiny").trials[0]
     assert set(trial.params) == {"model.d_pos", "training.lr"}, "the version in force still had the search space"
+    # A save that lost search_space but kept the study's name: a submit refuses it too, as the study samples
+    # params this file no longer has (adopted, every later trial would train one config).
+    settled(path, full[: full.index("search_space:")] + full[full.index("slurm:") :])
+    refused = submit_dry(path)
+    assert refused.returncode == 2 and "search_space: is missing" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_a_file_being_written_is_read_once_it_settles(tmp_path):

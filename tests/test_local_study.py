@@ -270,6 +270,15 @@ def test_status_blames_the_trainer_only_for_its_own_failures(tmp_path):
     assert "1 trial(s) failed in the trainer" in run_script("submit_study.py", "--config", path, "--status").stdout
 
 
+def test_two_studies_from_one_folder_keep_their_own_best_export(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 1, "training.sleep": 0.01, "training.epochs": 1})
+    assert run_script("submit_study.py", "--config", path, "--local", 1).returncode == 0
+    out = run_script("submit_study.py", "--config", path, "--local", 1, "--study_name", "other")
+    assert out.returncode == 0 and "best_trial_other.yaml" in out.stdout
+    assert "of study tiny:" in (path.parent / "best_trial.yaml").read_text().splitlines()[0]
+    assert "of study other:" in (path.parent / "best_trial_other.yaml").read_text().splitlines()[0]
+
+
 def test_status_of_a_large_array_lists_what_needs_a_look_not_every_task(tmp_path):
     path = plugin_experiment(tmp_path, {"study.n_trials": 100})
     assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
