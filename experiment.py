@@ -901,6 +901,16 @@ def hostname():
     return socket.gethostname()
 
 
+def remembered_budget(study, config):
+    """The study's budget, remembered like the throttle: --n_trials, else the YAML's n_trials if it was
+    edited since the last submission, else the last submission's (a budget raised by the flag stays)."""
+    in_yaml = config.in_yaml.get("n_trials", config["study"]["n_trials"])
+    last = study.user_attrs.get("n_trials")
+    if "n_trials" in config.overrides or last is None or in_yaml != study.user_attrs.get("n_trials_in_yaml"):
+        return config["study"]["n_trials"]
+    return last
+
+
 def still_to_run(trials, budget):
     """The budget less the trials finished or running: what workers still have to do (WAITING retries included)."""
     return max(0, budget - sum(t.state in FINISHED or t.state == optuna.trial.TrialState.RUNNING for t in trials))

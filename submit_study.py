@@ -63,6 +63,7 @@ from experiment import (
     quote_command,
     read_text,
     read_yaml,
+    remembered_budget,
     resolve_config,
     run_dir,
     still_to_run,
@@ -283,23 +284,16 @@ def exists(config, storage):
 
 
 def use_budget(study, config):
-    """The budget is remembered like the throttle: --n_trials, else the YAML's n_trials if it was edited
-    since the last submission, else the last submission's (a budget raised by the flag stays raised)."""
-    settings = config["study"]
-    in_yaml = config.in_yaml.get("n_trials", settings["n_trials"])
-    before = study.user_attrs.get("n_trials")
-    if "n_trials" in config.overrides or before is None:
-        budget = settings["n_trials"]
-    elif in_yaml != study.user_attrs.get("n_trials_in_yaml"):
-        budget = in_yaml  # the YAML was edited: its word is the last
-    else:
-        budget = before
-        if budget != in_yaml:
-            print(f"budget: {budget} finished trials, the last --n_trials (the YAML says {in_yaml})")
+    """The budget in force (experiment.remembered_budget), said when it is not the YAML's; workers are told it."""
+    before, budget = study.user_attrs.get("n_trials"), remembered_budget(study, config)
+    in_yaml = config.in_yaml.get("n_trials", config["study"]["n_trials"])
+    if budget == before and budget != in_yaml and "n_trials" not in config.overrides:
+        print(f"budget: {budget} finished trials, the last --n_trials (the YAML says {in_yaml})")
     if before is not None and before != budget:
         print(f"budget: {before} -> {budget} finished trials")
-    if budget != in_yaml:
-        config.overrides["n_trials"] = settings["n_trials"] = budget  # the array's workers are told
+    if budget != in_yaml:  # the array's workers are told, as if by --n_trials
+        config.overrides["n_trials"] = config["study"]["n_trials"] = budget
+        config.in_yaml["n_trials"] = in_yaml
 
 
 def use_throttle(study, config):
@@ -647,8 +641,7 @@ def open_existing_study(config):
 
 
 def show_status(study, config):
-    if "n_trials" not in config.overrides:  # the budget of the last submission, if the YAML differs
-        config["study"]["n_trials"] = study.user_attrs.get("n_trials", config["study"]["n_trials"])
+    config["study"]["n_trials"] = remembered_budget(study, config)
     tasks = liveness.squeue_tasks(study_jobs(study))
     liveness.reconcile(study, config, tasks)
     trials = study.get_trials(deepcopy=False)

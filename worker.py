@@ -74,6 +74,7 @@ from experiment import (
     open_storage,
     open_study,
     prepare_data,
+    remembered_budget,
     resolve_config,
     run_dir,
     sample_params,
@@ -562,6 +563,7 @@ def work(args):
     config = read_config(args)
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)
+    config["study"]["n_trials"] = remembered_budget(study, config)
     log.info("sampler: %s", describe_sampler(config))
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
@@ -617,6 +619,7 @@ def run_trials(study, trial, config, args, taken_over):
             break
         trial = None
         config = read_config(args)  # fresh from disk for the next trial
+        config["study"]["n_trials"] = remembered_budget(study, config)
     return 1 if failed else 0
 
 

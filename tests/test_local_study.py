@@ -183,6 +183,8 @@ def test_a_budget_raised_by_the_flag_holds_at_the_next_submit_until_the_yaml_is_
     out = submit("--local", 1)  # "submit again": the budget is the last one given, not the YAML's 2
     assert "3 finished trials, the last --n_trials (the YAML says 2)" in out and "3/3 finished" in out
     assert len(finished(load_study(path))) == 3
+    by_hand = run_script("worker.py", "--config", path)  # a worker run by hand keeps it too
+    assert "budget of 3 finished trials is covered" in by_hand.stdout, by_hand.stdout + by_hand.stderr
 
     versions = path.parent / "runs/tiny/config_versions"
     in_force = (versions / "current.json").read_text()
