@@ -905,9 +905,9 @@ def remembered_budget(study, config):
     """The study's budget, remembered like the throttle: --n_trials, else the YAML's n_trials if it was
     edited since the last submission, else the last submission's (a budget raised by the flag stays)."""
     in_yaml = config.in_yaml.get("n_trials", config["study"]["n_trials"])
-    last = study.user_attrs.get("n_trials")
-    if "n_trials" in config.overrides or last is None or in_yaml != study.user_attrs.get("n_trials_in_yaml"):
-        return config["study"]["n_trials"]
+    last, last_in_yaml = study.user_attrs.get("n_trials"), study.user_attrs.get("n_trials_in_yaml")
+    if "n_trials" in config.overrides or last_in_yaml is None or in_yaml != last_in_yaml:
+        return config["study"]["n_trials"]  # (no last_in_yaml: a new study, or one submitted before it was kept)
     return last
 
 

@@ -23,14 +23,14 @@ from experiment import ConfigError, sample_params
 log = logging.getLogger("worker")
 COMPLETE = optuna.trial.TrialState.COMPLETE
 FAIL = optuna.trial.TrialState.FAIL
-MAX_IN_A_ROW = 20  # repeats dropped in a row before a worker gives up: the space looks exhausted
+MAX_IN_A_ROW = 20  # repeats of pruned or failed trials in a row before a worker gives up: the space looks exhausted
 dropped_in_a_row = 0
-twin_unfinished = False  # the last repeat dropped was of a running or waiting trial: worth waiting for
+waits_in_a_row = 0  # repeats of running or waiting trials in a row: the worker waits for them to finish
 
 
 def settle(study, trial, config):
     """Sample the trial's params; True when they repeat a tried config and the trial is settled (ask again)."""
-    global dropped_in_a_row, twin_unfinished
+    global dropped_in_a_row, waits_in_a_row
     if config["study"]["objective"]:
         return False  # a plain objective suggests its own params inside the run
     try:
@@ -41,14 +41,16 @@ def settle(study, trial, config):
         return False
     twin = find_twin(study, trial.number, params)
     if twin is None or twin.state == COMPLETE:
-        dropped_in_a_row = 0
+        dropped_in_a_row = waits_in_a_row = 0
     if twin is None:
         return False
     if twin.state == COMPLETE:
         answer(study, trial, twin)
         return True
-    dropped_in_a_row += 1
-    twin_unfinished = not twin.state.is_finished()
+    if twin.state.is_finished():
+        dropped_in_a_row, waits_in_a_row = dropped_in_a_row + 1, 0
+    else:  # it may still finish, and a later repeat be answered from it: not a sign of an exhausted space
+        waits_in_a_row += 1
     drop(study, trial, twin, config)
     return True
 

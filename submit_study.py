@@ -291,9 +291,8 @@ def use_budget(study, config):
         print(f"budget: {budget} finished trials, the last --n_trials (the YAML says {in_yaml})")
     if before is not None and before != budget:
         print(f"budget: {before} -> {budget} finished trials")
-    if budget != in_yaml:  # the array's workers are told, as if by --n_trials
-        config.overrides["n_trials"] = config["study"]["n_trials"] = budget
-        config.in_yaml["n_trials"] = in_yaml
+    if budget != in_yaml:  # workers find it as this did: a later edit of the YAML still reaches them
+        config["study"]["n_trials"], config.in_yaml["n_trials"] = budget, in_yaml
 
 
 def use_throttle(study, config):
@@ -609,8 +608,8 @@ def run_local(args, config, study, storage_file):
     short = still_to_run(trials, config["study"]["n_trials"])
     if short and not study_control.mark(study):  # workers stopped early: their trials kept failing
         print(
-            f"error: {short} trial(s) of the budget did not finish (reasons above); "
-            "fix: correct the trainer, then run the same command again",
+            f"error: {short} trial(s) of the budget did not finish; "
+            "fix: see why above (make status), then run the same command again",
             file=sys.stderr,
         )
         return 1
@@ -641,7 +640,10 @@ def open_existing_study(config):
 
 
 def show_status(study, config):
-    config["study"]["n_trials"] = remembered_budget(study, config)
+    if "n_trials_in_yaml" in study.user_attrs or "n_trials" in config.overrides:
+        config["study"]["n_trials"] = remembered_budget(study, config)
+    else:  # a study submitted before the YAML's budget was kept with it: the last submission's
+        config["study"]["n_trials"] = study.user_attrs.get("n_trials", config["study"]["n_trials"])
     tasks = liveness.squeue_tasks(study_jobs(study))
     liveness.reconcile(study, config, tasks)
     trials = study.get_trials(deepcopy=False)
@@ -651,7 +653,8 @@ def show_status(study, config):
     print(f"study {study.study_name}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
     concurrency = study.user_attrs.get("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
-    workers = None if tasks is None else queued_tasks(study, tasks) + counts["RUNNING"]  # None: squeue failed
+    # None when unknown: squeue failed, or no array is known yet (one submitted by hand shows once it runs)
+    workers = None if tasks is None or not study_jobs(study) else queued_tasks(study, tasks) + counts["RUNNING"]
     print(eta_line(trials, budget, concurrency, study_control.mark(study), workers))
     for line in config_versions.status_lines(config, trials) + repeats.status_lines(config, trials):
         print(line)

@@ -261,16 +261,20 @@ def find_own_trial(study, task):
     return None
 
 
-def claim_trial(study, config):
-    """A new trial within the budget, or None when the budget is covered."""
+def claim_trial(study, config, stop=None):
+    """A new trial within the budget, or None when the budget is covered (or a stop signal came)."""
     budget = config["study"]["n_trials"]
     while still_to_run(study.get_trials(deepcopy=False), budget) > 0:
         with samplers.one_ask_at_a_time(run_dir(config)):  # each ask sees the trials asked before it
             trial, again = ask_once(study, config, budget)
         if not again:
             return trial
-        if repeats.twin_unfinished:  # a small space: give the running twin time to finish, then answer from it
-            time.sleep(min(0.1 * 2**repeats.dropped_in_a_row, 10.0))
+        if repeats.waits_in_a_row:  # a small space: give the running twin time to finish, then answer from it
+            deadline = time.monotonic() + min(0.1 * 2**repeats.waits_in_a_row, 10.0)
+            while time.monotonic() < deadline and not (stop and stop.received):
+                time.sleep(0.1)
+        if stop and stop.received:
+            return None
     return None
 
 
@@ -597,14 +601,17 @@ def run_trials(study, trial, config, args, taken_over):
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
             liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
-            trial = claim_trial(study, config)
+            trial = claim_trial(study, config, stop)
             if trial is None and args.trials == 0 and liveness.reconcile(study, config, tasks=None):
                 continue  # a local worker died meanwhile (pid check, no SLURM query): take its retry
         else:
             log.info("resuming trial %d after a requeue", trial.number)
             trial = optuna_internals.live_trial(study, trial)
         if trial is None:
-            log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
+            if stop.received:
+                log.info("%s received while waiting to claim a trial: no new trial starts", stop.received)
+            else:
+                log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
             break
         config = pinned_config(trial, config, args)
         outcome = run_trial(study, trial, config, stop)

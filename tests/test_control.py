@@ -141,3 +141,12 @@ def test_submit_as_job_submits_the_array_and_the_finish_job_exports_the_best(slu
     wait_for_jobs(arrays)
     wait_until(lambda: (path.parent / "best_trial.yaml").exists(), what="the finish job's best_trial.yaml")
     assert len(finished(study)) == 2
+
+
+@pytest.mark.slurm
+def test_status_gives_no_eta_when_every_task_of_the_study_has_ended(slurm, tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 2})
+    control(path, "--no-submit_jobs")
+    load_study(path).set_user_attr("array_jobs", [{"job_id": "999999", "tasks": 2}])  # long gone from the queue
+    status = control(path, "--status").stdout
+    assert "ETA: none, no worker is running or queued" in status and "2 trial(s) not covered" in status
