@@ -269,13 +269,20 @@ def claim_trial(study, config, stop=None):
             trial, again = ask_once(study, config, budget)
         if not again:
             return trial
-        if repeats.waits_in_a_row:  # a small space: give the running twin time to finish, then answer from it
-            deadline = time.monotonic() + min(0.1 * 2**repeats.waits_in_a_row, 10.0)
-            while time.monotonic() < deadline and not (stop and stop.received):
-                time.sleep(0.1)
+        if repeats.waits_in_a_row:
+            wait_for_twin(study, config, stop)
         if stop and stop.received:
             return None
     return None
+
+
+def wait_for_twin(study, config, stop):
+    """The proposal repeats a running trial (a small space): let it finish, then a repeat is answered from it."""
+    deadline = time.monotonic() + min(0.1 * 2**repeats.waits_in_a_row, 10.0)
+    while time.monotonic() < deadline and not (stop and stop.received):
+        time.sleep(0.1)
+    liveness.fail_stale(study, config)  # a twin whose worker died would be waited for forever
+    liveness.reconcile(study, config, tasks=None)  # (local workers' pids; no SLURM query)
 
 
 def ask_once(study, config, budget):
