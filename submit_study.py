@@ -605,15 +605,17 @@ def run_local(args, config, study, storage_file):
     trials = study.get_trials(deepcopy=False)
     if any(t.state in FINISHED for t in trials):
         export_best(study, config, "")
+    if any(c not in (0, 1) for c in codes):
+        return 1  # a worker ended on an error it has named itself (a bad config, a full disk)
     short = still_to_run(trials, config["study"]["n_trials"])
-    if short and not study_control.mark(study):  # workers stopped early: their trials kept failing
+    if short and not study_control.mark(study):  # the workers gave up: their trials kept failing
         print(
             f"error: {short} trial(s) of the budget did not finish; "
             "fix: see why above (make status), then run the same command again",
             file=sys.stderr,
         )
         return 1
-    return 0 if all(c in (0, 1) for c in codes) else 1
+    return 0
 
 
 # ---------------------------------------------------------------- status

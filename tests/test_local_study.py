@@ -132,6 +132,12 @@ def test_status_shows_counts_budget_best_and_running_trials(tmp_path):
     assert f"trial 1 step {resumed_at - 1}:" not in out.stdout and f"trial 1 step {resumed_at}:" in out.stdout
 
 
+def start_local_run(path, workers):
+    """submit_study.py --local K in the background, as a user's terminal runs it; stdout and stderr together."""
+    command = [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", str(workers)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def wait_for(condition, timeout=120):
     deadline = time.time() + timeout
     while not condition():
@@ -153,12 +159,7 @@ def test_status_of_unknown_study_is_a_clear_error(experiment):
 
 def test_a_local_study_heals_when_one_of_its_workers_is_killed(tmp_path):
     path = plugin_experiment(tmp_path, {"training.sleep": 0.5, "training.epochs": 6, "study.n_trials": 4})
-    launcher = subprocess.Popen(
-        [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = start_local_run(path, 2)
     trials_dir = path.parent / "runs/tiny/trials"
     wait_for(
         lambda: any((d / "checkpoint.pt").exists() for d in trials_dir.glob("*")) if trials_dir.exists() else False
@@ -261,12 +262,7 @@ def test_workers_wait_for_a_running_twin_rather_than_burn_trials(tmp_path):
 def test_ctrl_c_ends_a_worker_waiting_for_a_running_twin_cleanly(tmp_path):
     changes = {"search_space": {}, "study.n_trials": 3, "training.sleep": 1.0, "training.epochs": 30}
     path = plugin_experiment(tmp_path, changes)
-    launcher = subprocess.Popen(
-        [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    launcher = start_local_run(path, 2)
     journal_file = path.parent / "runs/tiny/journal.log"
     wait_for(lambda: journal_file.exists() and any(t.state.name == "FAIL" for t in load_study(path).get_trials()))
     time.sleep(1)
