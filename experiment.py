@@ -326,6 +326,13 @@ def load_config(path, overrides=None, text=None):
     """
     source = str(path)
     config = Config(parse_yaml(read_text(path) if text is None else text, source), path, overrides)
+    if "pareto_front" in config:  # what make best writes for several objectives: one YAML per member retrains
+        raise ConfigError(
+            source,
+            "pareto_front",
+            "is an export of several trials, not one experiment",
+            "export one member (make best ARGS='--trial N'), then python worker.py --config trial_N.yaml",
+        )
     _check_section_names(config, source)
     _fill_sections(config, config.overrides, source)
     _resolve_paths(config, Path(config.dir), source)

@@ -751,7 +751,7 @@ def print_slurm_tasks(study, trials, tasks):
     if hidden:
         print(f"  ({len(hidden)} earlier array tasks ended with their trial finished: not listed)")
     for key, t in (row for i, row in enumerate(rows) if i not in hidden):
-        value = f"{t.value:.6g}" if t and t.value is not None else "-"
+        value = ", ".join(f"{v:.6g}" for v in t.values) if t and t.values else "-"  # several objectives too
         elapsed = duration(trial_seconds(t)) if t else "-"
         print(
             f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"

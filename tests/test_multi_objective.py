@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import optuna
 import yaml
 from conftest import PROJECT, load_study, run_script, write_experiment
 
@@ -26,6 +27,23 @@ def test_a_trainer_with_two_metrics_makes_a_pareto_front(tmp_path):
     assert [json.loads(line)["step"] for line in curve] == [0, 1], "progress is kept without Optuna's report"
     status = run_script("submit_study.py", "--config", path, "--status").stdout
     assert f"Pareto front: {len(study.best_trials)} trial(s)" in status
+    # A trial an array task ran is listed with its task, both values shown.
+    first = study.trials[0]
+    values = [first.values[0] + 1, first.values[1] - 1]  # dominated: the front stays as it was
+    attrs = {"slurm_task": "999999_0"}
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=first.params, distributions=first.distributions, values=values, user_attrs=attrs
+        )
+    )
+    study.set_user_attr("array_jobs", [{"job_id": "999999", "tasks": 1}])
+    out = run_script("submit_study.py", "--config", path, "--status")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    shown = ", ".join(f"{v:.6g}" for v in values)
+    assert any(line.startswith("999999_0") and shown in line for line in out.stdout.splitlines()), out.stdout
+    # The front's export is no experiment: retraining it names the way to retrain one member.
+    whole = run_script("worker.py", "--config", path.parent / "best_trial.yaml")
+    assert whole.returncode == 2 and "--trial N" in whole.stderr and "Traceback" not in whole.stderr, whole.stderr
     front = yaml.safe_load((path.parent / "best_trial.yaml").read_text())["pareto_front"]
     assert sorted(m["best_trial"]["number"] for m in front) == sorted(t.number for t in study.best_trials)
     assert all(m["model"]["d_in"] == 1 + m["model"]["d_pos"] for m in front), "each member's resolved config"
