@@ -136,6 +136,8 @@ def main(argv=None):
     try:
         if args.repair and not args.check_storage:
             raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
+        if args.trial is not None and args.export_best is None:
+            raise ConfigError("--trial", "trial", "works only with --export_best", "pass --export_best --trial N")
         looking = args.status or args.export_best is not None or args.report or args.dashboard is not None
         if looking or controls or args.check_storage:
             config = config_versions.load(yaml_from_args(args), flag_overrides(args))  # works mid-edit too
@@ -194,6 +196,8 @@ def submit(args, config):
     if leave_as_is:
         say_where_it_stands(study, config, url)
         use_throttle(study, config)
+        if "n_trials" in config.overrides:
+            print(f"note: a dry run records no budget: submit with --n_trials {config['study']['n_trials']} to set it")
     else:
         config_versions.adopt(config_versions.versions_folder(config), config, read_text(config.path))
         take_stock(study, config, url)
@@ -393,7 +397,9 @@ def sbatch_directives(slurm):
     return "\n".join(lines)
 
 
-FROM_ELSEWHERE = ("storage", "study_name", "runs_dir")  # by reference (a password), or named above
+# By reference (a password), named above, or found on the study: a budget pinned on a queued array
+# would outlive a later --n_trials or edit of the YAML (experiment.remembered_budget).
+FROM_ELSEWHERE = ("storage", "study_name", "runs_dir", "n_trials")
 
 
 def worker_flags(config, storage_file):

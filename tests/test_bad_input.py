@@ -159,6 +159,12 @@ def test_a_misspelled_section_is_refused_not_ignored(tmp_path, capsys, section, 
     assert not (tmp_path / "exp" / "runs").exists()
 
 
+def test_a_flag_that_needs_another_is_refused_before_anything_runs(experiment, capsys):
+    assert_one_line_error(capsys, submit_study.main(["--config", str(experiment), "--trial", "1"]), "--trial", "trial")
+    assert_one_line_error(capsys, submit_study.main(["--config", str(experiment), "--repair"]), "--repair", "repair")
+    assert not (experiment.parent / "runs").exists()
+
+
 def test_status_and_export_of_a_misnamed_study_create_nothing(experiment, capsys, tmp_path):
     for flags in (["--status"], ["--export_best"]):
         assert submit_study.main(["--config", str(experiment), "--study_name", "typo", *flags]) == 2
