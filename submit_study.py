@@ -318,7 +318,8 @@ def take_controls(study, config):
 
 def submit_array(args, config, study, data_dir, storage_file):
     """Render the array file for the trials still missing and submit it (or print it: dry run)."""
-    queued = queued_tasks(study, liveness.squeue_tasks(study_jobs(study)))
+    tasks = liveness.squeue_tasks(study_jobs(study))
+    queued = queued_tasks(study, tasks)
     missing = remaining(study, config) - queued
     script = write_array_file(config, max(missing, 1), data_dir, storage_file)
     if missing <= 0:
@@ -328,13 +329,18 @@ def submit_array(args, config, study, data_dir, storage_file):
         )
         return 0
     max_size = max_array_size() if args.submit_jobs else 1001
-    commands = sbatch_commands(script, missing, max_size, config["slurm"]["max_concurrent_jobs"])
+    # %K holds per array: a top-up starts once the study's arrays still in the queue have ended, so that
+    # the study never runs more than K tasks at once.
+    active = sorted({key.split("_")[0] for key in tasks or {}})
+    if active:
+        print(f"the study's array(s) {', '.join(active)} still run: the new array waits for them (%K is per array)")
+    commands = sbatch_commands(script, missing, max_size, config["slurm"]["max_concurrent_jobs"], active)
     if study_control.mark(study) == study_control.PAUSED:
         commands = [(n, [c[0], "--hold", *c[1:]]) for n, c in commands]
         print("the study is paused: the new tasks wait, held, until --resume")
     if not args.submit_jobs:
         print(script.read_text())
-        shown = [quote_command(c).replace(DEPENDENCY, f"{DEPENDENCY}<previous job id>") for _, c in commands]
+        shown = [quote_command([w + "<previous job id>" if w == DEPENDENCY else w for w in c]) for _, c in commands]
         print("dry run, nothing submitted; to submit:\n  " + "\n  ".join(shown))
         return 0
     code = submit_arrays(study, config, commands)
@@ -466,14 +472,19 @@ def max_array_size():
 DEPENDENCY = "--dependency=afterany:"
 
 
-def sbatch_commands(script, n_tasks, max_size, throttle):
+def sbatch_commands(script, n_tasks, max_size, throttle, after=()):
     """One sbatch per chunk of at most MaxArraySize tasks, each chunk waiting for the one before so %K holds.
 
     Returns (tasks, command) pairs; a chunk's DEPENDENCY gets the previous chunk's job id when submitted.
+    The first chunk waits for the jobs `after` (the study's arrays still queued or running), if any.
     """
     sizes = [min(max_size, n_tasks - start) for start in range(0, n_tasks, max_size)]
+    first = [f"{DEPENDENCY}{':'.join(after)}"] if after else []
     return [
-        (size, ["sbatch", "--parsable", *([DEPENDENCY] if i else []), f"--array=0-{size - 1}%{throttle}", str(script)])
+        (
+            size,
+            ["sbatch", "--parsable", *([DEPENDENCY] if i else first), f"--array=0-{size - 1}%{throttle}", str(script)],
+        )
         for i, size in enumerate(sizes)
     ]
 
@@ -484,6 +495,9 @@ def submit_arrays(study, config, commands):
     for tasks, command in commands:
         command = [word + previous if word == DEPENDENCY else word for word in command]
         result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 and previous is None and "dependency" in result.stderr.lower():
+            command = [word for word in command if not word.startswith(DEPENDENCY)]  # those arrays just ended
+            result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"error: {quote_command(command)} failed: {result.stderr.strip()}", file=sys.stderr)
             return 1

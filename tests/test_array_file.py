@@ -14,7 +14,7 @@ from experiment import mask_password
 FAKE_SLURM = {
     "sbatch": 'echo "$@" >> "$FAKE_LOG"; echo $((4000 + $(wc -l < "$FAKE_LOG")))',
     "scontrol": 'if [ "$1 $2" = "show config" ]; then echo "MaxArraySize            = 3"; fi',
-    "squeue": "exit 0",
+    "squeue": 'echo -n "${FAKE_SQUEUE:-}"',  # what the queue holds, as squeue prints it
 }
 
 
@@ -121,6 +121,17 @@ def test_submit_splits_arrays_larger_than_max_array_size_and_records_them(experi
     jobs = load_study(experiment).user_attrs["array_jobs"]
     assert [(j["job_id"], j["tasks"]) for j in jobs] == [("4001", 3), ("4002", 3), ("4003", 1)]
     assert "squeue --me --array --jobs=4001,4002,4003" in out.stdout
+
+
+def test_a_top_up_waits_for_the_studys_arrays_still_running_so_k_holds_study_wide(experiment, fake_slurm):
+    env, calls = fake_slurm
+    assert run_script("submit_study.py", "--config", experiment, "--n_trials", 2, env=env).returncode == 0
+    env["FAKE_SQUEUE"] = "4001_1|RUNNING|0:05|None\n"  # one task of that array still runs
+    out = run_script("submit_study.py", "--config", experiment, "--n_trials", 3, env=env)
+    assert out.returncode == 0, out.stderr
+    first, top_up = calls.read_text().splitlines()
+    assert "--dependency" not in first
+    assert top_up.split()[1:3] == ["--dependency=afterany:4001", "--array=0-1%2"], top_up  # 3 - 1 still queued
 
 
 INJECTIONS = [
