@@ -864,11 +864,15 @@ def open_storage(config, url=None, source="config"):
     except Exception as e:  # any driver error: unreachable, bad URL, missing driver
         why = mask_password((str(e).splitlines() or [""])[0])
         driver = DRIVERS.get(url.split(":")[0]) if isinstance(e, ImportError) else None
+        folder = Path(url.split("?")[0][len("sqlite:///") :]).parent if url.startswith("sqlite:///") else None
+        if driver:
+            fix = f"pip install {driver}"
+        elif folder and not folder.is_dir():
+            fix = f"create the folder {folder} (mkdir -p), or point the URL at an existing one"
+        else:
+            fix = "check the URL, the server and its driver"
         raise ConfigError(
-            source,
-            "study.storage",
-            f"cannot open {mask_password(url)} ({type(e).__name__}: {why})",
-            f"pip install {driver}" if driver else "check the URL, the server and its driver",
+            source, "study.storage", f"cannot open {mask_password(url)} ({type(e).__name__}: {why})", fix
         ) from None
 
 

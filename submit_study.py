@@ -840,7 +840,7 @@ def check_storage(config, repair):
     tasks = liveness.squeue_tasks(study_jobs(study))
     stuck = stuck_trials(study, tasks)
     if not repair:
-        return storage_verdict(config, len(bad) + bool(lock_age) + len(stuck), repair)
+        return storage_verdict(config, len(bad) + bool(lock_age) + len(stuck))
     if path and (bad or lock_age or stuck):
         print(f"backup: {journal.backup(path)}")
     if lock_age:
@@ -849,7 +849,8 @@ def check_storage(config, repair):
     if stuck:
         print(f"failed and re-enqueued: trials {liveness.reconcile(study, config, tasks)}")
     fixed = rewrite_journal(path, study, tasks, len(bad)) if bad else 0
-    return storage_verdict(config, len(bad) - fixed, repair)
+    verdict = "storage OK after the repair" if bad or lock_age or stuck else "storage OK: nothing to repair"
+    return storage_verdict(config, len(bad) - fixed, verdict)
 
 
 def journal_file(config):
@@ -907,9 +908,9 @@ def rewrite_journal(path, study, tasks, n_bad):
     return n_bad
 
 
-def storage_verdict(config, left, repair):
+def storage_verdict(config, left, ok="storage OK"):
     if not left:
-        print("storage OK" if not repair else "storage OK after the repair")
+        print(ok)
         return 0
     which = quote_command(["--config", config.path, "--study_name", config["study"]["study_name"]])
     print(f"{left} problem(s) left; fix: python submit_study.py {which} --check_storage --repair")

@@ -159,6 +159,13 @@ def test_a_misspelled_section_is_refused_not_ignored(tmp_path, capsys, section, 
     assert not (tmp_path / "exp" / "runs").exists()
 
 
+def test_a_sqlite_url_in_a_missing_folder_says_to_create_it(tmp_path, capsys):
+    path = write_experiment(tmp_path / "exp", {"study.storage": "sqlite:///no_such_dir/study.db"})
+    code = submit_study.main(["--config", str(path), "--no-submit_jobs"])
+    err = assert_one_line_error(capsys, code, path, "study.storage")
+    assert f"fix: create the folder {tmp_path / 'exp' / 'no_such_dir'}" in err
+
+
 def test_a_flag_that_needs_another_is_refused_before_anything_runs(experiment, capsys):
     assert_one_line_error(capsys, submit_study.main(["--config", str(experiment), "--trial", "1"]), "--trial", "trial")
     assert_one_line_error(capsys, submit_study.main(["--config", str(experiment), "--repair"]), "--repair", "repair")
