@@ -115,11 +115,15 @@ class StopSignal:
     def __init__(self):
         self.received = signal.Signals(EARLY_SIGNALS[-1]).name if EARLY_SIGNALS else None
         self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
+        self.requeued = False  # once this task asked SLURM to requeue it
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if self.requeued:  # SLURM ends the task it was asked to requeue: the checkpoint is already on disk
+            announce("%s received: the requeue ends this task", self.received)
+            return
         if self.interrupt_now:  # the objective has no safe point of its own: stop it here, rerun it later
             self.interrupt_now = False
             announce("%s received: the objective is stopped and runs again after the requeue", self.received)
@@ -429,7 +433,7 @@ def train_and_tell(study, trial, config, handle):
         return Outcome.PRUNED
     except Interrupted as e:
         add_train_seconds(trial, started)
-        return requeue_or_fail(study, trial, config, str(e) or handle.stop.received or "a stop")
+        return requeue_or_fail(study, trial, config, str(e) or handle.stop.received or "a stop", handle.stop)
     except Exception as e:
         if full_filesystem(e):
             raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
@@ -495,7 +499,7 @@ def add_train_seconds(trial, started):
     trial.set_user_attr("train_seconds", round(trial.user_attrs.get("train_seconds", 0) + time.time() - started, 3))
 
 
-def requeue_or_fail(study, trial, config, signal_name):
+def requeue_or_fail(study, trial, config, signal_name, stop=None):
     """The checkpoint is on disk. Decide how the trial goes on after this process."""
     task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
     settings = config["study"]
@@ -516,6 +520,8 @@ def requeue_or_fail(study, trial, config, signal_name):
     trial.set_user_attr("requeues", requeues + 1)  # the walltime is spent whether or not the requeue works
     # Said before: the requeue's own SIGTERM may reach this process (and its log) before scontrol returns.
     log.info("trial %d checkpointed before the walltime; requeueing its task %s", trial.number, task)
+    if stop:
+        stop.requeued = True
     problem = requeue_task(task)
     if problem:
         log.warning(
