@@ -291,6 +291,8 @@ def wait_for_twin(study, config, stop):
 
 def ask_once(study, config, budget):
     """(trial to run or None, whether to ask again): one ask, its params sampled and checked."""
+    if still_to_run(study.get_trials(deepcopy=False), budget) <= 0:
+        return None, False  # checked again in our turn: another worker's ask may have covered the budget since
     trial = study.ask()
     link_heartbeat_retry(study, trial)
     # Trial numbers are consecutive: everything numbered below ours existed when we asked.

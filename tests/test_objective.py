@@ -101,6 +101,7 @@ def test_a_plain_objective_through_the_walltime(slurm, tmp_path):
     assert steady.state.name == "COMPLETE" and steady.user_attrs["requeues"] >= 1
     assert sorted(steady.intermediate_values) == list(range(30)), "it continued from its own state"
     assert oblivious.state.name == "COMPLETE" and oblivious.user_attrs["runs"] == 2
-    assert oblivious.user_attrs["requeues"] == 1 and oblivious.user_attrs["slurm_restart_count"] == 1
+    # Once stopped mid-run; a requeued task whose USR2 comes before the rerun starts requeues once more.
+    assert oblivious.user_attrs["requeues"] == oblivious.user_attrs["slurm_restart_count"] >= 1
     log = Path(oblivious.user_attrs["log_path"]).read_text()
     assert "the objective is stopped and runs again after the requeue" in log
