@@ -288,7 +288,8 @@ def exists(config, storage):
 
 
 def use_budget(study, config):
-    """The budget in force (experiment.remembered_budget), said when it is not the YAML's; workers are told it."""
+    """The budget in force (experiment.remembered_budget), said when it is not the YAML's. Workers find it
+    on the study themselves (take_stock records it), so it is never written into an array."""
     before, budget = study.user_attrs.get("n_trials"), remembered_budget(study, config)
     in_yaml = config.in_yaml.get("n_trials", config["study"]["n_trials"])
     if budget == before and budget != in_yaml and "n_trials" not in config.overrides:
@@ -666,7 +667,8 @@ def show_status(study, config):
         config["study"]["n_trials"] = remembered_budget(study, config)
     else:  # a study submitted before the YAML's budget was kept with it: the last submission's
         config["study"]["n_trials"] = study.user_attrs.get("n_trials", config["study"]["n_trials"])
-    tasks = liveness.squeue_tasks(study_jobs(study))
+    jobs = study_jobs(study)
+    tasks = liveness.squeue_tasks(jobs)
     liveness.reconcile(study, config, tasks)
     trials = study.get_trials(deepcopy=False)
     counts = count_states(trials)
@@ -676,7 +678,8 @@ def show_status(study, config):
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
     concurrency = study.user_attrs.get("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
     # None when unknown: squeue failed, or no array is known yet (one submitted by hand shows once it runs)
-    workers = None if tasks is None or not study_jobs(study) else queued_tasks(study, tasks) + counts["RUNNING"]
+    queued = queued_tasks(study, tasks)
+    workers = None if tasks is None or not jobs else queued + counts["RUNNING"]
     print(eta_line(trials, budget, concurrency, study_control.mark(study), workers))
     for line in config_versions.status_lines(config, trials) + repeats.status_lines(config, trials):
         print(line)
@@ -687,9 +690,9 @@ def show_status(study, config):
     for t in failed[-10:]:
         reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
         print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
-    if study_jobs(study):
+    if jobs:
         print_slurm_tasks(study, trials, tasks)
-    print_top_up(remaining(study, config) - queued_tasks(study, tasks), failed)
+    print_top_up(remaining(study, config) - queued, failed)
     print(disk_line(study, config))
     return 0
 

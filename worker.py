@@ -268,16 +268,15 @@ def find_own_trial(study, task):
 def claim_trial(study, config, stop=None):
     """A new trial within the budget, or None when the budget is covered (or a stop signal came)."""
     budget = config["study"]["n_trials"]
-    while still_to_run(study.get_trials(deepcopy=False), budget) > 0:
+    while True:
         with samplers.one_ask_at_a_time(run_dir(config)):  # each ask sees the trials asked before it
-            trial, again = ask_once(study, config, budget)
+            trial, again = ask_once(study, config, budget)  # None, False: the budget is covered
         if not again:
             return trial
         if repeats.waits_in_a_row:
             wait_for_twin(study, config, stop)
         if stop and stop.received:
             return None
-    return None
 
 
 def wait_for_twin(study, config, stop):
