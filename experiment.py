@@ -306,6 +306,7 @@ class Config(dict):
       dir        its folder: relative paths and the user's modules are found from here
       overrides  the command line's values (those given)
       in_yaml    the YAML's own values of the keys the overrides replaced
+      defaulted  the study/slurm keys the YAML left out, filled with their defaults
       version    the config_versions version it is, once known
     """
 
@@ -315,6 +316,7 @@ class Config(dict):
         self.dir = str(Path(self.path).parent)
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         self.in_yaml = {}
+        self.defaulted = set()
         self.version = None
 
 
@@ -387,17 +389,29 @@ def _fill_sections(config, overrides, source):
             )
         config[section] = values
     for option in OPTIONS:
-        config[option.section].setdefault(option.key, copy.deepcopy(option.default))
-        if overrides.get(option.key) is not None:
-            config.in_yaml[option.key] = config[option.section][option.key]
-            config[option.section][option.key] = overrides[option.key]
-        value = config[option.section][option.key]
-        if option.key in ("walltime", "mem_per_cpu") and isinstance(value, int) and not isinstance(value, bool):
-            value = config[option.section][option.key] = str(value)  # 30 = 30 minutes, 4096 = 4096 MB
-        if option.key in ("optimization_metric", "optimization_direction") and "," in (value or ""):
-            value = config[option.section][option.key] = value.split(",")  # --optimization_direction min...,max...
-        if value is not None and option.check(value):
-            _bad_option(option, value, f"--{option.key}" if overrides.get(option.key) is not None else source)
+        _fill_option(config, option, overrides, source)
+
+
+def _fill_option(config, option, overrides, source):
+    """One option's value: the YAML's, else its default; the flag's where given; then checked."""
+    values, key = config[option.section], f"{option.section}.{option.key}"
+    if option.key not in values:
+        config.defaulted.add(option.key)
+        values[option.key] = copy.deepcopy(option.default)
+    elif values[option.key] is None and option.default is not None:
+        raise ConfigError(
+            source, key, "has no value", f"give it one ({option.help}) or delete the line for the default"
+        )
+    if overrides.get(option.key) is not None:
+        config.in_yaml[option.key] = values[option.key]
+        values[option.key] = overrides[option.key]
+    value = values[option.key]
+    if option.key in ("walltime", "mem_per_cpu") and isinstance(value, int) and not isinstance(value, bool):
+        value = values[option.key] = str(value)  # 30 = 30 minutes, 4096 = 4096 MB
+    if option.key in ("optimization_metric", "optimization_direction") and "," in (value or ""):
+        value = values[option.key] = value.split(",")  # --optimization_direction min...,max...
+    if value is not None and option.check(value):
+        _bad_option(option, value, f"--{option.key}" if overrides.get(option.key) is not None else source)
 
 
 def _bad_option(option, value, source):

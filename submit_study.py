@@ -270,10 +270,16 @@ def say_where_it_stands(study, config, url):
             file=sys.stderr,
         )
     if config["study"]["objective"]:
-        if config.get("search_space") or config["study"]["trainer"] != DEFAULT_TRAINER:
+        if config.get("search_space") or "trainer" not in config.defaulted:
             objective = config["study"]["objective"]
             print(f"note: study.objective {objective} runs; the YAML's trainer and search_space are not used")
-    elif not config.get("search_space"):
+    elif "trainer" in config.defaulted:
+        print(
+            f"note: {config.path}: no study.trainer, so the example's {DEFAULT_TRAINER} trains; "
+            "name yours as study.trainer: module:function",
+            file=sys.stderr,
+        )
+    if not config["study"]["objective"] and not config.get("search_space"):
         once = "" if config["study"]["allow_repeats"] else ", trained once, the other trials answered from it"
         print(f"warning: {config.path}: search_space is empty: one config{once}", file=sys.stderr)
     if config["study"]["sampler"].get("name") == "GridSampler":

@@ -52,7 +52,45 @@ CANDIDATES = {
     "portfolio_tpe2": lambda seed, k: samplers.ByTrial(
         S.GPSampler(seed=3 * seed), S.TPESampler(seed=3 * seed + 1), S.TPESampler(seed=3 * seed + 2)
     ),
+    # a shared scrambled Sobol sequence for the first trials (one seed for all workers), then the default
+    "sobol10_portfolio": lambda seed, k: sobol_then(10, seed, samplers.portfolio(seed)),
+    "sobol16_portfolio": lambda seed, k: sobol_then(16, seed, samplers.portfolio(seed)),
+    "sobol10_quick": lambda seed, k: sobol_then(
+        10, seed, samplers.ByTrial(S.GPSampler(seed=2 * seed, n_startup_trials=2), S.TPESampler(seed=2 * seed + 1))
+    ),
+    "sobol10_tpe": lambda seed, k: sobol_then(10, seed, S.TPESampler(seed=seed)),
 }
+
+
+class Startup(S.BaseSampler):
+    """Trials numbered below n sampled by first, the rest by then."""
+
+    def __init__(self, n, first, then):
+        self.n, self.first, self.then = n, first, then
+
+    def _of(self, trial):
+        return self.first if trial.number < self.n else self.then
+
+    def infer_relative_search_space(self, study, trial):
+        return self._of(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._of(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self._of(trial).sample_independent(study, trial, name, distribution)
+
+    def before_trial(self, study, trial):
+        self._of(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        for sampler in (self.first, self.then):
+            sampler.after_trial(study, trial, state, values)
+
+
+def sobol_then(n, seed, then):
+    shared = seed // 1000  # one sequence for all workers of a study
+    return Startup(n, S.QMCSampler(scramble=True, seed=shared, warn_independent_sampling=False), then)
 
 
 def value(problem, params):

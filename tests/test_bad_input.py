@@ -20,6 +20,8 @@ BAD = [
     ({"slurm.gpus": 1}, "slurm.gpus"),
     ({"study.n_trials": 0}, "study.n_trials"),
     ({"study.n_trials": "ten"}, "study.n_trials"),
+    ({"study.n_trials": None}, "study.n_trials"),  # 'n_trials:' with the value not yet typed
+    ({"study.trainer": None}, "study.trainer"),
     ({"slurm.max_concurrent_jobs": 0}, "slurm.max_concurrent_jobs"),
     ({"study.optimization_direction": "minimise"}, "study.optimization_direction"),
     ({"study.optimization_metric": "val_accuracy"}, "study.optimization_metric"),

@@ -18,6 +18,7 @@ import journal
 def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(experiment):
     out = run_script("submit_study.py", "--config", experiment, "--local", 2, "--n_trials", 5)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "no study.trainer, so the example's ishigami_lstm:train trains" in out.stderr, "the YAML names none"
     study = load_study(experiment)
     assert len(finished(study)) == 5
     assert [t for t in study.get_trials() if t.state.name in ("RUNNING", "WAITING")] == []

@@ -26,6 +26,7 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     out = run_script("submit_study.py", "--config", path, "--local", 2)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "note: study.objective objectives:quick runs; the YAML's trainer and search_space are not used" in out.stdout
+    assert "no study.trainer" not in out.stderr, "a plain objective needs no trainer"
     study = load_study(path)
     assert len(finished(study)) == 6
     assert set(study.best_trial.params) == {"x", "kind"} and study.best_trial.user_attrs["note"].startswith("kind")
