@@ -983,7 +983,11 @@ def retrainable(study, config, trial, weights_target):
     resolved["study"].update(
         study_name=f"{study.study_name}_best{trial.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}
     )
-    resolved["search_space"] = {}
+    if config["study"]["objective"]:  # the objective suggests its own params; the export names no trainer
+        resolved["study"].pop("trainer", None)
+        resolved.pop("search_space", None)
+    else:
+        resolved["search_space"] = {}
     results = {
         "study_name": study.study_name,
         "number": trial.number,
@@ -995,7 +999,7 @@ def retrainable(study, config, trial, weights_target):
         "weights": export_weights(config, trial, weights_target),
         "exported_at": now(),
     }
-    return {"best_trial": results, **resolved}
+    return {"best_trial": copy.deepcopy(results), **resolved}  # copies: the front's members share no YAML anchors
 
 
 def values_text(config, trial):

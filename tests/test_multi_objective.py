@@ -65,6 +65,10 @@ def test_a_plain_objective_returning_two_values(tmp_path):
     study = load_study(path)
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert all(set(t.user_attrs["metrics"]) == {"a", "b"} for t in study.trials)
+    front = [t for t in study.trials if 0 <= t.params["x"] <= 1]
+    text = (path.parent / "best_trial.yaml").read_text()
+    assert len(yaml.safe_load(text)["pareto_front"]) == len(study.best_trials) >= len(front)
+    assert "&id" not in text and "*id" not in text, "each member reads on its own, without YAML anchors"
     flags = ("--optimization_metric", "a", "--optimization_direction", "minimize", "--no-submit_jobs")
     one = run_script("submit_study.py", "--config", path, *flags)
     assert one.returncode == 2 and "but study 'tiny' was created to minimize and minimize" in one.stderr

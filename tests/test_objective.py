@@ -38,6 +38,7 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     best = path.parent / "best_trial.yaml"
     exported = yaml.safe_load(best.read_text())
     assert exported["study"]["objective"] == "objectives:quick" and exported["best_trial"]["params"]
+    assert "trainer" not in exported["study"] and "search_space" not in exported, "the objective chooses its params"
     retrained = run_script("worker.py", "--config", best)
     assert retrained.returncode == 0, retrained.stdout + retrained.stderr
     again = load_study(best, f"tiny_best{study.best_trial.number}")
