@@ -588,7 +588,7 @@ def work(args):
     liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
     trial = find_own_trial(study, liveness.slurm_task_key())
     if trial is None and not still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"]):
-        log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
+        say_budget_covered(study, config)
         return 0  # decided before importing the trainer, which may take seconds (torch)
     load_user_code(config)
     enqueue_exported_params(study, config)
@@ -625,7 +625,7 @@ def run_trials(study, trial, config, args, taken_over):
             if stop.received:
                 log.info("%s received while waiting to claim a trial: no new trial starts", stop.received)
             else:
-                log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
+                say_budget_covered(study, config)
             break
         config = pinned_config(trial, config, args)
         outcome = run_trial(study, trial, config, stop)
@@ -642,6 +642,18 @@ def run_trials(study, trial, config, args, taken_over):
         config = read_config(args)  # fresh from disk for the next trial
         config["study"]["n_trials"] = remembered_budget(study, config)
     return 1 if failed else 0
+
+
+def say_budget_covered(study, config):
+    log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
+    retrained = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if "best_trial" in config and retrained:  # an export, run again
+        log.info(
+            "this export was retrained already: study %s, trial %d, %s; to retrain it again: --study_name <new name>",
+            study.study_name,
+            retrained[-1].number,
+            ", ".join(f"{k} = {v:.6g}" for k, v in zip(metric_names(config), retrained[-1].values, strict=False)),
+        )
 
 
 def enqueue_exported_params(study, config):
