@@ -44,8 +44,8 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     again = load_study(best, f"tiny_best{study.best_trial.number}")
     assert again.trials[0].params == study.best_trial.params and again.trials[0].value == study.best_value
     twice = run_script("worker.py", "--config", best)
-    assert twice.returncode == 0 and "this export was retrained already" in twice.stderr, twice.stderr
-    assert "--study_name <new name>" in twice.stderr and len(load_study(best, again.study_name).trials) == 1
+    assert twice.returncode == 0 and "this export was retrained already" in twice.stdout, twice.stderr
+    assert "--study_name <new name>" in twice.stdout and len(load_study(best, again.study_name).trials) == 1
 
 
 def test_the_objective_flag_wins_over_the_yaml_and_bad_modules_fail_at_submit(tmp_path):
