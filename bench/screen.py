@@ -32,33 +32,38 @@ S = optuna.samplers
 
 
 CANDIDATES = {
-    "tpe": lambda seed, k: S.TPESampler(seed=seed),  # optuna 5: multivariate, constant_liar
-    "tpe_nocl": lambda seed, k: S.TPESampler(seed=seed, constant_liar=False),
-    "tpe_indep": lambda seed, k: S.TPESampler(seed=seed, multivariate=False, constant_liar=False),
-    "tpe_startK": lambda seed, k: S.TPESampler(seed=seed, n_startup_trials=max(10, 2 * k)),
-    "tpe_group": lambda seed, k: S.TPESampler(seed=seed, group=True, n_startup_trials=max(10, 2 * k)),
-    "gp": lambda seed, k: S.GPSampler(seed=seed),
-    "gp_startK": lambda seed, k: S.GPSampler(seed=seed, n_startup_trials=max(10, 2 * k)),
-    "random": lambda seed, k: S.RandomSampler(seed=seed),
+    "tpe": lambda seed, k, n: S.TPESampler(seed=seed),  # optuna 5: multivariate, constant_liar
+    "tpe_nocl": lambda seed, k, n: S.TPESampler(seed=seed, constant_liar=False),
+    "tpe_indep": lambda seed, k, n: S.TPESampler(seed=seed, multivariate=False, constant_liar=False),
+    "tpe_startK": lambda seed, k, n: S.TPESampler(seed=seed, n_startup_trials=max(10, 2 * k)),
+    "tpe_group": lambda seed, k, n: S.TPESampler(seed=seed, group=True, n_startup_trials=max(10, 2 * k)),
+    "gp": lambda seed, k, n: S.GPSampler(seed=seed),
+    "gp_startK": lambda seed, k, n: S.GPSampler(seed=seed, n_startup_trials=max(10, 2 * k)),
+    "random": lambda seed, k, n: S.RandomSampler(seed=seed),
     # a portfolio: even workers GP, odd workers TPE, all on the same study (K=1: GP alone)
-    "gp_tpe": lambda seed, k: S.GPSampler(seed=seed) if seed % 2 == 0 else S.TPESampler(seed=seed),
+    "gp_tpe": lambda seed, k, n: S.GPSampler(seed=seed) if seed % 2 == 0 else S.TPESampler(seed=seed),
     # the default for small spaces (samplers.portfolio): even trials GP, odd trials TPE, in every worker
-    "portfolio": lambda seed, k: samplers.portfolio(seed),
+    "portfolio": lambda seed, k, n: samplers.portfolio(seed),
     # the default with TPE's random startup scaled with K, as tpe_startK
-    "portfolio_startK": lambda seed, k: samplers.ByTrial(
+    "portfolio_startK": lambda seed, k, n: samplers.ByTrial(
         S.GPSampler(seed=2 * seed), S.TPESampler(seed=2 * seed + 1, n_startup_trials=max(10, 2 * k))
     ),
     # TPE-heavier: trials 0, 3, 6, ... GP, the others TPE
-    "portfolio_tpe2": lambda seed, k: samplers.ByTrial(
+    "portfolio_tpe2": lambda seed, k, n: samplers.ByTrial(
         S.GPSampler(seed=3 * seed), S.TPESampler(seed=3 * seed + 1), S.TPESampler(seed=3 * seed + 2)
     ),
+    # the default with both samplers' random startup scaled to the budget: a quarter of it, 4 to 10 trials
+    "portfolio_short": lambda seed, k, n: samplers.ByTrial(
+        S.GPSampler(seed=2 * seed, n_startup_trials=min(10, max(4, n // 4))),
+        S.TPESampler(seed=2 * seed + 1, n_startup_trials=min(10, max(4, n // 4))),
+    ),
     # a shared scrambled Sobol sequence for the first trials (one seed for all workers), then the default
-    "sobol10_portfolio": lambda seed, k: sobol_then(10, seed, samplers.portfolio(seed)),
-    "sobol16_portfolio": lambda seed, k: sobol_then(16, seed, samplers.portfolio(seed)),
-    "sobol10_quick": lambda seed, k: sobol_then(
+    "sobol10_portfolio": lambda seed, k, n: sobol_then(10, seed, samplers.portfolio(seed)),
+    "sobol16_portfolio": lambda seed, k, n: sobol_then(16, seed, samplers.portfolio(seed)),
+    "sobol10_quick": lambda seed, k, n: sobol_then(
         10, seed, samplers.ByTrial(S.GPSampler(seed=2 * seed, n_startup_trials=2), S.TPESampler(seed=2 * seed + 1))
     ),
-    "sobol10_tpe": lambda seed, k: sobol_then(10, seed, S.TPESampler(seed=seed)),
+    "sobol10_tpe": lambda seed, k, n: sobol_then(10, seed, S.TPESampler(seed=seed)),
 }
 
 
@@ -101,7 +106,9 @@ def run(problem, candidate, k, seed, n_trials, noise=None):
     storage = optuna.storages.InMemoryStorage()
     optuna.create_study(storage=storage, study_name="s")
     make = CANDIDATES[candidate]
-    workers = [optuna.load_study(study_name="s", storage=storage, sampler=make(seed * 1000 + i, k)) for i in range(k)]
+    workers = [
+        optuna.load_study(study_name="s", storage=storage, sampler=make(seed * 1000 + i, k, n_trials)) for i in range(k)
+    ]
     spec = PROBLEMS[problem]
     config = Config(
         {"study": {"allow_repeats": False, "n_trials": n_trials, "objective": None}, "search_space": spec["space"]}, "-"
