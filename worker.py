@@ -157,6 +157,7 @@ class TrialHandle:
         self.trial, self.folder, self.stop = trial, folder, stop
         self.checkpoint = folder / checkpoints.CHECKPOINT
         self.saves = 0
+        self.reports_since_stop = 0
 
     @property
     def number(self):
@@ -174,8 +175,12 @@ class TrialHandle:
         log.info("trial %d step %d: %.6g", self.trial.number, step, value)
         if single and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}")
-        if self.stop.received and not self.saves:  # a trainer that never checkpoints stops here
-            raise Interrupted(self.stop.received)
+        if self.stop.received:
+            self.reports_since_stop += 1
+            # Two reports after the signal with no save in this process: a trainer that never checkpoints
+            # stops here. At the first, a trainer that reports and then saves has yet to save.
+            if not self.saves and self.reports_since_stop > 1:
+                raise Interrupted(self.stop.received)
 
     def load_checkpoint(self):
         if not self.checkpoint.exists():
@@ -434,7 +439,7 @@ def train_and_tell(study, trial, config, handle):
         return Outcome.PRUNED
     except Interrupted as e:
         add_train_seconds(trial, started)
-        return requeue_or_fail(study, trial, config, str(e) or handle.stop.received or "a stop", handle.stop)
+        return requeue_or_fail(study, trial, config, str(e) or handle.stop.received or "a stop", handle)
     except Exception as e:
         if full_filesystem(e):
             raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
@@ -500,9 +505,10 @@ def add_train_seconds(trial, started):
     trial.set_user_attr("train_seconds", round(trial.user_attrs.get("train_seconds", 0) + time.time() - started, 3))
 
 
-def requeue_or_fail(study, trial, config, signal_name, stop=None):
-    """The checkpoint is on disk. Decide how the trial goes on after this process."""
+def requeue_or_fail(study, trial, config, signal_name, handle=None):
+    """The trainer stopped at a safe point. Decide how the trial goes on after this process."""
     task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
+    saved = "checkpointed" if handle is None or handle.checkpoint.exists() else "stopped (no checkpoint: it restarts)"
     settings = config["study"]
     if not task or study_control.mark(study) == study_control.CANCELLED:  # stopped by hand: a resubmit retries it
         trial.set_user_attr("fail_reason", study_control.stop_reason(study, signal_name))
@@ -511,7 +517,7 @@ def requeue_or_fail(study, trial, config, signal_name, stop=None):
     if signal_name == "SIGTERM":
         # Preemption or node failure: SLURM requeues the task and it resumes this trial.
         # scancel: the task is gone, and the next reconcile retries the trial from this checkpoint.
-        log.info("trial %d checkpointed after SIGTERM; left RUNNING for its task %s", trial.number, task)
+        log.info("trial %d %s after SIGTERM; left RUNNING for its task %s", trial.number, saved, task)
         return Outcome.STOPPED
     if requeues >= settings["max_requeues"]:
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -520,9 +526,9 @@ def requeue_or_fail(study, trial, config, signal_name, stop=None):
         return Outcome.FAIL
     trial.set_user_attr("requeues", requeues + 1)  # the walltime is spent whether or not the requeue works
     # Said before: the requeue's own SIGTERM may reach this process (and its log) before scontrol returns.
-    log.info("trial %d checkpointed before the walltime; requeueing its task %s", trial.number, task)
-    if stop:
-        stop.requeued = True
+    log.info("trial %d %s before the walltime; requeueing its task %s", trial.number, saved, task)
+    if handle:
+        handle.stop.requeued = True
     problem = requeue_task(task)
     if problem:
         log.warning(

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import repeats  # noqa: E402
 import samplers  # noqa: E402
 from bench import problems  # noqa: E402
-from bench.quality import PROBLEMS  # noqa: E402
+from bench.quality import PROBLEMS, spread  # noqa: E402
 from experiment import Config  # noqa: E402
 
 S = optuna.samplers
@@ -133,19 +133,6 @@ def run(problem, candidate, k, seed, n_trials, noise=None):
         "duplicate_of" in t.user_attrs or "duplicate of" in t.user_attrs.get("fail_reason", "") for t in trials
     )
     return best.user_attrs.get("true_value", best.value) - optimum, settled
-
-
-def spread(regrets, draws=2000):
-    """With many seeds: a 90% bootstrap interval of the median, and how often 5 studies meet the worst-case target.
-
-    The issue's targets are read on 5 seeds, whose median moves by 1.5x between draws on a multimodal
-    problem; these say whether a difference is one.
-    """
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(regrets, k=len(regrets))) for _ in range(draws))
-    fives = [rng.choices(regrets, k=5) for _ in range(draws)]
-    robust = sum(max(five) <= 2 * statistics.median(five) for five in fives) / draws
-    return medians[draws // 20], medians[-draws // 20], robust
 
 
 def main():

@@ -1,11 +1,15 @@
 """Weights and checkpoints on disk: the best model is exported, what nobody will read again is deleted."""
 
+import types
+
 import optuna
+import pytest
 import torch
 import yaml
 from conftest import finished, load_study, run_script, write_experiment
 
 import checkpoints
+import worker
 from experiment import load_config
 
 X = optuna.distributions.FloatDistribution(0, 1)
@@ -112,3 +116,18 @@ def test_a_workers_clean_in_a_large_study_leaves_what_a_full_clean_would(tmp_pat
     checkpoints.clean(study, config, everything=False)
     assert files_left(path) == {(new_best, "weights.pt")}, "the pushed-out best and the slow trial's files went"
     assert checkpoints.clean(study, config) == (0, 0), "a full clean finds nothing more"
+
+
+def test_a_walltime_signal_before_the_first_save_still_gets_its_checkpoint(tmp_path):
+    """The signal may come while the worker starts: a trainer that reports, then saves, still saves first."""
+    study = optuna.create_study()
+    stop = types.SimpleNamespace(received="SIGUSR2")
+    handle = worker.TrialHandle(study.ask(), tmp_path, stop)
+    handle.report(0.5, 0)  # the first epoch's report: the trainer has yet to save
+    with pytest.raises(worker.Interrupted):
+        handle.save_checkpoint({"epoch": 0})
+    assert torch.load(handle.checkpoint) == {"epoch": 0}, "saved before the stop"
+    never_saves = worker.TrialHandle(study.ask(), tmp_path, stop)
+    never_saves.report(0.5, 0)
+    with pytest.raises(worker.Interrupted):
+        never_saves.report(0.4, 1)  # a trainer that does not checkpoint stops at its next report
