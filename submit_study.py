@@ -632,7 +632,13 @@ def run_local(args, config, study, storage_file):
     trials = study.get_trials(deepcopy=False)
     if any(t.state in FINISHED for t in trials):
         export_best(study, config, "")
-    if any(c not in (0, 1) for c in codes):
+    for w, code in zip(workers, codes, strict=True):
+        if code < 0:  # killed from outside: it could say nothing, and its trial was retried like a dead task's
+            name = signal.Signals(-code).name
+            print(
+                f"warning: local worker {w.pid} was killed ({name}); its trial was failed and retried", file=sys.stderr
+            )
+    if any(c > 1 for c in codes):
         return 1  # a worker ended on an error it has named itself (a bad config, a full disk)
     short = still_to_run(trials, config["study"]["n_trials"])
     if short and not study_control.mark(study):  # the workers gave up: their trials kept failing

@@ -170,6 +170,8 @@ def test_a_local_study_heals_when_one_of_its_workers_is_killed(tmp_path):
     out, _ = launcher.communicate(timeout=300)
     study = load_study(path)
     assert len(finished(study)) == 4, out[-3000:]
+    assert launcher.returncode == 0, "the budget was met: a killed worker is no error of the run's"
+    assert f"local worker {victim.user_attrs['pid']} was killed (SIGKILL)" in out, out[-3000:]
     assert study.trials[victim.number].state.name == "FAIL"
     retry = next(t for t in study.get_trials() if t.user_attrs.get("retry_of") == victim.number)
     assert retry.state.name == "COMPLETE" and retry.params == victim.params
