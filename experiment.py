@@ -10,6 +10,7 @@ Every study/slurm option is declared once in OPTIONS below: the YAML key, the ar
 the same name, its check, and the #SBATCH line it renders to all come from that one table.
 """
 
+import argparse
 import copy
 import difflib
 import errno
@@ -51,6 +52,22 @@ class ConfigError(Exception):
 
     def __init__(self, source, key, problem, fix):
         super().__init__(f"{source}: {key}: {problem}; fix: {fix}")
+
+
+class CommandLine(argparse.ArgumentParser):
+    """argparse with the tool's errors: one line naming the flag and the fix, exit status 2; no abbreviations."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --max_concurrent must not quietly mean another flag
+
+    def error(self, message):
+        fix = "see --help"
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        near = unknown and difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1, cutoff=0.7)
+        if near:
+            fix = f"did you mean {near[0]}? (see --help)"
+        self.exit(2, f"error: {self.prog}: {message}; fix: {fix}\n")
 
 
 # ---------------------------------------------------------------- option checks
@@ -384,9 +401,9 @@ def _fill_sections(config, overrides, source):
             raise ConfigError(source, section, "is not a mapping", f"write '{section}:' followed by indented keys")
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                source, f"{section}.{unknown[0]}", "unknown key", f"use one of {', '.join(sorted(known))}"
-            )
+            near = difflib.get_close_matches(str(unknown[0]), known, n=1, cutoff=0.7)
+            fix = f"did you mean {near[0]}?" if near else f"use one of {', '.join(sorted(known))}"
+            raise ConfigError(source, f"{section}.{unknown[0]}", "unknown key", fix)
         config[section] = values
     for option in OPTIONS:
         _fill_option(config, option, overrides, source)

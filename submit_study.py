@@ -41,6 +41,7 @@ from experiment import (
     DEFAULT_TRAINER,
     FINISHED,
     OPTIONS,
+    CommandLine,
     ConfigError,
     add_experiment_flags,
     base_params,
@@ -78,7 +79,7 @@ FINISH_TEMPLATE = PROJECT / "templates" / "finish_job.sbatch"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandLine(description=__doc__.split("\n\n")[0])
     add_experiment_flags(parser, ("study", "slurm"))
     parser.add_argument("--cluster", action="store_true", help="stage the data to $SCRATCH (or --scratch) first")
     parser.add_argument(

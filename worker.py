@@ -33,7 +33,6 @@ if __name__ == "__main__":
     for _sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):  # SIGINT: Ctrl-C of a local run
         signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
-import argparse
 import contextlib
 import enum
 import json
@@ -61,6 +60,7 @@ import samplers
 import study_control
 import trial_control
 from experiment import (
+    CommandLine,
     ConfigError,
     add_experiment_flags,
     describe_sampler,
@@ -218,7 +218,7 @@ def save_atomically(state, path):
 
 # ---------------------------------------------------------------- command line
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandLine(description=__doc__.split("\n\n")[0])
     add_experiment_flags(parser, ("study",))
     parser.add_argument("--storage_file", help="file holding the storage URL (keeps passwords out of job scripts)")
     parser.add_argument("--data_dir", help="read data.dir from here instead (data staged to scratch)")

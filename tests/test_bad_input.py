@@ -174,6 +174,19 @@ def test_a_flag_that_needs_another_is_refused_before_anything_runs(experiment, c
     assert not (experiment.parent / "runs").exists()
 
 
+def test_a_mistyped_or_shortened_flag_or_key_names_the_one_meant(experiment, capsys):
+    for argv, near in ((["--n_trails", "5"], "--n_trials"), (["--max_concurrent", "3"], "--max_concurrent_jobs")):
+        with pytest.raises(SystemExit) as end:
+            submit_study.main(["--config", str(experiment), *argv, "--no-submit_jobs"])
+        err = capsys.readouterr().err.strip()
+        assert end.value.code == 2 and "\n" not in err and f"fix: did you mean {near}?" in err, err
+    assert not (experiment.parent / "runs").exists()
+    path = write_experiment(experiment.parent, {"study.n_trial": 5}, name="typo.yaml")
+    assert "fix: did you mean n_trials?" in assert_one_line_error(
+        capsys, worker.main(["--config", str(path)]), path, "study.n_trial"
+    )
+
+
 def test_status_and_export_of_a_misnamed_study_create_nothing(experiment, capsys, tmp_path):
     for flags in (["--status"], ["--export_best"]):
         assert submit_study.main(["--config", str(experiment), "--study_name", "typo", *flags]) == 2
