@@ -283,7 +283,20 @@ def flag_overrides(args):
 
 # ---------------------------------------------------------------- loading the YAML
 class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 numbers: 1e-4 is a float, 2:30:00 stays a (SLURM) string."""
+    """PyYAML's safe loader with YAML 1.2 numbers: 1e-4 is a float, 2:30:00 stays a (SLURM) string.
+
+    A key written twice in one mapping is an error: PyYAML would keep the last one silently.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True) if key_node.tag != "tag:yaml.org,2002:merge" else None
+            if key is not None and isinstance(key, (str, int, float, bool)):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 YamlLoader.yaml_implicit_resolvers = {

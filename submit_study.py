@@ -283,6 +283,8 @@ def say_where_it_stands(study, config, url):
     if not config["study"]["objective"] and not config.get("search_space"):
         once = "" if config["study"]["allow_repeats"] else ", trained once, the other trials answered from it"
         print(f"warning: {config.path}: search_space is empty: one config{once}", file=sys.stderr)
+    if config["slurm"]["gpu_type"] and not config["slurm"]["gpus_per_task"]:
+        print(f"note: slurm.gpu_type {config['slurm']['gpu_type']} is not asked for: slurm.gpus_per_task is 0")
     if config["study"]["sampler"].get("name") == "GridSampler":
         print(
             "warning: GridSampler: parallel workers may train the same grid point twice (optuna#4627)",

@@ -54,6 +54,9 @@ def test_dry_run_writes_and_prints_the_file_and_the_command(experiment, fake_slu
         assert line + "\n" in script
     assert "--gpus" not in script, "gpus_per_task: 0 renders a CPU-only task"
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    typed = run_script("submit_study.py", "--config", experiment, "--no-submit_jobs", "--gpu_type", "a100", env=env)
+    assert "note: slurm.gpu_type a100 is not asked for: slurm.gpus_per_task is 0" in typed.stdout
+    assert "a100" not in rendered(experiment)
 
 
 def test_every_option_reaches_its_directive(tmp_path):

@@ -102,6 +102,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path, capsys):
     path.write_text("study:\n  n_trials: 4\n  sampler: {name: TPESampler\nmodel:\n  d_pos: 2\n")
     code = submit_study.main(["--config", str(path)])
     assert "line 4" in assert_one_line_error(capsys, code, path, "line 4")
+    path.write_text("study:\n  n_trials: 8\n  max_retries: 1\n  n_trials: 3\n")  # PyYAML would keep the 3
+    err = assert_one_line_error(capsys, submit_study.main(["--config", str(path)]), path, "line 4")
+    assert "key 'n_trials' twice" in err and not (path.parent / "runs").exists()
 
 
 @pytest.mark.parametrize("walltime", [30, "30", "2:30:00", "1-0", "1-12:00", "90:00"])
