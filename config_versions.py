@@ -224,7 +224,9 @@ def lost_keys(old, new):
     gone = sorted(dotted_keys(old) - dotted_keys(new))
     if not gone:
         return []
-    return [f"lacks {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} (maybe saved half-way); submit to adopt it"]
+    lost_space = "search_space" in gone and not (new.get("study") or {}).get("objective")
+    advice = "restore search_space: submit refuses the file without it" if lost_space else "submit to adopt it"
+    return [f"lacks {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} (maybe saved half-way); {advice}"]
 
 
 def dotted_keys(config, prefix=""):

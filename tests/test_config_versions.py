@@ -92,7 +92,9 @@ def test_a_yaml_cut_short_is_not_adopted(tmp_path):
     full = path.read_text()
     settled(path, full[: full.index("search_space:")])  # still valid YAML: the search space and more are gone
     out = worker(path)
-    assert "lacks search_space" in out.stdout
+    assert (
+        "lacks search_space" in out.stdout and "restore search_space: submit refuses the file without it" in out.stdout
+    )
     trial = load_study(path, "tiny").trials[0]
     assert set(trial.params) == {"model.d_pos", "training.lr"}, "the version in force still had the search space"
     # A save that lost search_space but kept the study's name: a submit refuses it too, as the study samples
