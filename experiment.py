@@ -760,7 +760,8 @@ def build_sampler(config, seed_offset=0, source="config"):
 
 
 def describe_sampler(config):
-    return samplers.describe(config["study"]["sampler"], sampled_space(config), config["study"]["n_trials"])
+    study = config["study"]
+    return samplers.describe(study["sampler"], sampled_space(config), study["n_trials"], bool(study["objective"]))
 
 
 def sampled_space(config):

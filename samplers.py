@@ -57,7 +57,7 @@ def resolve(spec, space, n_trials, offset):
     return name, ({**spec, "seed": seed} if seed is not None else spec)
 
 
-def describe(spec, space, n_trials):
+def describe(spec, space, n_trials, objective=False):
     """One line for logs and --status: which sampler the study runs and why."""
     name, options = resolve(spec, space, n_trials, 0)
     options.pop("seed", None)
@@ -66,8 +66,10 @@ def describe(spec, space, n_trials):
         return f"{shown} (study.sampler)"
     if name == PORTFOLIO:
         return f"GPSampler and TPESampler by turns (default: {len(space)} params, {n_trials} trials)"
-    if not space:
+    if not space and objective:
         why = "no search_space in the YAML: the objective defines its own"
+    elif not space:
+        why = "search_space is empty: one config"
     else:
         why = "scipy not installed" if not has_module("scipy") else f"{len(space)} params, {n_trials} trials"
     return f"{shown} (default: {why})"

@@ -240,7 +240,8 @@ def test_a_sampler_stuck_on_tried_configs_stops_the_worker_with_a_clear_error(tm
 
 def test_a_plain_objective_gets_tpe_by_default():
     assert samplers.default_spec({}, 20) == {"name": "TPESampler"}
-    assert "the objective defines its own" in samplers.describe({}, {}, 20)
+    assert "the objective defines its own" in samplers.describe({}, {}, 20, objective=True)
+    assert "search_space is empty: one config" in samplers.describe({}, {}, 1), "an export retrains one config"
 
 
 def test_workers_that_ask_at_once_take_turns_so_gp_does_not_propose_one_point_k_times(tmp_path):
