@@ -32,6 +32,7 @@ import yaml
 
 import checkpoints
 import config_versions
+import failures
 import journal
 import liveness
 import repeats
@@ -283,6 +284,9 @@ def say_where_it_stands(study, config, url):
     if not config["study"]["objective"] and not config.get("search_space"):
         once = "" if config["study"]["allow_repeats"] else ", trained once, the other trials answered from it"
         print(f"warning: {config.path}: search_space is empty: one config{once}", file=sys.stderr)
+    streak = failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config))
+    if streak:
+        print(f"warning: {failures.describe(streak)}; trials start again, as if it is fixed", file=sys.stderr)
     if config["slurm"]["gpu_type"] and not config["slurm"]["gpus_per_task"]:
         print(f"note: slurm.gpu_type {config['slurm']['gpu_type']} is not asked for: slurm.gpus_per_task is 0")
     if config["study"]["sampler"].get("name") == "GridSampler":
@@ -707,7 +711,13 @@ def show_status(study, config):
         print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
     if jobs:
         print_slurm_tasks(study, trials, tasks)
-    print_top_up(remaining(study, config) - queued, failed)
+    streak = failures.broken_streak(trials, failures.fixed_since(study, config))
+    if streak:
+        print(
+            f"{failures.describe(streak)}: array tasks start no new trial until a submit or an edit of the YAML "
+            "or the trainer's file"
+        )
+    print_top_up(remaining(study, config) - queued, failed, streak)
     print(disk_line(study, config))
     return 0
 
@@ -738,17 +748,15 @@ def print_running(study, trials):
 
 
 # Fail reasons the tool gives trials that did not fail in the trainer: a lost worker, a stop, a repeat, the budget.
-NOT_THE_TRAINERS = ("worker died", "surplus", "duplicate", "walltime reached", *study_control.STOPPED_REASONS)
-
-
-def print_top_up(missing, failed):
+def print_top_up(missing, failed, streak):
     """What to do when the budget is not covered by queued or running tasks."""
     if missing <= 0:
         return
-    crashed = [t for t in failed if not t.user_attrs.get("fail_reason", "worker died").startswith(NOT_THE_TRAINERS)]
+    crashed = [t for t in failed if failures.in_the_trainer(t)]
     if crashed:
         print(f"{len(crashed)} trial(s) failed in the trainer (reasons above, tracebacks in their worker.log)")
-    print(f"{missing} trial(s) not covered by any worker: submit again to top up")
+    todo = "fix the trainer, then submit again" if streak else "submit again to top up"
+    print(f"{missing} trial(s) not covered by any worker: {todo}")
 
 
 def disk_line(study, config):

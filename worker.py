@@ -53,6 +53,7 @@ import yaml
 
 import checkpoints
 import config_versions
+import failures
 import liveness
 import optuna_internals
 import repeats
@@ -63,6 +64,7 @@ from experiment import (
     CommandLine,
     ConfigError,
     add_experiment_flags,
+    code_key,
     describe_sampler,
     flag_overrides,
     full_filesystem,
@@ -620,6 +622,9 @@ def run_trials(study, trial, config, args, taken_over):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
+            if trainer_is_broken(study, config):
+                failed += 1
+                break
             liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
             trial = claim_trial(study, config, stop)
             if trial is None and args.trials == 0 and liveness.reconcile(study, config, tasks=None):
@@ -660,6 +665,20 @@ def say_budget_covered(study, config):
             retrained[-1].number,
             ", ".join(f"{k} = {v:.6g}" for k, v in zip(metric_names(config), retrained[-1].values, strict=False)),
         )
+
+
+def trainer_is_broken(study, config):
+    """An array task starts no trial after a run of the trainer's failures with one reason (failures.py)."""
+    if not liveness.slurm_task_key():
+        return False  # a local worker stops after MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
+    code = sys.modules.get(config["study"][code_key(config)].partition(":")[0])
+    since = failures.fixed_since(study, config, getattr(code, "__file__", None))
+    streak = failures.broken_streak(study.get_trials(deepcopy=False), since)
+    if streak:
+        log.error(
+            "%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak)
+        )
+    return bool(streak)
 
 
 def enqueue_exported_params(study, config):

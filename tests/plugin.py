@@ -1,6 +1,7 @@
 """Test trainer: the example, or a slow stand-in (training.sleep per epoch).
 
-With training.misbehave, the enqueued lr 0.01 (never sampled exactly) with d_pos 2 raises, with 4 reports NaN.
+With training.misbehave, the enqueued lr 0.01 (never sampled exactly) with d_pos 2 raises, with 4 reports NaN;
+with training.broken, every trial raises.
 """
 
 import os
@@ -14,6 +15,8 @@ from ishigami_lstm import METRICS, prepare, update_config  # noqa: F401 (the too
 
 
 def train(config, trial):
+    if config["training"].get("broken"):  # every config fails the same way, as with a bug in the trainer
+        raise KeyError("no column 'target' in the data")
     d_pos = config["model"]["d_pos"]
     misbehave = config["training"].get("misbehave") and config["training"]["lr"] == 0.01
     if misbehave and d_pos == 2:

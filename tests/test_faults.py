@@ -167,6 +167,22 @@ def test_nan_and_exception_fail_their_trials_and_the_rest_finish(slurm, tmp_path
     assert len(load_study(path).trials) == len(study.trials)
 
 
+def test_an_array_stops_starting_trials_once_the_trainer_fails_every_one_the_same_way(slurm, tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 6, "training.broken": True})
+    wait_for_jobs(submit(path))
+    study = load_study(path)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert 3 <= len(failed) <= 4 and len(study.trials) == len(failed), "the tasks after the third failure train nothing"
+    logs = "".join(p.read_text() for p in (path.parent / "runs/tiny/slurm_logs").glob("*.out"))
+    assert "trials all failed in the trainer with (KeyError: \"no column 'target'" in logs, logs[-3000:]
+    assert "this task starts no new trial; fix it, then submit again" in logs
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    assert "array tasks start no new trial until a submit" in status and "fix the trainer, then submit again" in status
+    path.write_text(path.read_text().replace("broken: true", "broken: false"))  # the fix
+    wait_for_jobs(submit(path))
+    assert len(finished(load_study(path))) == 6, "fixed and submitted again, the study runs"
+
+
 def test_a_requeue_that_fails_is_a_warning_and_the_trial_goes_on(slurm, tmp_path, monkeypatch):
     path = plugin_experiment(tmp_path)
     config = load_config(path)
