@@ -116,11 +116,21 @@ def resume(study):
 
 
 def cancel(study):
-    """Stop now: marked first, so that workers fail their trials as "cancelled" after checkpointing."""
+    """Stop now: marked first, so that workers fail their trials as "cancelled" after checkpointing.
+
+    Queued tasks are cancelled. Running ones get SIGTERM in their batch shell, which forwards it to
+    the worker: the trainer ends at its next save_checkpoint(), however long the epoch. A plain
+    scancel would SIGKILL it KillWait seconds (often 30) after the SIGTERM, mid-epoch, unsaved. A
+    second cancel does that: for a worker that does not come to a stop.
+    """
+    again = mark(study) == CANCELLED
     study.set_user_attr("control", CANCELLED)
     arrays = queued_arrays(study)
-    if arrays:
-        run(["scancel", *sorted(arrays)])  # SIGTERM (the workers checkpoint), SIGKILL after KillWait
+    if arrays and again:
+        run(["scancel", *sorted(arrays)])  # SIGTERM, SIGKILL after KillWait
+    elif arrays:
+        run(["scancel", "--state=PENDING", *sorted(arrays)])
+        run(["scancel", "--state=RUNNING", "--batch", "--signal=TERM", *sorted(arrays)])
     # A submit job still queued (--as_job) would submit again, and a submit resumes the study.
     submitters = sorted({line.split("|")[0] for line in squeue(f"--name={submit_job_name(study.study_name)}", "--me")})
     if submitters:
@@ -128,7 +138,13 @@ def cancel(study):
     print(
         f"study {study.study_name}: cancelled ({describe(arrays)}"
         + (f"; submit job(s) {', '.join(submitters)} cancelled too" if submitters else "")
-        + "); running trials checkpoint and end as FAIL 'cancelled'; submit again to continue them"
+        + (
+            "); running tasks end now"
+            if again
+            else "); running trials checkpoint at their next save_checkpoint() and end as FAIL 'cancelled' "
+            "(--cancel again: end them at once)"
+        )
+        + "; submit again to continue them"
     )
     return 0
 

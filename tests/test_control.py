@@ -125,6 +125,22 @@ def test_cancel_then_submit_continues_the_cancelled_trials(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+def test_cancel_waits_for_the_checkpoint_of_an_epoch_longer_than_killwait(slurm, tmp_path):
+    """The local cluster's KillWait is 5 s: a plain scancel would SIGKILL this 8 s epoch unsaved."""
+    path = plugin_experiment(tmp_path, {"training.sleep": 8.0, "training.epochs": 3, "study.n_trials": 1})
+    jobs = submitted_jobs(control(path).stdout)
+    study = load_study(path)
+    wait_until(lambda: any("pid" in t.user_attrs for t in study.get_trials()), what="a trial that trains")
+    out = control(path, "--cancel")
+    assert "checkpoint at their next save_checkpoint()" in out.stdout and "--cancel again" in out.stdout
+    wait_for_jobs(jobs)
+    trial = load_study(path).trials[0]
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "cancelled", trial.user_attrs
+    assert (path.parent / "runs/tiny/trials/0/checkpoint.pt").exists(), "the epoch under way was saved"
+    assert "end them at once" not in control(path, "--cancel").stdout, "a second cancel ends tasks at once"
+
+
+@pytest.mark.slurm
 def test_submit_as_job_submits_the_array_and_the_finish_job_exports_the_best(slurm, tmp_path):
     path = plugin_experiment(tmp_path, {"study.n_trials": 2})
     before = job_ids()
