@@ -240,10 +240,45 @@ def check_inputs(args, config):
             "sbatch is not on PATH",
             "run on a SLURM login node, or use --local K or --no-submit_jobs",
         )
+    if args.submit_jobs and args.local is None:
+        check_request(config)
     if args.cluster:
         scratch_dir(config)
     url = storage_url(config)
     return url, open_storage(config, url, source) if url else None  # an unreachable server fails first
+
+
+# Which key a refusal of `sbatch --test-only` most likely names, by words of SLURM's message.
+REFUSED = [
+    ("partition", "slurm.partition"),
+    ("account", "slurm.account"),
+    ("qos", "slurm.qos"),
+    ("time limit", "slurm.walltime"),
+    ("feature", "slurm.constraint"),
+    ("gres", "slurm.gpus_per_task"),
+    ("memory", "slurm.mem_per_cpu"),
+    ("node configuration", "slurm.mem_per_cpu"),  # what slurmctld says of memory or CPUs no node has
+]
+
+
+def check_request(config):
+    """Ask SLURM whether it could run one task as configured (`sbatch --test-only`), before any study exists."""
+    flags = [line.removeprefix("#SBATCH ") for line in sbatch_directives(config["slurm"]).splitlines()]
+    try:
+        result = subprocess.run(
+            ["sbatch", "--test-only", *flags, "--wrap=true"], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        return  # a slow controller: the submit itself will say what it says
+    if result.returncode != 0:
+        problem = " ".join(result.stderr.split())[:300]
+        key = next((key for words, key in REFUSED if words in problem.lower()), "slurm")
+        raise ConfigError(
+            config.path,
+            key,
+            f"sbatch refuses the request ({problem})",
+            "ask for what the cluster has (sinfo -o '%P %l %m %c %G'), or --no-submit_jobs to write the array only",
+        )
 
 
 def take_stock(study, config, url):

@@ -68,6 +68,19 @@ def test_dry_run_submits_nothing(slurm, experiment):
     assert job_ids() <= before
 
 
+@pytest.mark.parametrize(
+    "changes,key",
+    [({"slurm.mem_per_cpu": "64G"}, "slurm.mem_per_cpu"), ({"slurm.partition": "nope"}, "slurm.partition")],
+)
+def test_a_request_the_cluster_cannot_meet_is_refused_before_a_study_exists(slurm, tmp_path, changes, key):
+    path = write_experiment(tmp_path / "exp", changes)
+    before = job_ids()
+    out = run_script("submit_study.py", "--config", path)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and "\n" not in err and f"{path}: {key}: sbatch refuses the request" in err, err
+    assert not (path.parent / "runs").exists() and job_ids() <= before
+
+
 def test_cancel_then_resubmit_tops_up_to_exactly_the_budget(slurm, tmp_path):
     path = write_experiment(tmp_path / "exp", {"study.n_trials": 6, "slurm.max_concurrent_jobs": 2})
     jobs, _ = submit(path)
