@@ -819,7 +819,11 @@ def eta_line(trials, budget, concurrency, mark, workers):
 def print_slurm_tasks(study, trials, tasks):
     """One line per array task and trial: SLURM's view (one squeue, at most one sacct) joined with the study."""
     job_ids = sorted(study_jobs(study))
-    states = {**sacct_states(job_ids), **{k: v[0] for k, v in (tasks or {}).items()}}
+    queued = {
+        k: "HELD" if state == "PENDING" and "held" in reason.lower() else state
+        for k, (state, _, reason) in (tasks or {}).items()
+    }
+    states = {**sacct_states(job_ids), **queued}
     by_task = {}
     for t in trials:
         if t.user_attrs.get("slurm_task", "").split("_")[0] in job_ids:

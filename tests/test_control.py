@@ -77,7 +77,10 @@ def test_pause_holds_the_queue_and_resume_finishes_the_budget(slurm, tmp_path):
     running_trial_with_checkpoint(path)
     control(path, "--pause")
     study = load_study(path)
-    assert "paused" in control(path, "--status").stdout
+    status = control(path, "--status").stdout
+    assert "paused" in status and any(
+        line.startswith(f"{jobs[0]}_") and " HELD " in line for line in status.splitlines()
+    )
     assert all("Held" in line for line in squeue(f"--jobs={jobs[0]}", "--states=PENDING", "--format=%r"))
     wait_until(lambda: not [t for t in study.get_trials() if t.state.name == "RUNNING"], what="the trial to end")
     time.sleep(5)
