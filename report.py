@@ -15,6 +15,7 @@ import importlib
 import re
 import socket
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -64,7 +65,9 @@ def write_report(study, config):
     print(f"report of study {study.study_name} ({len(study.trials)} trials): {folder}/")
     for name, plot in plots.items():
         try:
-            axes = plot(study)
+            with warnings.catch_warnings():  # matplotlib's notes on an axis of one value: the plot is still right
+                warnings.simplefilter("ignore", UserWarning)
+                axes = plot(study)
         except Exception as e:  # too few trials, no params yet: the other plots still come
             print(f"  {name}: skipped ({type(e).__name__}: {e})")
             continue
