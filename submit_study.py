@@ -559,10 +559,15 @@ def submit_arrays(study, config, commands):
     print(
         "watch it:\n"
         f"  squeue --me --array --jobs={','.join(j['job_id'] for j in jobs[-len(commands) :])}\n"
-        f"  python submit_study.py {which} --status\n"
+        f"  {this_script()} {which} --status\n"
         f"  tail -f {folder}/slurm_logs/optuna_{previous}_*.out"
     )
     return 0
+
+
+def this_script():
+    """This script as a command that runs from any folder, without an activated virtual environment."""
+    return quote_command([sys.executable, PROJECT / "submit_study.py"])
 
 
 # ---------------------------------------------------------------- jobs around the array
@@ -978,7 +983,7 @@ def storage_verdict(config, left, ok="storage OK"):
         print(ok)
         return 0
     which = quote_command(["--config", config.path, "--study_name", config["study"]["study_name"]])
-    print(f"{left} problem(s) left; fix: python submit_study.py {which} --check_storage --repair")
+    print(f"{left} problem(s) left; fix: {this_script()} {which} --check_storage --repair")
     return 1
 
 
