@@ -577,6 +577,15 @@ def _check_search_space(config, source):
         _check_range(spec, key, source, int if kind == "int" else float)
 
 
+def type_mismatches(config):
+    """Searched keys whose YAML value is an int (not 0) sampled as floats: a trainer using it as a count fails."""
+    return [
+        f"search_space.{name} samples floats, but the YAML's {name} is the int {value}; type: int if it counts"
+        for name, spec in sampled_space(config).items()
+        if spec.get("type") == "float" and type(value := get_dotted(config, name)) is int and value != 0
+    ]
+
+
 def _sections(config):
     ours = {"study", "slurm", "search_space"}
     return "sections: " + ", ".join(k for k in config if k not in ours)

@@ -70,6 +70,7 @@ from experiment import (
     run_dir,
     still_to_run,
     storage_url,
+    type_mismatches,
     yaml_from_args,
 )
 
@@ -322,6 +323,8 @@ def say_where_it_stands(study, config, url):
     streak = failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config))
     if streak:
         print(f"warning: {failures.describe(streak)}; trials start again, as if it is fixed", file=sys.stderr)
+    for mismatch in type_mismatches(config):
+        print(f"warning: {config.path}: {mismatch}", file=sys.stderr)
     if config["slurm"]["gpu_type"] and not config["slurm"]["gpus_per_task"]:
         print(f"note: slurm.gpu_type {config['slurm']['gpu_type']} is not asked for: slurm.gpus_per_task is 0")
     if config["study"]["sampler"].get("name") == "GridSampler":

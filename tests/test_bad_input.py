@@ -246,3 +246,11 @@ def test_a_missing_database_driver_names_its_pip_command(tmp_path, capsys, monke
     code = submit_study.main(["--config", str(path), "--no-submit_jobs"])
     err = assert_one_line_error(capsys, code, path, "study.storage")
     assert err.endswith("fix: pip install psycopg2-binary"), err
+
+
+def test_a_count_searched_as_floats_is_warned_at_submit(tmp_path, capsys):
+    path = write_experiment(tmp_path / "exp", {"search_space.model.d_pos": {"type": "float", "low": 2, "high": 12}})
+    assert submit_study.main(["--config", str(path), "--no-submit_jobs"]) == 0
+    err = capsys.readouterr().err
+    assert "search_space.model.d_pos samples floats, but the YAML's model.d_pos is the int 2; type: int" in err
+    assert "training.lr" not in err, "a float searched as floats is no mismatch"
