@@ -116,6 +116,10 @@ class StopSignal:
 
     def __init__(self):
         self.received = signal.Signals(EARLY_SIGNALS[-1]).name if EARLY_SIGNALS else None
+        if self.received:
+            log.warning(
+                "%s received while the worker started: checkpointing at the next save_checkpoint()", self.received
+            )
         self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
         self.requeued = False  # once this task asked SLURM to requeue it
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
