@@ -288,15 +288,15 @@ class YamlLoader(yaml.SafeLoader):
     A key written twice in one mapping is an error: PyYAML would keep the last one silently.
     """
 
-    def construct_mapping(self, node, deep=False):
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)  # as written: merge keys (<<) not yet expanded
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True) if key_node.tag != "tag:yaml.org,2002:merge" else None
-            if key is not None and isinstance(key, (str, int, float, bool)):
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} twice", key_node.start_mark)
-                seen.add(key)
-        return super().construct_mapping(node, deep)
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key.value!r} twice", key.start_mark)
+                seen.add((key.tag, key.value))
+        return node
 
 
 YamlLoader.yaml_implicit_resolvers = {
@@ -426,9 +426,10 @@ def _fill_option(config, option, overrides, source):
     """One option's value: the YAML's, else its default; the flag's where given; then checked."""
     values, key = config[option.section], f"{option.section}.{option.key}"
     if option.key not in values:
-        config.defaulted.add(option.key)
+        if overrides.get(option.key) is None:
+            config.defaulted.add(option.key)
         values[option.key] = copy.deepcopy(option.default)
-    elif values[option.key] is None and option.default is not None:
+    elif values[option.key] is None and not may_be_empty(option):
         raise ConfigError(
             source, key, "has no value", f"give it one ({option.help}) or delete the line for the default"
         )
@@ -442,6 +443,15 @@ def _fill_option(config, option, overrides, source):
         value = values[option.key] = value.split(",")  # --optimization_direction min...,max...
     if value is not None and option.check(value):
         _bad_option(option, value, f"--{option.key}" if overrides.get(option.key) is not None else source)
+
+
+def may_be_empty(option):
+    """Whether `key:` with no value means something: off, the default, or no #SBATCH line (the cluster's default).
+
+    Not the walltime: the walltime signal is timed from it.
+    """
+    cluster_default = option.sbatch and option.key != "walltime" or option.key == "gpus_per_task"
+    return option.default is None or option.default is False or cluster_default
 
 
 def _bad_option(option, value, source):
@@ -743,8 +753,17 @@ def load_function(config, key, source):
 def prepare_data(config, source="config"):
     """Let the trainer write its data once (optional `prepare(config)` in its module), then check it is there."""
     prepare = None if config["study"]["objective"] else getattr(trainer_module(config), "prepare", None)
-    if prepare:
-        prepare(dict(config))  # the user's settings only, as the trainer gets them
+    try:
+        if prepare:
+            prepare(dict(config))  # the user's settings only, as the trainer gets them
+    except Exception as e:
+        if isinstance(e, ConfigError) or full_filesystem(e):
+            raise
+        where = f"{config['study']['trainer'].partition(':')[0]}.prepare(config)"
+        fix = "fix it, or the config keys it reads"
+        if "trainer" in getattr(config, "defaulted", ()):
+            fix = "name your trainer as study.trainer: module:function (the YAML names none: the example's ran)"
+        raise ConfigError(source, "study.trainer", f"{where} failed ({type(e).__name__}: {e})", fix) from None
     data_dir = (config.get("data") or {}).get("dir")
     if isinstance(data_dir, str) and not Path(data_dir).is_dir():
         raise ConfigError(source, "data.dir", f"{data_dir} does not exist", "point data.dir at the experiment's data")

@@ -2,24 +2,28 @@
 
 A trainer that fails the same way for every config (a metric it does not return, a typo in its
 code, a param of the wrong type) would fail once in every task of an array, each task after
-loading its data, and on a GPU cluster each after waiting in the queue. Once the study's last
-STREAK finished trials all failed in the trainer with one reason, none COMPLETE or PRUNED after
-them, array tasks start no new trial. Fixing it resets the count: a submit, or an edit of the
-YAML or of the trainer's file, after those failures.
+loading its data, and on a GPU cluster each after waiting in the queue. Once STREAK trials have
+failed in the trainer since the user last acted (a submit, an edit of the YAML or of the
+trainer's file), none COMPLETE or PRUNED in that time and the last STREAK with one reason, array
+tasks start no new trial. Acting again lets them start.
 """
 
 import os
 import re
+import sys
 import time
+from pathlib import Path
 
 import optuna
 
 import study_control
+from experiment import code_key
 
 STREAK = 3
 # Failures that are not the trainer's: a dead worker, a repeat or surplus dropped, a stop on purpose.
 NOT_THE_TRAINERS = ("worker died", "surplus", "duplicate", "walltime reached", *study_control.STOPPED_REASONS)
 FAIL = optuna.trial.TrialState.FAIL
+RESET = "failures_reset_at"  # study user attr: a submit's time, which lets trials start again
 ENDED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, FAIL)
 
 
@@ -34,29 +38,29 @@ def shape(reason):
 
 
 def broken_streak(trials, since=0.0):
-    """The trainer's last failures if they stop new trials (STREAK or more in a row, one reason, after `since`)."""
-    finished = sorted(
+    """The trainer's failures that stop new trials, else [].
+
+    Since `since`: at least STREAK failures in the trainer, no trial COMPLETE or PRUNED (a trainer
+    that works for some configs is never stopped: a failure is then the config's), and the last
+    STREAK with one reason.
+    """
+    ended = sorted(
         (t for t in trials if t.state in ENDED and t.datetime_complete and t.datetime_complete.timestamp() > since),
         key=lambda t: t.datetime_complete,
     )
-    streak = []
-    for trial in reversed(finished):
-        if trial.state != FAIL:
-            break
-        if in_the_trainer(trial):  # a dead worker's or a cancelled trial neither ends the streak nor adds to it
-            streak.append(trial)
-    reasons = {shape(t.user_attrs["fail_reason"]) for t in streak}
-    return streak if len(streak) >= STREAK and len(reasons) == 1 else []
+    if any(t.state != FAIL for t in ended):
+        return []
+    failed = [t for t in ended if in_the_trainer(t)]  # a dead worker's or a cancelled trial is not the trainer's
+    one_reason = len({shape(t.user_attrs["fail_reason"]) for t in failed[-STREAK:]}) == 1
+    return failed if len(failed) >= STREAK and one_reason else []
 
 
-def fixed_since(study, config, code_file=None):
-    """When the user last acted on a failure: the last submit, or the last edit of the YAML or the trainer."""
-    times = [
-        time.mktime(time.strptime(j["submitted_at"], "%Y-%m-%dT%H:%M:%S"))
-        for j in study.user_attrs.get("array_jobs", [])
-        if j.get("submitted_at")
-    ]
-    for path in (config.path, code_file):
+def fixed_since(study, config):
+    """When the user last acted on failures: a submit, or an edit of the YAML or of the trainer's file."""
+    stamps = [j.get("submitted_at") for j in study.user_attrs.get("array_jobs", [])]
+    stamps.append(study.user_attrs.get(RESET))
+    times = [time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) for stamp in stamps if stamp]
+    for path in (config.path, code_file(config)):
         try:
             times.append(os.path.getmtime(path))
         except (OSError, TypeError):
@@ -64,6 +68,16 @@ def fixed_since(study, config, code_file=None):
     return max(times, default=0.0)
 
 
+def code_file(config):
+    """The file of the trainer's (or objective's) module, found as the worker finds it, without importing it."""
+    module = Path(*config["study"][code_key(config)].partition(":")[0].split("."))
+    for folder in (os.getcwd(), config.dir, *sys.path):
+        for candidate in (Path(folder) / module.with_suffix(".py"), Path(folder) / module / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def describe(streak):
-    first = streak[0].user_attrs["fail_reason"].splitlines()[0]
-    return f"the last {len(streak)} trials all failed in the trainer with ({first[:200]})"
+    last = streak[-1].user_attrs["fail_reason"].splitlines()[0][:200]
+    return f"the {len(streak)} trials since the last submit or edit all failed in the trainer, the last with ({last})"

@@ -251,9 +251,9 @@ def check_inputs(args, config):
 
 # Which key a refusal of `sbatch --test-only` most likely names, by words of SLURM's message.
 REFUSED = [
+    ("invalid account", "slurm.account"),  # "Invalid account or account/partition combination specified"
+    ("qos", "slurm.qos"),  # "Job violates accounting/QOS policy" too: a QOS limit
     ("partition", "slurm.partition"),
-    ("account", "slurm.account"),
-    ("qos", "slurm.qos"),
     ("time limit", "slurm.walltime"),
     ("feature", "slurm.constraint"),
     ("gres", "slurm.gpus_per_task"),
@@ -285,6 +285,9 @@ def check_request(config):
 def take_stock(study, config, url):
     """Say where the study stands, record the budget, and fail + retry trials whose workers died."""
     say_where_it_stands(study, config, url)
+    if failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config)):
+        print("note: the trainer failed every trial since the last submit; trials start again now", file=sys.stderr)
+    study.set_user_attr(failures.RESET, now())
     if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
         study.enqueue_trial(base_params(config, config.path), user_attrs={"baseline": True})
         print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
@@ -320,9 +323,6 @@ def say_where_it_stands(study, config, url):
     if not config["study"]["objective"] and not config.get("search_space"):
         once = "" if config["study"]["allow_repeats"] else ", trained once, the other trials answered from it"
         print(f"warning: {config.path}: search_space is empty: one config{once}", file=sys.stderr)
-    streak = failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config))
-    if streak:
-        print(f"warning: {failures.describe(streak)}; trials start again, as if it is fixed", file=sys.stderr)
     for mismatch in type_mismatches(config):
         print(f"warning: {config.path}: {mismatch}", file=sys.stderr)
     if config["slurm"]["gpu_type"] and not config["slurm"]["gpus_per_task"]:
@@ -684,7 +684,7 @@ def run_local(args, config, study, storage_file):
         export_best(study, config, "")
     for w, code in zip(workers, codes, strict=True):
         if code < 0:  # killed from outside: it could say nothing, and its trial was retried like a dead task's
-            name = signal.Signals(-code).name
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
             print(
                 f"warning: local worker {w.pid} was killed ({name}); its trial was failed and retried", file=sys.stderr
             )

@@ -64,7 +64,6 @@ from experiment import (
     CommandLine,
     ConfigError,
     add_experiment_flags,
-    code_key,
     describe_sampler,
     flag_overrides,
     full_filesystem,
@@ -675,9 +674,7 @@ def trainer_is_broken(study, config):
     """An array task starts no trial after a run of the trainer's failures with one reason (failures.py)."""
     if not liveness.slurm_task_key():
         return False  # a local worker stops after MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
-    code = sys.modules.get(config["study"][code_key(config)].partition(":")[0])
-    since = failures.fixed_since(study, config, getattr(code, "__file__", None))
-    streak = failures.broken_streak(study.get_trials(deepcopy=False), since)
+    streak = failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config))
     if streak:
         log.error(
             "%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak)

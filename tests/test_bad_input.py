@@ -10,6 +10,7 @@ from conftest import write_experiment
 
 import submit_study
 import worker
+from experiment import load_config, read_yaml
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 HAS_CMAES = importlib.util.find_spec("cmaes") is not None
@@ -22,6 +23,7 @@ BAD = [
     ({"study.n_trials": "ten"}, "study.n_trials"),
     ({"study.n_trials": None}, "study.n_trials"),  # 'n_trials:' with the value not yet typed
     ({"study.trainer": None}, "study.trainer"),
+    ({"data": None}, "study.trainer"),  # the trainer's prepare(config) fails on it
     ({"slurm.max_concurrent_jobs": 0}, "slurm.max_concurrent_jobs"),
     ({"study.optimization_direction": "minimise"}, "study.optimization_direction"),
     ({"study.optimization_metric": "val_accuracy"}, "study.optimization_metric"),
@@ -254,3 +256,11 @@ def test_a_count_searched_as_floats_is_warned_at_submit(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "search_space.model.d_pos samples floats, but the YAML's model.d_pos is the int 2; type: int" in err
     assert "training.lr" not in err, "a float searched as floats is no mismatch"
+
+
+def test_what_is_no_mistake_still_loads(tmp_path):
+    """Merge keys that override a key, and a resource left empty for the cluster's default."""
+    merged = "defaults: &adam {name: adam, lr: 0.001}\nopt: &opt\n  <<: *adam\n  lr: 0.0003\nfinetune:\n  <<: *opt\n"
+    assert read_yaml(merged)["finetune"] == {"name": "adam", "lr": 0.0003}
+    path = write_experiment(tmp_path / "exp", {"slurm.mem_per_cpu": None, "study.enqueue_base": None})
+    assert "--mem-per-cpu" not in submit_study.sbatch_directives(load_config(path)["slurm"])

@@ -174,7 +174,7 @@ def test_an_array_stops_starting_trials_once_the_trainer_fails_every_one_the_sam
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert 3 <= len(failed) <= 4 and len(study.trials) == len(failed), "the tasks after the third failure train nothing"
     logs = "".join(p.read_text() for p in (path.parent / "runs/tiny/slurm_logs").glob("*.out"))
-    assert "trials all failed in the trainer with (KeyError: \"no column 'target'" in logs, logs[-3000:]
+    assert "all failed in the trainer, the last with (KeyError: \"no column 'target'" in logs, logs[-3000:]
     assert "this task starts no new trial; fix it, then submit again" in logs
     status = run_script("submit_study.py", "--config", path, "--status").stdout
     assert "array tasks start no new trial until a submit" in status and "fix the trainer, then submit again" in status
