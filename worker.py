@@ -671,10 +671,17 @@ def say_budget_covered(study, config):
 
 
 def trainer_is_broken(study, config):
-    """An array task starts no trial after a run of the trainer's failures with one reason (failures.py)."""
+    """An array task starts no trial once the trainer failed every trial since the user acted (failures.py).
+
+    An array submitted after those failures tries first: a submit by hand (sbatch) records no time,
+    and the user may have fixed what the YAML and the trainer's file do not show (a package, data).
+    """
     if not liveness.slurm_task_key():
         return False  # a local worker stops after MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
     streak = failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config))
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if not any(t.user_attrs.get("slurm_array_job_id") == array for t in streak):
+        return False  # an array submitted after those failures (sbatch by hand too) tries once: it may be fixed
     if streak:
         log.error(
             "%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak)

@@ -178,6 +178,11 @@ def test_an_array_stops_starting_trials_once_the_trainer_fails_every_one_the_sam
     assert "this task starts no new trial; fix it, then submit again" in logs
     status = run_script("submit_study.py", "--config", path, "--status").stdout
     assert "array tasks start no new trial until a submit" in status and "fix the trainer, then submit again" in status
+    # An array submitted by hand after those failures tries one trial (the fix may be a package), then stops.
+    script = path.parent / "runs/tiny/array_job.sbatch"
+    by_hand = subprocess.run(["sbatch", "--parsable", "--array=0-2%1", str(script)], capture_output=True, text=True)
+    wait_for_jobs([by_hand.stdout.strip()])
+    assert len(load_study(path).trials) == len(failed) + 1, "one trial, then the other tasks stop"
     path.write_text(path.read_text().replace("broken: true", "broken: false"))  # the fix
     wait_for_jobs(submit(path))
     assert len(finished(load_study(path))) == 6, "fixed and submitted again, the study runs"
