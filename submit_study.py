@@ -821,6 +821,8 @@ def eta_line(trials, budget, concurrency, mark, workers):
     seconds = study_control.eta_seconds(trials, budget, concurrency)
     if seconds is None:
         return f"ETA: once a trial has finished ({concurrency} at once)"
+    if seconds < 1:  # what is left is running, past the mean time of a finished trial
+        return f"ETA: when the running trials end (past the mean time of a finished trial; {concurrency} at once)"
     return f"ETA: ~{duration(seconds)} ({concurrency} at once)"
 
 

@@ -1,15 +1,19 @@
 """Controlling a running study: Ctrl-C of a local run, and throttle, pause, cancel, submit-as-job on the cluster."""
 
+import datetime
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 from conftest import PROJECT, finished, load_study, plugin_experiment, run_script
 from slurm_helpers import job_ids, squeue, submitted_jobs, wait_for_jobs, wait_until
 from test_faults import assert_study_whole, running_trial_with_checkpoint
+
+import submit_study
 
 SLOW = {"training.sleep": 1.0, "training.epochs": 6}
 
@@ -169,3 +173,17 @@ def test_status_gives_no_eta_when_every_task_of_the_study_has_ended(slurm, tmp_p
     load_study(path).set_user_attr("array_jobs", [{"job_id": "999999", "tasks": 2}])  # long gone from the queue
     status = control(path, "--status").stdout
     assert "ETA: none, no worker is running or queued" in status and "2 trial(s) not covered" in status
+
+
+def test_the_eta_of_trials_running_past_the_mean_time_is_their_end_not_a_second():
+    start = datetime.datetime.now() - datetime.timedelta(minutes=5)
+    done = optuna.trial.create_trial(value=1.0, user_attrs={"train_seconds": 60.0})
+    running = [
+        optuna.trial.FrozenTrial(n, optuna.trial.TrialState.RUNNING, None, start, None, {}, {}, {}, {}, {}, n)
+        for n in (1, 2)
+    ]
+    line = submit_study.eta_line([done, *running], 3, 2, None, 2)
+    assert line.startswith("ETA: when the running trials end"), line
+    assert submit_study.eta_line([done, *running], 5, 2, None, 4).startswith("ETA: ~1m"), (
+        "two more trials of 60 s, 2 at once"
+    )
