@@ -106,17 +106,16 @@ def train(config, trial):
     models = [IshigamiLSTM(**dims).to(device) for _ in folds]
     optimizers = [torch.optim.Adam(m.parameters(), lr=train_cfg["lr"]) for m in models]
 
-    start = 0
+    start, metrics = 0, {}
     state = trial.load_checkpoint()
     if state:  # continue where the previous walltime (or worker) stopped
-        start = state["epoch"]
+        start, metrics = state["epoch"], state.get("metrics", {})  # the last epoch's, if it was the last
         for model, saved in zip(models, state["models"], strict=True):
             model.load_state_dict(saved)
         for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
 
-    metrics = {}
     for epoch in range(start, train_cfg["epochs"]):
         runs = zip(models, optimizers, folds, strict=True)
         fold_scores = [fit_one_epoch(model, opt, x, y, fold, train_cfg, device) for model, opt, fold in runs]
@@ -131,6 +130,7 @@ def train(config, trial):
                 "models": [m.state_dict() for m in models],
                 "optimizers": [o.state_dict() for o in optimizers],
                 "rng": torch.get_rng_state(),
+                "metrics": metrics,
             }
         )
     trial.save_weights({"models": [m.state_dict() for m in models], "dims": dims})  # one model per fold

@@ -6,20 +6,21 @@ and whether to stop. The same objective still runs unchanged under `study.optimi
     def objective(trial):
         lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
         checkpoint = trial_control.trial_dir(trial) / "checkpoint.pt"
-        state = torch.load(checkpoint) if checkpoint.exists() else {"epoch": 0}
+        state = torch.load(checkpoint) if checkpoint.exists() else {"epoch": 0, "val_loss": None}
         for epoch in range(state["epoch"], 100):
             ...                                        # train one epoch
             trial.report(val_loss, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()
+            state = {"epoch": epoch + 1, "val_loss": val_loss, ...}
             if trial_control.stop_requested():         # walltime or preemption: save, then stop
-                torch.save({"epoch": epoch + 1, ...}, checkpoint)
+                torch.save(state, checkpoint)
                 raise trial_control.Stop()
-        return val_loss
+        return state["val_loss"]                       # the last epoch's, after a stop in it too
 
 After a Stop, the array task is requeued and the same trial (same params, same folder) runs the
 objective again, which continues from its checkpoint; a retry of a dead trial gets a copy of the
-dead trial's `checkpoint.pt`. An objective that asks neither is interrupted at the signal and run
+dead trial's `checkpoint.pt` (name it so). An objective that asks neither is interrupted at the signal and run
 again from the start, with the same params, after the requeue.
 """
 

@@ -1,5 +1,6 @@
 """Weights and checkpoints on disk: the best model is exported, what nobody will read again is deleted."""
 
+import copy
 import types
 
 import optuna
@@ -9,6 +10,8 @@ import yaml
 from conftest import finished, load_study, run_script, write_experiment
 
 import checkpoints
+import experiment
+import ishigami_lstm
 import worker
 from experiment import load_config
 
@@ -131,3 +134,18 @@ def test_a_walltime_signal_before_the_first_save_still_gets_its_checkpoint(tmp_p
     never_saves.report(0.5, 0)
     with pytest.raises(worker.Interrupted):
         never_saves.report(0.4, 1)  # a trainer that does not checkpoint stops at its next report
+
+
+def test_a_stop_in_the_last_epoch_still_returns_its_metrics_after_the_requeue(tmp_path):
+    """The example trainer keeps its metrics in the checkpoint: the run after the requeue has no epoch left."""
+    path = write_experiment(tmp_path / "exp", {"training.epochs": 1})
+    config = load_config(path)
+    experiment.prepare_data(config)
+    resolved = ishigami_lstm.update_config(copy.deepcopy(dict(config)))
+    study = optuna.create_study()
+    trial = study.ask()
+    stopped = worker.TrialHandle(trial, tmp_path, types.SimpleNamespace(received="SIGUSR2"))
+    with pytest.raises(worker.Interrupted):
+        ishigami_lstm.train(resolved, stopped)  # its one epoch, saved, then the stop
+    again = worker.TrialHandle(trial, tmp_path, types.SimpleNamespace(received=None))
+    assert "val_mae_mean" in ishigami_lstm.train(resolved, again)

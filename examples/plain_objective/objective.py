@@ -51,12 +51,12 @@ def objective(trial):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     (x_train, y_train), (x_val, y_val) = make_data()
     checkpoint = trial_control.trial_dir(trial) / "checkpoint.pt"
-    start = 0
+    start, val_loss = 0, None
     if checkpoint.exists():  # a requeued or retried trial goes on where it stopped
         state = torch.load(checkpoint, map_location=DEVICE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
+        start, val_loss = state["epoch"], state["val_loss"]  # the loss too: the stop may have come in the last epoch
     for epoch in range(start, EPOCHS):
         model.train()
         for batch in torch.randperm(len(x_train), device=DEVICE).split(128):
@@ -72,7 +72,12 @@ def objective(trial):
         if trial.should_prune():
             raise optuna.TrialPruned()
         if trial_control.stop_requested():  # the walltime is near: save, and the trial goes on after the requeue
-            state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            state = {
+                "epoch": epoch + 1,
+                "val_loss": val_loss,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            }
             torch.save(state, checkpoint)
             raise trial_control.Stop()
     return val_loss
