@@ -320,6 +320,10 @@ def say_where_it_stands(study, config, url):
             "name yours as study.trainer: module:function",
             file=sys.stderr,
         )
+    unset = [f"study.{key}" for key in ("optimization_metric", "optimization_direction") if key in config.defaulted]
+    if unset and config["study"]["objective"] or "optimization_direction" in config.defaulted:
+        metric, direction = config["study"]["optimization_metric"], config["study"]["optimization_direction"]
+        print(f"note: {config.path}: no {' nor '.join(unset)}: the study will {direction} {metric}", file=sys.stderr)
     if not config["study"]["objective"] and not config.get("search_space"):
         once = "" if config["study"]["allow_repeats"] else ", trained once, the other trials answered from it"
         print(f"warning: {config.path}: search_space is empty: one config{once}", file=sys.stderr)

@@ -27,6 +27,8 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "note: study.objective objectives:quick runs; the YAML's trainer and search_space are not used" in out.stdout
     assert "no study.trainer" not in out.stderr, "a plain objective needs no trainer"
+    unset = "no study.optimization_metric nor study.optimization_direction: the study will minimize val_mae_mean"
+    assert unset in out.stderr, "the defaults are the example's: said, as they may not be the objective's"
     study = load_study(path)
     assert len(finished(study)) == 6
     assert set(study.best_trial.params) == {"x", "kind"} and study.best_trial.user_attrs["note"].startswith("kind")
