@@ -687,7 +687,20 @@ def trainer_module(config, key="trainer"):
             sys.path.insert(0, folder)
     if str(PROJECT) not in sys.path:
         sys.path.append(str(PROJECT))  # the example trainer
-    return importlib.import_module(name)
+    optimize = optuna.study.Study.optimize
+    optuna.study.Study.optimize = _optimize_on_import  # a script's own study.optimize, not under __main__
+    try:
+        return importlib.import_module(name)
+    finally:
+        optuna.study.Study.optimize = optimize
+
+
+class OptimizeOnImport(Exception):
+    """The user's module runs study.optimize() when imported: every array task would run a whole study."""
+
+
+def _optimize_on_import(*args, **kwargs):
+    raise OptimizeOnImport
 
 
 def load_trainer(config, source="config"):
@@ -720,6 +733,13 @@ def load_function(config, key, source):
         module = trainer_module(config, key)
     except ConfigError:
         raise
+    except OptimizeOnImport:
+        raise ConfigError(
+            source,
+            f"study.{key}",
+            f"importing {spec.partition(':')[0]!r} runs study.optimize()",
+            "put the module's own study under if __name__ == '__main__':",
+        ) from None
     except SyntaxError as e:
         where = f"{Path(e.filename or '?').name}, line {e.lineno}"
         raise ConfigError(

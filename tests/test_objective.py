@@ -53,7 +53,12 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
 def test_the_objective_flag_wins_over_the_yaml_and_bad_modules_fail_at_submit(tmp_path):
     path = objective_experiment(tmp_path, "quick")
     (path.parent / "liveness.py").write_text("def objective(trial):\n    return 0.0\n")
+    script = (
+        "import optuna\ndef objective(trial):\n    return 0.0\noptuna.create_study().optimize(objective, n_trials=2)\n"
+    )
+    (path.parent / "script.py").write_text(script)  # its own study, not under if __name__ == "__main__"
     for flag, words in [
+        ("script:objective", "importing 'script' runs study.optimize()"),
         ("nowhere:objective", "cannot import 'nowhere:objective'"),
         ("objectives:missing", "'objectives:missing' has no such function"),
         ("liveness:objective", "has the name of one of Parallel Optuna's own modules"),
