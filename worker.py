@@ -148,7 +148,10 @@ class ObjectiveTrial(optuna.trial.Trial):
 
     def set_user_attr(self, key, value):
         if key in TOOL_ATTRS:
-            raise ValueError(f"user attribute {key!r} is the tool's own (liveness and status use it); use another name")
+            raise ValueError(
+                f"user attribute {key!r} is the tool's own (liveness and status use it); use another name, "
+                f"not one of {', '.join(sorted(TOOL_ATTRS))}"
+            )
         super().set_user_attr(key, value)
 
 
@@ -459,6 +462,11 @@ def train_and_tell(study, trial, config, handle):
     study.tell(trial, values if len(values) > 1 else values[0])
     shown = ", ".join(f"{name} = {value:.6g}" for name, value in zip(names, values, strict=True))
     log.info("trial %d COMPLETE: %s", trial.number, shown)
+    exported = config.get("best_trial") or {}
+    if exported.get("value") is not None:  # a retrain of an export: beside what the trial measured then
+        then = exported["value"] if isinstance(exported["value"], list) else [exported["value"]]
+        measured = ", ".join(f"{name} = {value:.6g}" for name, value in zip(names, then, strict=False))
+        log.info("the exported trial %s of study %s measured %s", exported["number"], exported["study_name"], measured)
     return Outcome.COMPLETE
 
 
@@ -513,7 +521,10 @@ def add_train_seconds(trial, started):
 def requeue_or_fail(study, trial, config, signal_name, handle=None):
     """The trainer stopped at a safe point. Decide how the trial goes on after this process."""
     task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
-    saved = "checkpointed" if handle is None or handle.checkpoint.exists() else "stopped (no checkpoint: it restarts)"
+    if handle is None or config["study"]["objective"]:  # an objective's checkpoint may have any name
+        saved = "stopped" if handle else "checkpointed"
+    else:
+        saved = "checkpointed" if handle.checkpoint.exists() else "stopped (no checkpoint: it restarts)"
     settings = config["study"]
     if not task or study_control.mark(study) == study_control.CANCELLED:  # stopped by hand: a resubmit retries it
         trial.set_user_attr("fail_reason", study_control.stop_reason(study, signal_name))

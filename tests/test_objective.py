@@ -43,6 +43,7 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     assert "trainer" not in exported["study"] and "search_space" not in exported, "the objective chooses its params"
     retrained = run_script("worker.py", "--config", best)
     assert retrained.returncode == 0, retrained.stdout + retrained.stderr
+    assert f"the exported trial {study.best_trial.number} of study tiny measured val_mae_mean = " in retrained.stdout
     again = load_study(best, f"tiny_best{study.best_trial.number}")
     assert again.trials[0].params == study.best_trial.params and again.trials[0].value == study.best_value
     twice = run_script("worker.py", "--config", best)
