@@ -525,8 +525,9 @@ def _check_slurm(config, source):
         )
     slurm = config["slurm"]
     if walltime_seconds(slurm["walltime"]) <= slurm["signal_grace"]:
+        flags = [f"--{key}" for key in ("signal_grace", "walltime") if key in config.overrides]
         raise ConfigError(
-            source,
+            " and ".join(flags) or source,
             "slurm.signal_grace",
             f"{slurm['signal_grace']} s is not shorter than the walltime",
             "make signal_grace smaller than walltime",

@@ -113,12 +113,11 @@ TOOL_ATTRS = {
 class StopSignal:
     """Remembers SIGUSR2/SIGTERM/SIGINT so the trainer can finish its step and checkpoint first."""
 
-    def __init__(self):
+    def __init__(self, safe_point="save_checkpoint()"):
+        self.safe_point = safe_point  # where the trainer (or objective) checkpoints and stops
         self.received = signal.Signals(EARLY_SIGNALS[-1]).name if EARLY_SIGNALS else None
         if self.received:
-            log.warning(
-                "%s received while the worker started: checkpointing at the next save_checkpoint()", self.received
-            )
+            log.warning("%s received while the worker started: checkpointing at the next %s", self.received, safe_point)
         self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
         self.requeued = False  # once this task asked SLURM to requeue it
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
@@ -133,7 +132,7 @@ class StopSignal:
             self.interrupt_now = False
             announce("%s received: the objective is stopped and runs again after the requeue", self.received)
             raise Interrupted(self.received)
-        announce("%s received: checkpointing at the next save_checkpoint()", self.received)
+        announce("%s received: checkpointing at the next %s", self.received, self.safe_point)
 
 
 def announce(message, *args):
@@ -628,7 +627,7 @@ def load_user_code(config):
 
 def run_trials(study, trial, config, args, taken_over):
     """Claim, run and tell trials until the budget, --trials or a signal says stop; 1 if any failed."""
-    stop = StopSignal()
+    stop = StopSignal("trial_control.stop_requested()" if config["study"]["objective"] else "save_checkpoint()")
     failed = done = in_a_row = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.

@@ -209,6 +209,8 @@ def test_missing_file_and_bad_exp_id(tmp_path, capsys):
 def test_bad_flag_value_is_refused_like_bad_yaml(experiment, capsys):
     code = submit_study.main(["--config", str(experiment), "--walltime", "2 hours", "--no-submit_jobs"])
     assert_one_line_error(capsys, code, "--walltime", "slurm.walltime")  # the flag is named, not the YAML
+    code = submit_study.main(["--config", str(experiment), "--signal_grace", "900", "--no-submit_jobs"])
+    assert_one_line_error(capsys, code, "--signal_grace", "slurm.signal_grace")  # 900 s of a 10-minute walltime
 
 
 def test_worker_refuses_bad_config_with_status_2(tmp_path, capsys):
