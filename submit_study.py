@@ -791,10 +791,12 @@ def print_running(study, trials):
         age = duration(trial_seconds(t))
         step = study_control.last_step(a["log_path"]) if a.get("log_path") else None
         last = f"  step {step[0]} ({step[1]}) {duration(time.time() - step[2].timestamp())} ago" if step else ""
+        if not step and t.intermediate_values:  # a plain objective's trial.report: no log line, the storage has it
+            reported = max(t.intermediate_values)
+            last = f"  step {reported} ({t.intermediate_values[reported]:.6g})"
         print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {age}{where}{last}")
 
 
-# Fail reasons the tool gives trials that did not fail in the trainer: a lost worker, a stop, a repeat, the budget.
 def print_top_up(missing, failed, streak):
     """What to do when the budget is not covered by queued or running tasks."""
     if missing <= 0:

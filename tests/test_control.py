@@ -187,3 +187,11 @@ def test_the_eta_of_trials_running_past_the_mean_time_is_their_end_not_a_second(
     assert submit_study.eta_line([done, *running], 5, 2, None, 4).startswith("ETA: ~1m"), (
         "two more trials of 60 s, 2 at once"
     )
+
+
+def test_status_shows_a_plain_objectives_last_reported_step(capsys):
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.report(0.25, 3)  # an objective's report writes no worker.log line
+    submit_study.print_running(study, study.get_trials())
+    assert "step 3 (0.25)" in capsys.readouterr().out
