@@ -848,15 +848,17 @@ def print_slurm_tasks(study, trials, tasks):
     # A large array: the tasks that ended with their trial finished are the many and the dull; the last few show.
     dull = [i for i, (key, t) in enumerate(rows) if t and t.state in FINISHED and states.get(key, "ended") != "RUNNING"]
     hidden = set(dull[:-MAX_TASK_LINES]) if len(rows) > 2 * MAX_TASK_LINES else set()
-    print(f"{'array task':<14}{'slurm':<12}{'trial':>6}  {'state':<9}{'value':>12}  {'elapsed':>9}  log")
+    shown = [(key, t) for i, (key, t) in enumerate(rows) if i not in hidden]
+    values = [", ".join(f"{v:.6g}" for v in t.values) if t and t.values else "-" for _, t in shown]  # several too
+    width = max([12, *map(len, values)])
+    print(f"{'array task':<14}{'slurm':<12}{'trial':>6}  {'state':<9}{'value':>{width}}  {'elapsed':>9}  log")
     if hidden:
         print(f"  ({len(hidden)} earlier array tasks ended with their trial finished: not listed)")
-    for key, t in (row for i, row in enumerate(rows) if i not in hidden):
-        value = ", ".join(f"{v:.6g}" for v in t.values) if t and t.values else "-"  # several objectives too
+    for (key, t), value in zip(shown, values, strict=True):
         elapsed = duration(trial_seconds(t)) if t else "-"
         print(
             f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
-            f"{value:>12}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
+            f"{value:>{width}}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
         )
 
 
