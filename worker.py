@@ -124,7 +124,10 @@ class StopSignal:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
+        again = self.received == signal.Signals(signum).name  # SLURM signals the batch shell, which forwards it
         self.received = signal.Signals(signum).name
+        if again:
+            return
         if self.requeued:  # SLURM ends the task it was asked to requeue: the checkpoint is already on disk
             announce("%s received: the requeue ends this task", self.received)
             return
