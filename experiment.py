@@ -813,6 +813,12 @@ def describe_sampler(config):
     return samplers.describe(study["sampler"], sampled_space(config), study["n_trials"], bool(study["objective"]))
 
 
+def values_text(config, values):
+    """'val_loss = 0.123, val_acc = 0.9': a trial's values named by the study's metrics."""
+    values = values if isinstance(values, (list, tuple)) else [values]
+    return ", ".join(f"{name} = {value:.6g}" for name, value in zip(metric_names(config), values, strict=False))
+
+
 def sampled_space(config):
     """The YAML's search space, which a plain objective replaces with its own suggestions."""
     return {} if config["study"]["objective"] else config.get("search_space") or {}

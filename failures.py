@@ -55,6 +55,12 @@ def broken_streak(trials, since=0.0):
     return failed if len(failed) >= STREAK and one_reason else []
 
 
+def stopping(study, config, trials=None):
+    """broken_streak() of the study since the user last acted: what keeps array tasks from starting trials."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    return broken_streak(trials, fixed_since(study, config))
+
+
 def fixed_since(study, config):
     """When the user last acted on failures: a submit, or an edit of the YAML or of the trainer's file."""
     stamps = [j.get("submitted_at") for j in study.user_attrs.get("array_jobs", [])]

@@ -58,7 +58,6 @@ from experiment import (
     load_trainer,
     make_run_dir,
     mask_password,
-    metric_names,
     open_storage,
     open_study,
     prepare_data,
@@ -71,6 +70,7 @@ from experiment import (
     still_to_run,
     storage_url,
     type_mismatches,
+    values_text,
     yaml_from_args,
 )
 
@@ -285,7 +285,7 @@ def check_request(config):
 def take_stock(study, config, url):
     """Say where the study stands, record the budget, and fail + retry trials whose workers died."""
     say_where_it_stands(study, config, url)
-    if failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config)):
+    if failures.stopping(study, config):
         print("note: the trainer failed every trial since the last submit; trials start again now", file=sys.stderr)
     study.set_user_attr(failures.RESET, now())
     if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
@@ -758,7 +758,7 @@ def show_status(study, config):
         print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
     if jobs:
         print_slurm_tasks(study, trials, tasks)
-    streak = failures.broken_streak(trials, failures.fixed_since(study, config))
+    streak = failures.stopping(study, config, trials)
     if streak:
         print(
             f"{failures.describe(streak)}: array tasks start no new trial until a submit or an edit of the YAML "
@@ -772,12 +772,12 @@ def show_status(study, config):
 def print_best(study, config, counts):
     best = best_trial(study)
     if best:
-        print(f"best: trial {best.number}  {values_text(config, best)}  params {best.params}")
+        print(f"best: trial {best.number}  {values_text(config, best.values)}  params {best.params}")
     elif len(study.directions) > 1 and counts["COMPLETE"]:
         front = study.best_trials
         print(f"Pareto front: {len(front)} trial(s)")
         for t in front[:10]:
-            print(f"  trial {t.number}  {values_text(config, t)}  params {t.params}")
+            print(f"  trial {t.number}  {values_text(config, t.values)}  params {t.params}")
 
 
 def print_running(study, trials):
@@ -1038,7 +1038,7 @@ def export_best(study, config, path, number=None):
         f"# derived dimensions). Retrain: {retrain.format(target=target)}\n"
     )
     write_export(target, header + yaml.safe_dump(exported, sort_keys=False))
-    shown = ", ".join(f"{t.number} ({values_text(config, t)})" for t in members[:5])
+    shown = ", ".join(f"{t.number} ({values_text(config, t.values)})" for t in members[:5])
     what = "best trial" if number is None else "trial"
     print(f"{what if len(members) == 1 else f'{len(members)} Pareto-optimal trials'} {shown} -> {target}")
     checkpoints.clean(study, config)
@@ -1074,11 +1074,6 @@ def retrainable(study, config, trial, weights_target):
         "exported_at": now(),
     }
     return {"best_trial": copy.deepcopy(results), **resolved}  # copies: the front's members share no YAML anchors
-
-
-def values_text(config, trial):
-    names = metric_names(config)
-    return ", ".join(f"{n} = {v:.6g}" for n, v in zip(names, trial.values, strict=False))
 
 
 def export_target(config, path, number, study_name):

@@ -81,6 +81,7 @@ from experiment import (
     sample_params,
     still_to_run,
     storage_url,
+    values_text,
     yaml_from_args,
 )
 
@@ -462,13 +463,11 @@ def train_and_tell(study, trial, config, handle):
     trial.set_user_attr("metrics", metrics)
     trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
     study.tell(trial, values if len(values) > 1 else values[0])
-    shown = ", ".join(f"{name} = {value:.6g}" for name, value in zip(names, values, strict=True))
-    log.info("trial %d COMPLETE: %s", trial.number, shown)
+    log.info("trial %d COMPLETE: %s", trial.number, values_text(config, values))
     exported = config.get("best_trial") or {}
     if exported.get("value") is not None:  # a retrain of an export: beside what the trial measured then
-        then = exported["value"] if isinstance(exported["value"], list) else [exported["value"]]
-        measured = ", ".join(f"{name} = {value:.6g}" for name, value in zip(names, then, strict=False))
-        log.info("the exported trial %s of study %s measured %s", exported["number"], exported["study_name"], measured)
+        then = values_text(config, exported["value"])
+        log.info("the exported trial %s of study %s measured %s", exported["number"], exported["study_name"], then)
     return Outcome.COMPLETE
 
 
@@ -523,10 +522,11 @@ def add_train_seconds(trial, started):
 def requeue_or_fail(study, trial, config, signal_name, handle=None):
     """The trainer stopped at a safe point. Decide how the trial goes on after this process."""
     task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
-    if handle is None or config["study"]["objective"]:  # an objective's checkpoint may have any name
-        saved = "stopped" if handle else "checkpointed"
-    else:
-        saved = "checkpointed" if handle.checkpoint.exists() else "stopped (no checkpoint: it restarts)"
+    saved = "checkpointed"
+    if handle and config["study"]["objective"]:
+        saved = "stopped"  # an objective's checkpoint may have any name
+    elif handle and not handle.checkpoint.exists():
+        saved = "stopped (no checkpoint: it restarts)"
     settings = config["study"]
     if not task or study_control.mark(study) == study_control.CANCELLED:  # stopped by hand: a resubmit retries it
         trial.set_user_attr("fail_reason", study_control.stop_reason(study, signal_name))
@@ -679,7 +679,7 @@ def say_budget_covered(study, config):
             "this export was retrained already: study %s, trial %d, %s; to retrain it again: --study_name <new name>",
             study.study_name,
             retrained[-1].number,
-            ", ".join(f"{k} = {v:.6g}" for k, v in zip(metric_names(config), retrained[-1].values, strict=False)),
+            values_text(config, retrained[-1].values),
         )
 
 
@@ -691,15 +691,12 @@ def trainer_is_broken(study, config):
     """
     if not liveness.slurm_task_key():
         return False  # a local worker stops after MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
-    streak = failures.broken_streak(study.get_trials(deepcopy=False), failures.fixed_since(study, config))
+    streak = failures.stopping(study, config)
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     if not any(t.user_attrs.get("slurm_array_job_id") == array for t in streak):
         return False  # an array submitted after those failures (sbatch by hand too) tries once: it may be fixed
-    if streak:
-        log.error(
-            "%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak)
-        )
-    return bool(streak)
+    log.error("%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak))
+    return True
 
 
 def enqueue_exported_params(study, config):
