@@ -28,7 +28,8 @@ import subprocess
 
 import optuna
 
-from experiment import run_dir, still_to_run
+import retries
+from experiment import run_dir, still_to_run, study_budget
 
 CHECKPOINT, WEIGHTS = "checkpoint.pt", "weights.pt"
 RECENT = 200  # a worker's clean looks at the newest trials, far more than run at once
@@ -48,17 +49,19 @@ def best_numbers(study, trials, keep):
     return {t.number for t in complete[:keep]}
 
 
-def retries(trials, config):
-    """(FAIL trials that have a retry, those whose checkpoint a retry still has to copy)."""
+def retry_sources(trials, config):
+    """(FAIL trials that have a retry, those whose checkpoint a retry may still copy).
+
+    A whole chain counts: a retry that died before its copy landed leaves its own retry to copy from an
+    older trial of the chain (worker.adopt_origin_checkpoint looks back along it).
+    """
     retried, pending = set(), set()
     for t in trials:
-        origin = t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))  # ours, or Optuna's heartbeat
-        if origin is None:
-            continue
-        retried.add(origin)
+        chain = retries.history(t) or ([t.user_attrs["retry_of"]] if "retry_of" in t.user_attrs else [])
+        retried.update(chain)
         copied = (trial_folder(config, t.number) / CHECKPOINT).exists()
         if t.state == State.WAITING or (t.state == State.RUNNING and not copied):
-            pending.add(origin)
+            pending.update(chain)
     return retried, pending
 
 
@@ -89,8 +92,8 @@ def recent(study, trials, keep):
 def removable(study, config, trials, candidates=None):
     """{trial number: file names} of finished trials (of `candidates`, else all) that no retry,
     resume or export will read."""
-    best, (retried, pending) = best_numbers(study, trials, config["study"]["keep_best"]), retries(trials, config)
-    done = study_finished(trials, config["study"]["n_trials"])
+    best, (retried, pending) = best_numbers(study, trials, config["study"]["keep_best"]), retry_sources(trials, config)
+    done = study_finished(trials, study_budget(study, config))
     names = {}
     for t in trials if candidates is None else candidates:
         if t.state in (State.RUNNING, State.WAITING):

@@ -1012,13 +1012,23 @@ def hostname():
     return socket.gethostname()
 
 
-def remembered_budget(study, config):
-    """The study's budget, remembered like the throttle: --n_trials, else the YAML's n_trials if it was
-    edited since the last submission, else the last submission's (a budget raised by the flag stays)."""
-    in_yaml = config.in_yaml.get("n_trials", config["study"]["n_trials"])
+def yaml_budget(config):
+    """The YAML's own n_trials, whatever --n_trials says."""
+    return config.in_yaml.get("n_trials", config["study"]["n_trials"])
+
+
+def study_budget(study, config):
+    """The study's budget: the one number every "enough trials?" asks (claims, retries, cleaning, status, submit).
+
+    --n_trials when given; else the YAML's n_trials if it was edited since the last submission; else the
+    last submission's, which the study remembers (a budget raised by the flag stays). A study never
+    submitted has the YAML's.
+    """
     last, last_in_yaml = study.user_attrs.get("n_trials"), study.user_attrs.get("n_trials_in_yaml")
-    if "n_trials" in config.overrides or last_in_yaml is None or in_yaml != last_in_yaml:
-        return config["study"]["n_trials"]  # (no last_in_yaml: a new study, or one submitted before it was kept)
+    if "n_trials" in config.overrides or last is None:
+        return config["study"]["n_trials"]
+    if last_in_yaml is not None and yaml_budget(config) != last_in_yaml:
+        return yaml_budget(config)
     return last
 
 

@@ -4,8 +4,8 @@ SLURM is the source of truth for liveness: a trial records its array task (`<arr
 and one `squeue` call lists every task that still exists. A trial whose task is gone is dead.
 Local trials (no SLURM) record host, pid and the pid's start time instead.
 
-A dead trial is marked FAIL with the reason and retried with the same params
-(`enqueue_trial`), the retry linked to it by the user attribute `retry_of`.
+A dead trial is marked FAIL with the reason and retried with the same params, the retry linked
+to it as Optuna links its own (retries.py).
 Whoever manages to fail the trial enqueues the retry; on the journal storage exactly one of two
 racing processes can, so a dead trial is retried once. Optuna's SQLite storage lets both succeed,
 which is why worker.py also drops a second retry of the same trial when it is asked.
@@ -20,7 +20,8 @@ import time
 import optuna
 
 import optuna_internals
-from experiment import hostname, still_to_run
+import retries
+from experiment import hostname, still_to_run, study_budget
 
 log = logging.getLogger("liveness")
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -48,14 +49,32 @@ def running_jobs(trials):
     }
 
 
+class Tasks(dict):
+    """{task key: (state, elapsed, reason)} from one squeue call, and the jobs that call asked about.
+
+    Only a task of a job that was asked about can be judged gone: a trial claimed meanwhile by a task
+    of another job (an array submitted by hand, or by a concurrent submit) is alive as far as we know.
+    """
+
+    def __init__(self, asked, tasks=()):
+        super().__init__(tasks)
+        self.asked = frozenset(asked)
+
+    def gone(self, task):
+        """Whether the array task `<job>_<task>` has certainly left SLURM (False when its job was not asked about)."""
+        if task.split("_")[0] not in self.asked:
+            return False
+        return task not in self or self[task][0] in GONE
+
+
 def squeue_tasks(job_ids):
-    """{task key: (state, elapsed, reason)} for the tasks of these jobs, from one squeue call.
+    """The Tasks of these jobs, from one squeue call.
 
     Asked by job id, not by user, so a teammate's status sees your tasks too.
     None when SLURM cannot be asked: then nobody is declared dead.
     """
     if not job_ids:
-        return {}
+        return Tasks(())
     if not shutil.which("squeue"):
         return None
     command = ["squeue", "--noheader", "--array", f"--jobs={','.join(sorted(job_ids))}", "--format=%i|%T|%M|%r"]
@@ -65,10 +84,10 @@ def squeue_tasks(job_ids):
         return None
     if out.returncode != 0:
         if "Invalid job id" in out.stderr:
-            return {}  # every one of them has left the queue
+            return Tasks(job_ids)  # every one of them has left the queue
         log.warning("squeue failed, liveness unknown: %s", out.stderr.strip())
         return None
-    tasks = {}
+    tasks = Tasks(job_ids)
     for line in out.stdout.splitlines():
         key, state, elapsed, reason = (line.split("|") + ["", "", ""])[:4]
         tasks[key.strip()] = (state, elapsed, reason)
@@ -94,9 +113,7 @@ def is_dead(trial, tasks, now=None):
     attrs = trial.user_attrs
     task = attrs.get("slurm_task")
     if task:
-        if tasks is None:
-            return False
-        return task not in tasks or tasks[task][0] in GONE
+        return tasks is not None and tasks.gone(task)
     if attrs.get("host") is None:  # the worker records host last: until then the trial has no owner
         started = trial.datetime_start.timestamp() if trial.datetime_start else (now or time.time())
         return (now or time.time()) - started > UNOWNED_GRACE_S
@@ -120,10 +137,7 @@ def fail_and_retry(study, trial, reason, max_retries, n_trials):
     trials = study.get_trials(deepcopy=False)
     if still_to_run(trials, n_trials) <= sum(t.state == WAITING for t in trials):
         return True  # finished, running and already waiting trials cover the budget
-    retry = {"retry_of": trial.number, "retry_attempt": attempt + 1}
-    if trial.user_attrs.get("config_version"):
-        retry["config_version"] = trial.user_attrs["config_version"]  # its checkpoint's shapes depend on it
-    study.enqueue_trial(trial.params, user_attrs=retry)
+    retries.enqueue(study, trial, attempt + 1)
     log.warning("trial %d re-enqueued as a retry (attempt %d of %d)", trial.number, attempt + 1, max_retries)
     return True
 
@@ -139,7 +153,7 @@ def reconcile(study, config, tasks="ask"):
         if is_dead(trial, tasks):
             where = trial.user_attrs.get("slurm_task") or f"pid {trial.user_attrs.get('pid')}"
             reason = f"worker died: {where} on {trial.user_attrs.get('host', '?')} is gone"
-            if fail_and_retry(study, trial, reason, settings["max_retries"], settings["n_trials"]):
+            if fail_and_retry(study, trial, reason, settings["max_retries"], study_budget(study, config)):
                 failed.append(trial.number)
     return failed
 
@@ -159,6 +173,6 @@ def fail_stale(study, config):
     for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
         if trial.number in stale:
             reason = f"worker died: no heartbeat for over {settings['grace_period']} s (study.grace_period)"
-            if fail_and_retry(study, trial, reason, settings["max_retries"], settings["n_trials"]):
+            if fail_and_retry(study, trial, reason, settings["max_retries"], study_budget(study, config)):
                 failed.append(trial.number)
     return failed

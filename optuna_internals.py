@@ -32,6 +32,11 @@ def system_attrs(study, trial):
     return study._storage.get_trial_system_attrs(trial._trial_id)
 
 
+def frozen(study, trial):
+    """The stored FrozenTrial of a live Trial (Optuna 5's Trial has no system_attrs of its own)."""
+    return study._storage.get_trial(trial._trial_id)
+
+
 def heartbeat_interval(study):
     """The storage's heartbeat interval in seconds; None when it has no heartbeat (journal, in-memory)."""
     return getattr(study._storage, "get_heartbeat_interval", lambda: None)()

@@ -27,6 +27,7 @@ from pathlib import Path
 import optuna
 
 import liveness
+import retries
 from experiment import FINISHED, ConfigError, still_to_run
 
 log = logging.getLogger("control")
@@ -199,7 +200,7 @@ def resume_stopped(study, n_trials):
     if mark(study) == CANCELLED:
         study.set_user_attr("control", None)
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = {retries.replaced(t) for t in trials}
     stopped = [
         t
         for t in trials
@@ -210,10 +211,7 @@ def resume_stopped(study, n_trials):
     waiting = sum(t.state == WAITING for t in trials)
     chosen = stopped[: max(0, still_to_run(trials, n_trials) - waiting)]
     for trial in chosen:
-        attrs = {"retry_of": trial.number, "retry_attempt": trial.user_attrs.get("retry_attempt", 0)}
-        if trial.user_attrs.get("config_version"):
-            attrs["config_version"] = trial.user_attrs["config_version"]
-        study.enqueue_trial(trial.params, user_attrs=attrs)
+        retries.enqueue(study, trial, trial.user_attrs.get("retry_attempt", 0))
     return [t.number for t in chosen]
 
 

@@ -64,13 +64,14 @@ from experiment import (
     quote_command,
     read_text,
     read_yaml,
-    remembered_budget,
     resolve_config,
     run_dir,
     still_to_run,
     storage_url,
+    study_budget,
     type_mismatches,
     values_text,
+    yaml_budget,
     yaml_from_args,
 )
 
@@ -291,8 +292,9 @@ def take_stock(study, config, url):
     if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
         study.enqueue_trial(base_params(config, config.path), user_attrs={"baseline": True})
         print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
-    study.set_user_attr("n_trials", config["study"]["n_trials"])  # the budget status and later submits use
-    study.set_user_attr("n_trials_in_yaml", config.in_yaml.get("n_trials", config["study"]["n_trials"]))
+    budget = study_budget(study, config)
+    study.set_user_attr("n_trials", budget)  # what study_budget remembers for workers, status and later submits
+    study.set_user_attr("n_trials_in_yaml", yaml_budget(config))
     study.set_user_attr("optimization_metric", config["study"]["optimization_metric"])
     failed = liveness.reconcile(study, config)
     if failed:
@@ -343,16 +345,12 @@ def exists(config, storage):
 
 
 def use_budget(study, config):
-    """The budget in force (experiment.remembered_budget), said when it is not the YAML's. Workers find it
-    on the study themselves (take_stock records it), so it is never written into an array."""
-    before, budget = study.user_attrs.get("n_trials"), remembered_budget(study, config)
-    in_yaml = config.in_yaml.get("n_trials", config["study"]["n_trials"])
+    """Say the budget in force (experiment.study_budget) when it is not the YAML's; take_stock records it."""
+    before, budget, in_yaml = study.user_attrs.get("n_trials"), study_budget(study, config), yaml_budget(config)
     if budget == before and budget != in_yaml and "n_trials" not in config.overrides:
         print(f"budget: {budget} finished trials, the last --n_trials (the YAML says {in_yaml})")
     if before is not None and before != budget:
         print(f"budget: {before} -> {budget} finished trials")
-    if budget != in_yaml:  # workers find it as this did: a later edit of the YAML still reaches them
-        config["study"]["n_trials"], config.in_yaml["n_trials"] = budget, in_yaml
 
 
 def use_throttle(study, config):
@@ -367,7 +365,7 @@ def take_controls(study, config):
     if "max_concurrent_jobs" in config.overrides:
         study.set_user_attr("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
     use_throttle(study, config)
-    retried = study_control.resume_stopped(study, config["study"]["n_trials"])
+    retried = study_control.resume_stopped(study, study_budget(study, config))
     if retried:
         print(f"trials {retried} were stopped by hand: they continue from their checkpoints as linked retries")
 
@@ -380,7 +378,7 @@ def submit_array(args, config, study, data_dir, storage_file):
     script = write_array_file(config, max(missing, 1), data_dir, storage_file)
     if missing <= 0:
         print(
-            f"budget met: {config['study']['n_trials']} trials finished, running or queued ({queued} tasks "
+            f"budget met: {study_budget(study, config)} trials finished, running or queued ({queued} tasks "
             f"waiting); nothing to submit (raise --n_trials to extend the study)"
         )
         return 0
@@ -406,7 +404,7 @@ def submit_array(args, config, study, data_dir, storage_file):
 
 
 def remaining(study, config):
-    return still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"])
+    return still_to_run(study.get_trials(deepcopy=False), study_budget(study, config))
 
 
 def study_jobs(study):
@@ -460,7 +458,7 @@ def sbatch_directives(slurm):
 
 
 # By reference (a password), named above, or found on the study: a budget pinned on a queued array
-# would outlive a later --n_trials or edit of the YAML (experiment.remembered_budget).
+# would outlive a later --n_trials or edit of the YAML (experiment.study_budget).
 FROM_ELSEWHERE = ("storage", "study_name", "runs_dir", "n_trials")
 
 
@@ -694,7 +692,7 @@ def run_local(args, config, study, storage_file):
             )
     if any(c > 1 for c in codes):
         return 1  # a worker ended on an error it has named itself (a bad config, a full disk)
-    short = still_to_run(trials, config["study"]["n_trials"])
+    short = still_to_run(trials, study_budget(study, config))
     if short and not study_control.mark(study):  # the workers gave up: their trials kept failing
         print(
             f"error: {short} trial(s) of the budget did not finish; "
@@ -729,16 +727,12 @@ def open_existing_study(config):
 
 
 def show_status(study, config):
-    if "n_trials_in_yaml" in study.user_attrs or "n_trials" in config.overrides:
-        config["study"]["n_trials"] = remembered_budget(study, config)
-    else:  # a study submitted before the YAML's budget was kept with it: the last submission's
-        config["study"]["n_trials"] = study.user_attrs.get("n_trials", config["study"]["n_trials"])
     jobs = study_jobs(study)
     tasks = liveness.squeue_tasks(jobs)
     liveness.reconcile(study, config, tasks)
     trials = study.get_trials(deepcopy=False)
     counts = count_states(trials)
-    budget = config["study"]["n_trials"]
+    budget = study_budget(study, config)
     finished = counts["COMPLETE"] + counts["PRUNED"]
     print(f"study {study.study_name}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")

@@ -57,6 +57,7 @@ import failures
 import liveness
 import optuna_internals
 import repeats
+import retries
 import samplers
 import study_control
 import trial_control
@@ -75,12 +76,12 @@ from experiment import (
     open_storage,
     open_study,
     prepare_data,
-    remembered_budget,
     resolve_config,
     run_dir,
     sample_params,
     still_to_run,
     storage_url,
+    study_budget,
     values_text,
     yaml_from_args,
 )
@@ -157,6 +158,19 @@ class ObjectiveTrial(optuna.trial.Trial):
             )
         super().set_user_attr(key, value)
 
+    failed_elsewhere = False  # a status judged its worker dead: reports are not stored, the result is
+
+    def report(self, value, step):
+        try:
+            super().report(value, step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            if not self.failed_elsewhere:
+                log.warning("trial %d was failed by another process: training goes on, its result is kept", self.number)
+            self.failed_elsewhere = True
+
+    def should_prune(self):
+        return not self.failed_elsewhere and super().should_prune()
+
 
 PROGRESS = "progress.jsonl"  # the curve of a trial with several objectives, one {"step", "value"} a line
 
@@ -169,6 +183,7 @@ class TrialHandle:
         self.checkpoint = folder / checkpoints.CHECKPOINT
         self.saves = 0
         self.reports_since_stop = 0
+        self.failed_elsewhere = False  # a status judged this worker dead: reports are not stored, the result is
 
     @property
     def number(self):
@@ -177,14 +192,17 @@ class TrialHandle:
     def report(self, value, step):
         if not math.isfinite(value):
             raise ValueError(f"metric is {value} at step {step}")
-        single = len(self.trial.study.directions) == 1
-        if single:
-            self.trial.report(value, step)
-        else:  # Optuna keeps no curve for several objectives, nor prunes them: the trial's folder keeps it
+        if len(self.trial.study.directions) > 1:  # Optuna keeps no curve for several objectives, nor prunes them
             with open(self.folder / PROGRESS, "a") as f:
                 f.write(json.dumps({"step": step, "value": value}) + "\n")
+        elif not self.failed_elsewhere:
+            try:
+                self.trial.report(value, step)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                log.warning("trial %d was failed by another process: training goes on, its result is kept", self.number)
+                self.failed_elsewhere = True
         log.info("trial %d step %d: %.6g", self.trial.number, step, value)
-        if single and self.trial.should_prune():
+        if len(self.trial.study.directions) == 1 and not self.failed_elsewhere and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}")
         if self.stop.received:
             self.reports_since_stop += 1
@@ -251,7 +269,11 @@ def read_config(args):
 
 
 def pinned_config(trial, config, args):
-    """A trial that resumes, or continues as a retry, keeps the config version it started with."""
+    """A trial that resumes, or continues as a retry, trains with the config version it started with.
+
+    Its study section is today's, the trainer aside: the budget, retries and requeues are the study's,
+    not the trial's, and study_budget must answer the same for every trial of the study.
+    """
     version = trial.user_attrs.get("config_version")
     if not version or version == config.version:
         return config
@@ -261,6 +283,8 @@ def pinned_config(trial, config, args):
         log.warning("trial %d: its config version %s is not kept in %s; using today's", trial.number, version, folder)
         return config
     log.info("trial %d keeps its config version %s", trial.number, version)
+    pinned["study"] = {**config["study"], "trainer": pinned["study"]["trainer"]}
+    pinned.in_yaml, pinned.overrides, pinned.defaulted = config.in_yaml, config.overrides, config.defaulted
     return with_data_dir(pinned, args)
 
 
@@ -283,7 +307,7 @@ def find_own_trial(study, task):
 
 def claim_trial(study, config, stop=None):
     """A new trial within the budget, or None when the budget is covered (or a stop signal came)."""
-    budget = config["study"]["n_trials"]
+    budget = study_budget(study, config)
     while True:
         with samplers.one_ask_at_a_time(run_dir(config)):  # each ask sees the trials asked before it
             trial, again = ask_once(study, config, budget)  # None, False: the budget is covered
@@ -310,14 +334,18 @@ def ask_once(study, config, budget):
         return None, False  # checked again in our turn: another worker's ask may have covered the budget since
     trial = study.ask()
     link_heartbeat_retry(study, trial)
+    trials = study.get_trials(deepcopy=False)
     # Trial numbers are consecutive: everything numbered below ours existed when we asked.
-    ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != FAIL]
-    origin = trial.user_attrs.get("retry_of")
+    ahead = [t for t in trials if t.number < trial.number and t.state != FAIL]
+    origin, kept = trial.user_attrs.get("retry_of"), retries.result_of(trials, trial.user_attrs.get("retry_of"))
     if len(ahead) >= budget:
         drop(study, trial, f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}")
         return None, False
     if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
         drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
+        return None, True
+    if origin is not None and kept:
+        drop(study, trial, f"retry of trial {origin}, whose worker lived: its result is trial {kept.number}")
         return None, True
     if repeats.settle(study, trial, config):  # params already tried: answered from its twin, or asked again
         return None, True
@@ -331,11 +359,12 @@ def drop(study, trial, reason):
 
 
 def link_heartbeat_retry(study, trial):
-    """Optuna's heartbeat retries name their origin in system attrs; use our link for every retry."""
-    system = optuna_internals.system_attrs(study, trial)
-    if system.get("failed_trial") is not None and "retry_of" not in trial.user_attrs:
-        trial.set_user_attr("retry_of", system["failed_trial"])
-        trial.set_user_attr("retry_attempt", len(system.get("retry_history", [])))
+    """A retry made by Optuna's own RetryHeartbeatStaleTrialCallback gets the user attributes ours carry."""
+    frozen = optuna_internals.frozen(study, trial)
+    chain = retries.history(frozen)
+    if chain and "retry_of" not in frozen.user_attrs:
+        trial.set_user_attr("retry_of", chain[-1])
+        trial.set_user_attr("retry_attempt", len(chain))
 
 
 @contextlib.contextmanager
@@ -390,11 +419,16 @@ def record_owner(trial, folder, config):
 
 
 def adopt_origin_checkpoint(study, trial, handle, config):
-    """A retry of a dead trial continues from the dead trial's last checkpoint, curve included."""
-    origin = trial.user_attrs.get("retry_of")
-    source = run_dir(config) / "trials" / str(origin) / "checkpoint.pt"
-    if origin is None or handle.checkpoint.exists() or not source.exists():
+    """A retry continues from the newest checkpoint of its chain (the trial it replaces, else an older one
+    whose retry died before copying it), curve included."""
+    if handle.checkpoint.exists():
         return
+    trials = run_dir(config) / "trials"
+    chain = retries.history(optuna_internals.frozen(study, trial))
+    origin = next((n for n in reversed(chain) if (trials / str(n) / checkpoints.CHECKPOINT).exists()), None)
+    if origin is None:
+        return
+    source = trials / str(origin) / checkpoints.CHECKPOINT
     partial = handle.checkpoint.with_suffix(".partial")
     shutil.copy(source, partial)
     os.replace(partial, handle.checkpoint)  # once it exists the copy is whole: cleanup may delete the source
@@ -458,17 +492,52 @@ def train_and_tell(study, trial, config, handle):
         trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
         study.tell(trial, state=FAIL)
         return Outcome.FAIL
-    add_train_seconds(trial, started)
     (handle.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    trial.set_user_attr("metrics", metrics)
-    trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    study.tell(trial, values if len(values) > 1 else values[0])
+    try:
+        add_train_seconds(trial, started)
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        study.tell(trial, values if len(values) > 1 else values[0])
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+        if not finished_elsewhere(study, trial):
+            raise
+        keep_result(study, trial, config, metrics, values)
+        return Outcome.COMPLETE
     log.info("trial %d COMPLETE: %s", trial.number, values_text(config, values))
     exported = config.get("best_trial") or {}
     if exported.get("value") is not None:  # a retrain of an export: beside what the trial measured then
         then = values_text(config, exported["value"])
         log.info("the exported trial %s of study %s measured %s", exported["number"], exported["study_name"], then)
     return Outcome.COMPLETE
+
+
+def finished_elsewhere(study, trial):
+    """Whether another process ended this trial while it ran here: a status or reconcile that judged its
+    worker dead, or a heartbeat that came late."""
+    return optuna_internals.frozen(study, trial).state != RUNNING
+
+
+def keep_result(study, trial, config, metrics, values):
+    """The trial was failed under a live worker (and a retry queued): its result is stored all the same,
+    as a COMPLETE trial that continues it, linked as a retry is (retries.py), with its files. The retry
+    queued by mistake is dropped when a worker claims it (ask_once)."""
+    frozen = optuna_internals.frozen(study, trial)
+    attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("fail_reason", "retry_of", "retry_attempt")}
+    attrs.update(metrics=metrics, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    retries.add_result(study, frozen, values, attrs)
+    number = retries.result_of(study.get_trials(deepcopy=False), frozen.number).number
+    old, new = run_dir(config) / "trials" / str(frozen.number), run_dir(config) / "trials" / str(number)
+    new.mkdir(parents=True, exist_ok=True)
+    for name in (checkpoints.WEIGHTS, checkpoints.CHECKPOINT, "config.yaml", "metrics.json"):
+        if (old / name).exists():
+            os.replace(old / name, new / name)
+    log.warning(
+        "trial %d was failed while this worker trained it (%s); its result is kept as trial %d: %s",
+        frozen.number,
+        frozen.user_attrs.get("fail_reason", "no reason given"),
+        number,
+        values_text(config, values),
+    )
 
 
 def run_trainer(study, trial, config, handle):
@@ -540,7 +609,7 @@ def requeue_or_fail(study, trial, config, signal_name, handle=None):
     if requeues >= settings["max_requeues"]:
         frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
         reason = f"walltime reached after {requeues} requeues (study.max_requeues)"
-        liveness.fail_and_retry(study, frozen, reason, settings["max_retries"], settings["n_trials"])
+        liveness.fail_and_retry(study, frozen, reason, settings["max_retries"], study_budget(study, config))
         return Outcome.FAIL
     trial.set_user_attr("requeues", requeues + 1)  # the walltime is spent whether or not the requeue works
     # Said before: the requeue's own SIGTERM may reach this process (and its log) before scontrol returns.
@@ -605,13 +674,12 @@ def work(args):
     config = read_config(args)
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)
-    config["study"]["n_trials"] = remembered_budget(study, config)
     log.info("sampler: %s", describe_sampler(config))
     # A worker that fails a dead worker's trial also takes over its place in the array.
     taken_over = len(liveness.reconcile(study, config))
     liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
     trial = find_own_trial(study, liveness.slurm_task_key())
-    if trial is None and not still_to_run(study.get_trials(deepcopy=False), config["study"]["n_trials"]):
+    if trial is None and not still_to_run(study.get_trials(deepcopy=False), study_budget(study, config)):
         say_budget_covered(study, config)
         return 0  # decided before importing the trainer, which may take seconds (torch)
     load_user_code(config)
@@ -667,12 +735,11 @@ def run_trials(study, trial, config, args, taken_over):
             break
         trial = None
         config = read_config(args)  # fresh from disk for the next trial
-        config["study"]["n_trials"] = remembered_budget(study, config)
     return 1 if failed else 0
 
 
 def say_budget_covered(study, config):
-    log.info("budget of %d finished trials is covered: nothing to do", config["study"]["n_trials"])
+    log.info("budget of %d finished trials is covered: nothing to do", study_budget(study, config))
     retrained = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if "best_trial" in config and retrained:  # an export, run again
         log.info(

@@ -6,6 +6,7 @@ interrupts it and it runs again, with the same params, after the requeue. Both t
 
 import json
 import time
+from pathlib import Path
 
 import optuna
 
@@ -68,3 +69,22 @@ def two(trial):
 def coin(trial):
     """Two configs only: a plain objective cannot help repeating one."""
     return 1.0 if trial.suggest_categorical("side", ["heads", "tails"]) == "heads" else 0.0
+
+
+def resumes_like_optuna_examples(trial):
+    """Resumes the way optuna-examples' pytorch/pytorch_checkpoint.py does: from the folder of the trial
+    that RetryHeartbeatStaleTrialCallback names as the one retried, asked with the stored trial."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    x = trial.suggest_float("x", -2, 2)
+    retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial.study.trials[trial.number])
+    folder = Path(__file__).with_name("checkpoints") / str(trial.number if retried is None else retried)
+    checkpoint = folder / "model.json"
+    first = json.loads(checkpoint.read_text())["epoch"] if retried is not None and checkpoint.exists() else 0
+    trial.set_user_attr("first_epoch", first)
+    folder.mkdir(parents=True, exist_ok=True)
+    for epoch in range(first, 12):
+        time.sleep(0.5)
+        trial.report(x * x + 1 / (epoch + 1), epoch)
+        checkpoint.write_text(json.dumps({"epoch": epoch + 1}))
+    return x * x

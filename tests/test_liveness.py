@@ -9,9 +9,9 @@ import optuna
 from conftest import PROJECT, load_study, plugin_experiment, run_script
 
 import liveness
-from experiment import hostname
+from experiment import Config, hostname
 
-CONFIG = {"study": {"max_retries": 2, "n_trials": 10}}
+CONFIG = Config({"study": {"max_retries": 2, "n_trials": 10}}, "config.yaml")
 
 
 def dead_pid():
@@ -71,9 +71,13 @@ def test_live_and_unknown_workers_are_left_alone(experiment):
         in_slurm = study.ask()
         in_slurm.set_user_attr("slurm_task", "77_3")
         assert liveness.reconcile(study, CONFIG, tasks=None) == [], "squeue unreachable: nobody is declared dead"
-        assert liveness.reconcile(study, CONFIG, tasks={"77_3": ("RUNNING", "1:00", "None")}) == []
-        assert liveness.reconcile(study, CONFIG, tasks={"77_3": ("PENDING", "0:00", "BeginTime")}) == []
-        assert liveness.reconcile(study, CONFIG, tasks={}) == [in_slurm.number]
+        running = liveness.Tasks({"77"}, {"77_3": ("RUNNING", "1:00", "None")})
+        assert liveness.reconcile(study, CONFIG, tasks=running) == []
+        pending = liveness.Tasks({"77"}, {"77_3": ("PENDING", "0:00", "BeginTime")})
+        assert liveness.reconcile(study, CONFIG, tasks=pending) == []
+        asked_elsewhere = liveness.Tasks({"76"})  # a map of other jobs cannot vouch for the absence of 77_3
+        assert liveness.reconcile(study, CONFIG, tasks=asked_elsewhere) == []
+        assert liveness.reconcile(study, CONFIG, tasks=liveness.Tasks({"77"})) == [in_slurm.number]
     finally:
         me.kill()
     assert [t.state.name for t in study.get_trials()][:3] == ["RUNNING", "RUNNING", "FAIL"]
@@ -85,7 +89,7 @@ def test_retries_stop_at_max_retries(experiment):
     study.enqueue_trial({"model.d_pos": 4}, user_attrs={"retry_of": 0, "retry_attempt": 2})
     trial = study.ask()
     trial.set_user_attr("slurm_task", "5_0")
-    assert liveness.reconcile(study, CONFIG, tasks={}) == [trial.number]
+    assert liveness.reconcile(study, CONFIG, tasks=liveness.Tasks({"5"})) == [trial.number]
     assert [t.state.name for t in study.get_trials()] == ["FAIL"], "attempt 2 of max_retries 2: no third retry"
 
 

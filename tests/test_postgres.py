@@ -31,12 +31,13 @@ def test_a_silent_trial_is_failed_and_retried_once_by_heartbeat_and_squeue(postg
     for key, value in {"slurm_task": "5_0", "host": "node-a", "pid": 1}.items():
         dead.set_user_attr(key, value)
     study._storage.record_heartbeat(dead._trial_id)
-    time.sleep(3)  # past grace_period: the heartbeat check finds it; squeue (tasks={}) no longer lists 5_0
+    time.sleep(3)  # past grace_period: the heartbeat check finds it; squeue no longer lists 5_0
     assert liveness.fail_stale(study, config) == [0]
-    assert liveness.reconcile(study, config, tasks={}) == []
+    assert liveness.reconcile(study, config, tasks=liveness.Tasks({"5"})) == []
     retry = worker.claim_trial(study, config)
     sample_params(retry, config["search_space"])  # the enqueued params
-    assert liveness.reconcile(study, config, tasks={}) == [], "the retry does not inherit the dead task"
+    gone = liveness.Tasks({"5"})  # squeue was asked about job 5 and lists none of its tasks
+    assert liveness.reconcile(study, config, tasks=gone) == [], "the retry does not inherit the dead task"
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING"]
     assert trials[0].user_attrs["fail_reason"].startswith("worker died: no heartbeat")

@@ -1,0 +1,58 @@
+"""Retries, linked the way Optuna links them, so that Optuna's own helpers and an objective written after
+optuna-examples' pytorch_checkpoint.py see every retry the tool makes.
+
+A retry is a WAITING trial with the same params (as `enqueue_trial` makes one) that carries what
+`optuna.storages.RetryHeartbeatStaleTrialCallback` computes, in system attributes:
+    failed_trial    the first trial of the chain (`RetryHeartbeatStaleTrialCallback.retried_trial_number`)
+    retry_history   the chain oldest first, the trial it replaces last (`...retry_history`)
+and, in user attributes, `retry_of` (the trial it replaces: retry_history[-1]) and `retry_attempt` (the
+retries spent on the study.max_retries). Unlike the callback it copies none of the replaced trial's user
+attributes: its worker, its task and its fail reason are not the retry's.
+"""
+
+import optuna
+
+WAITING = optuna.trial.TrialState.WAITING
+
+
+def history(trial):
+    """The chain a trial continues, oldest first ([] for a trial that is no retry)."""
+    return list(trial.system_attrs.get("retry_history") or [])
+
+
+def replaced(trial):
+    """The trial this one replaces (retry_history[-1]), or None."""
+    chain = history(trial)
+    return chain[-1] if chain else trial.user_attrs.get("retry_of")
+
+
+def enqueue(study, trial, attempt, user_attrs=None):
+    """Enqueue one retry of `trial` (a FrozenTrial), linked to its chain; returns nothing."""
+    chain = [*history(trial), trial.number]
+    system_attrs = {"fixed_params": trial.params, "failed_trial": chain[0], "retry_history": chain}
+    attrs = {"retry_of": trial.number, "retry_attempt": attempt, **(user_attrs or {})}
+    if trial.user_attrs.get("config_version"):
+        attrs["config_version"] = trial.user_attrs["config_version"]  # its checkpoint's shapes depend on it
+    study.add_trial(optuna.trial.create_trial(state=WAITING, system_attrs=system_attrs, user_attrs=attrs))
+
+
+def add_result(study, trial, values, user_attrs):
+    """A COMPLETE trial holding the result of `trial`, which was failed while its worker lived, linked to it
+    as a retry is. Its curve and params are the trial's own."""
+    chain = [*history(trial), trial.number]
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE,
+            params=trial.params,
+            distributions=trial.distributions,
+            values=values,
+            intermediate_values=trial.intermediate_values,
+            system_attrs={"failed_trial": chain[0], "retry_history": chain},
+            user_attrs={**user_attrs, "retry_of": trial.number, "result_of": trial.number},
+        )
+    )
+
+
+def result_of(trials, number):
+    """The trial that holds the result of trial `number`, recorded by its own worker after it was failed; or None."""
+    return next((t for t in trials if t.user_attrs.get("result_of") == number), None)
