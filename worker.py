@@ -319,13 +319,31 @@ def claim_trial(study, config, stop=None):
             return None
 
 
+MAX_TWIN_DROPS = 3  # repeats of running trials a worker drops in a row before it waits without writing
+
+
 def wait_for_twin(study, config, stop):
-    """The proposal repeats a running trial (a small space): let it finish, then a repeat is answered from it."""
-    deadline = time.monotonic() + min(0.1 * 2**repeats.waits_in_a_row, 10.0)
-    while time.monotonic() < deadline and not (stop and stop.received):
-        time.sleep(0.1)
-    liveness.fail_stale(study, config)  # a twin whose worker died would be waited for forever
-    liveness.reconcile(study, config, tasks=None)  # (local workers' pids; no SLURM query)
+    """The proposal repeats a running trial (a small space): let it finish, then a repeat is answered from it.
+
+    After MAX_TWIN_DROPS such repeats in a row the worker asks nothing (each ask would write one more FAIL
+    trial) until some trial of the study ends: a 10-hour twin costs a few dropped trials, not thousands.
+    """
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(RUNNING,))}
+    patient = repeats.waits_in_a_row >= MAX_TWIN_DROPS
+    if patient:
+        log.info("the search space has fewer configs than workers: waiting for a running trial to end")
+    delay = min(0.1 * 2**repeats.waits_in_a_row, 10.0)
+    while not (stop and stop.received):
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not (stop and stop.received):
+            time.sleep(0.1)
+        liveness.fail_stale(study, config)  # a twin whose worker died would be waited for forever
+        # Local workers' pids; while it waits patiently, the twins' array tasks too (one squeue per wait).
+        liveness.reconcile(study, config, tasks="ask" if patient else None)
+        if not patient or not running <= {t.number for t in study.get_trials(deepcopy=False, states=(RUNNING,))}:
+            break
+    if patient:
+        repeats.waits_in_a_row = 0
 
 
 def ask_once(study, config, budget):

@@ -152,3 +152,16 @@ def test_an_objective_that_resumes_like_optuna_examples_continues_after_a_kill(t
     dead, retry = load_study(path).trials
     assert dead.state.name == "FAIL" and retry.state.name == "COMPLETE"
     assert retry.user_attrs["first_epoch"] >= 3, "the retry started over at epoch 0"
+
+
+def test_idle_workers_of_a_small_space_wait_without_flooding_the_study(tmp_path):
+    """Two configs, four workers: the two idle ones drop a few repeats of the running twins, then wait."""
+    space = {"model.d_pos": {"type": "categorical", "choices": [2, 4]}}
+    changes = {"search_space": space, "study.n_trials": 4, "training.sleep": 1.0, "training.epochs": 20}
+    path = plugin_experiment(tmp_path, changes)
+    out = run_script("submit_study.py", "--config", path, "--local", 4, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    trials = load_study(path).trials
+    dropped = [t for t in trials if t.user_attrs.get("fail_reason", "").startswith("duplicate of running")]
+    assert len(finished(load_study(path))) == 4
+    assert len(dropped) <= 8, f"{len(dropped)} repeats of running trials dropped while two twins trained 20 s"
