@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from experiment import ConfigError, directions, load_config, make_run_dir, parse_yaml, read_text, run_dir
@@ -30,6 +31,7 @@ log = logging.getLogger("config")
 FOLDER = "config_versions"
 SETTLE_S = 1.0  # a file modified more recently than this may still be being written
 SETTLE_TIMEOUT_S = 15.0
+MAX_CLOCK_SKEW_S = 120  # a file server's clock may be this far from ours: a recent mtime is watched, not trusted
 # What a study already running cannot change: its trials and storage were made with these.
 # (study_name and runs_dir: the array command passes them as flags, so an edit cannot move a running array.)
 FIXED = ("optimization_metric", "optimization_direction", "storage")
@@ -75,9 +77,15 @@ def fall_back(folder, path, overrides, problem, record, error=None):
 
 
 def read_settled(path, settle=SETTLE_S, timeout=SETTLE_TIMEOUT_S):
-    """The file's text once it has stopped changing: an editor may be half-way through writing it."""
+    """The file's text once it has stopped changing: an editor may be half-way through writing it.
+
+    A file whose mtime is far from this machine's clock was written long ago. One written recently (or
+    stamped by a file server whose clock runs ahead or behind ours) is read once its (mtime, size) has
+    not changed for `settle` seconds, timed on this machine's monotonic clock, never against the mtime.
+    """
     path = Path(path)
     deadline = time.monotonic() + timeout
+    seen, since = None, time.monotonic()
     while True:
         try:
             before = path.stat()
@@ -85,8 +93,11 @@ def read_settled(path, settle=SETTLE_S, timeout=SETTLE_TIMEOUT_S):
             return read_text(path)  # the one-line error for a missing file
         text = read_text(path)
         after = path.stat()
-        unchanged = (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, after.st_size)
-        if unchanged and time.time() - after.st_mtime >= settle or time.monotonic() > deadline:
+        now, stamp = time.monotonic(), (after.st_mtime_ns, after.st_size)
+        if stamp != (before.st_mtime_ns, before.st_size) or stamp != seen:
+            seen, since = stamp, now
+        old = abs(time.time() - after.st_mtime) > settle + MAX_CLOCK_SKEW_S
+        if old and since == now or now - since >= settle or now > deadline:
             return text
         time.sleep(settle / 4)
 
@@ -176,9 +187,12 @@ def note_problem(folder, problem):
 
 
 def write_atomic(path, text):
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # unique across nodes, where pids are not
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def now():

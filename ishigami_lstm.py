@@ -19,6 +19,7 @@ so the mean validation metric over folds can be reported (and pruned on) after e
 import csv
 import math
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def prepare(config):
     generator = torch.Generator().manual_seed(data.get("seed", 0))
     x = (torch.rand(data.get("n_samples", 1024), 3, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
     y = torch.sin(x[:, 0]) + 7 * torch.sin(x[:, 1]) ** 2 + 0.1 * x[:, 2] ** 4 * torch.sin(x[:, 0])
-    partial = path.with_suffix(f".tmp{os.getpid()}")  # concurrent writers never leave half a file
+    partial = path.with_suffix(f".tmp{uuid.uuid4().hex}")  # concurrent writers, on any node, never mix bytes
     with partial.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["x1", "x2", "x3", "y"])

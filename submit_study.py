@@ -138,10 +138,7 @@ def main(argv=None):
     controls = args.throttle is not None or args.pause or args.resume or args.cancel
     config = None
     try:
-        if args.repair and not args.check_storage:
-            raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
-        if args.trial is not None and args.export_best is None:
-            raise ConfigError("--trial", "trial", "works only with --export_best", "pass --export_best --trial N")
+        check_flags(args)
         looking = args.status or args.export_best is not None or args.report or args.dashboard is not None
         if looking or controls or args.check_storage:
             config = config_versions.load(yaml_from_args(args), flag_overrides(args))  # works mid-edit too
@@ -156,6 +153,10 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a teammate's command on a study it may read but not write
+        fix = "run it as the study's owner (the owner's --group_access lets the group read it)"
+        print(f"error: {e.filename or e}: permission denied; fix: {fix}", file=sys.stderr)
+        return 2
     except OSError as e:
         if not full_filesystem(e):
             raise
@@ -165,6 +166,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def check_flags(args):
+    if args.repair and not args.check_storage:
+        raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
+    if args.trial is not None and args.export_best is None:
+        raise ConfigError("--trial", "trial", "works only with --export_best", "pass --export_best --trial N")
 
 
 def look(args, study, config):
@@ -548,10 +556,10 @@ def submit_arrays(study, config, commands):
     previous = None
     for tasks, command in commands:
         command = [word + previous if word == DEPENDENCY else word for word in command]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = sbatch(command)
         if result.returncode != 0 and previous is None and "dependency" in result.stderr.lower():
             command = [word for word in command if not word.startswith(DEPENDENCY)]  # those arrays just ended
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = sbatch(command)
         if result.returncode != 0:
             print(f"error: {quote_command(command)} failed: {result.stderr.strip()}", file=sys.stderr)
             return 1
@@ -568,6 +576,18 @@ def submit_arrays(study, config, commands):
         f"  tail -f {folder}/slurm_logs/optuna_{previous}_*.out"
     )
     return 0
+
+
+SBATCH_TIMEOUT_S = 120
+
+
+def sbatch(command):
+    """Run sbatch with a timeout; a timeout is a failure that says the array may be queued all the same."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        why = f"no answer within {SBATCH_TIMEOUT_S} s: it may be queued all the same; check squeue --me first"
+        return subprocess.CompletedProcess(command, 1, "", why)
 
 
 def this_script():
@@ -860,12 +880,12 @@ def sacct_states(job_ids):
     """Finished tasks' states from one sacct call; {} where accounting is off."""
     if not shutil.which("sacct"):
         return {}
-    out = subprocess.run(
-        ["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}", "--format=JobID,State"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    command = ["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}"]
+    try:
+        out = subprocess.run([*command, "--format=JobID,State"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        print("note: sacct did not answer within 60 s: ended tasks show as 'ended'")
+        return {}
     if out.returncode != 0:
         return {}
     return dict(line.split("|")[:2] for line in out.stdout.splitlines() if "|" in line)

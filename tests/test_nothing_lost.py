@@ -165,3 +165,62 @@ def test_idle_workers_of_a_small_space_wait_without_flooding_the_study(tmp_path)
     dropped = [t for t in trials if t.user_attrs.get("fail_reason", "").startswith("duplicate of running")]
     assert len(finished(load_study(path))) == 4
     assert len(dropped) <= 8, f"{len(dropped)} repeats of running trials dropped while two twins trained 20 s"
+
+
+def test_slow_sacct_and_sbatch_are_one_line_not_a_traceback(monkeypatch, capsys):
+    import submit_study
+
+    def no_answer(command, **kwargs):
+        assert kwargs.get("timeout"), f"{command[0]} runs without a timeout"
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(submit_study.subprocess, "run", no_answer)
+    monkeypatch.setattr(submit_study.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert submit_study.sacct_states(["5"]) == {}
+    assert "sacct did not answer" in capsys.readouterr().out
+    result = submit_study.sbatch(["sbatch", "--parsable", "array_job.sbatch"])
+    assert result.returncode == 1 and "may be queued all the same" in result.stderr
+
+
+def test_files_written_at_once_by_two_writers_of_one_pid_never_collide(tmp_path):
+    """Temporary names are unique, not per pid: nodes reuse pids, and threads share one."""
+    import threading
+
+    import config_versions
+
+    errors = []
+
+    def write(text):
+        try:
+            for _ in range(200):
+                config_versions.write_atomic(tmp_path / "current.json", text)
+        except OSError as e:
+            errors.append(e)
+
+    writers = [threading.Thread(target=write, args=(f'{{"w": {i}}}',)) for i in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert not errors and not list(tmp_path.glob(".current.json.*"))
+
+
+def test_a_yaml_stamped_by_a_clock_behind_ours_is_read_once_it_settles(tmp_path):
+    """mtimes come from the file server's clock: a file that looks 30 s old may be mid-edit all the same."""
+    import threading
+
+    import config_versions
+
+    path = tmp_path / "config.yaml"
+
+    def edit(text):
+        path.write_text(text)
+        past = time.time() - 30
+        os.utime(path, (past, past))
+
+    edit("study:\n")  # the editor's first write; the rest follows 0.3 s later
+    later = threading.Timer(0.3, edit, args=("study:\n  n_trials: 5\n",))
+    later.start()
+    text = config_versions.read_settled(path, settle=1.0, timeout=10)
+    later.join()
+    assert text == "study:\n  n_trials: 5\n"
