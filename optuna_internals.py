@@ -7,6 +7,7 @@ objective its trial), the study's storage object (heartbeats, system attributes,
 and the journal's snapshot and lock classes and op codes (journal.py).
 """
 
+import contextlib
 import pickle
 
 import optuna
@@ -35,6 +36,12 @@ def system_attrs(study, trial):
 def frozen(study, trial):
     """The stored FrozenTrial of a live Trial (Optuna 5's Trial has no system_attrs of its own)."""
     return study._storage.get_trial(trial._trial_id)
+
+
+def storage_lock(study):
+    """The lock a storage holds around each of its operations in this process (JournalStorage's thread lock);
+    a no-op where the storage has none (an RDB storage's transaction is whole or absent)."""
+    return getattr(study._storage, "_thread_lock", None) or contextlib.nullcontext()
 
 
 def heartbeat_interval(study):

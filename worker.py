@@ -121,6 +121,7 @@ class StopSignal:
         if self.received:
             log.warning("%s received while the worker started: checkpointing at the next %s", self.received, safe_point)
         self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
+        self.deadline = None  # (seconds, what to do then) while such an objective runs: see ObjectiveTrial
         self.requeued = False  # once this task asked SLURM to requeue it
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
@@ -133,10 +134,17 @@ class StopSignal:
         if self.requeued:  # SLURM ends the task it was asked to requeue: the checkpoint is already on disk
             announce("%s received: the requeue ends this task", self.received)
             return
-        if self.interrupt_now:  # the objective has no safe point of its own: stop it here, rerun it later
-            self.interrupt_now = False
-            announce("%s received: the objective is stopped and runs again after the requeue", self.received)
-            raise Interrupted(self.received)
+        if self.interrupt_now and self.deadline:  # never raised here: the signal may land inside a lock or a write
+            seconds, end = self.deadline
+            announce(
+                "%s received: the objective stops at its next report, should_prune or suggest call (or in %d s)",
+                self.received,
+                seconds,
+            )
+            timer = threading.Timer(seconds, end, args=(self.received,))
+            timer.daemon = True  # a worker whose objective stopped in time exits without waiting for it
+            timer.start()
+            return
         announce("%s received: checkpointing at the next %s", self.received, self.safe_point)
 
 
@@ -148,7 +156,26 @@ def announce(message, *args):
 
 
 class ObjectiveTrial(optuna.trial.Trial):
-    """The optuna.Trial a plain objective gets: all of it, except that the tool's own attributes are kept safe."""
+    """The optuna.Trial a plain objective gets: all of it, except that the tool's own attributes are kept safe,
+    and that a stop signal is raised at its calls to Optuna (a safe point: no lock held, nothing half-written)."""
+
+    def stop_point(self):
+        stop = trial_control.Running.stop
+        if stop is not None and stop.interrupt_now and stop.received:
+            stop.interrupt_now = False
+            raise Interrupted(stop.received)
+
+    def suggest_float(self, *args, **kwargs):
+        self.stop_point()
+        return super().suggest_float(*args, **kwargs)
+
+    def suggest_int(self, *args, **kwargs):
+        self.stop_point()
+        return super().suggest_int(*args, **kwargs)
+
+    def suggest_categorical(self, *args, **kwargs):
+        self.stop_point()
+        return super().suggest_categorical(*args, **kwargs)
 
     def set_user_attr(self, key, value):
         if key in TOOL_ATTRS:
@@ -161,6 +188,7 @@ class ObjectiveTrial(optuna.trial.Trial):
     failed_elsewhere = False  # a status judged its worker dead: reports are not stored, the result is
 
     def report(self, value, step):
+        self.stop_point()
         try:
             super().report(value, step)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -169,6 +197,7 @@ class ObjectiveTrial(optuna.trial.Trial):
             self.failed_elsewhere = True
 
     def should_prune(self):
+        self.stop_point()
         return not self.failed_elsewhere and super().should_prune()
 
 
@@ -575,18 +604,43 @@ def run_objective(study, trial, config, handle):
     adopt_origin_checkpoint(study, trial, handle, config)
     trial_control.Running.folder, trial_control.Running.stop = handle.folder, handle.stop
     handle.stop.interrupt_now = True  # until the objective asks stop_requested() itself
+    handle.stop.deadline = stop_deadline(config), lambda name: end_objective(study, trial, config, handle, name)
     try:
         if handle.stop.received:
             raise Interrupted(handle.stop.received)  # the signal came first: requeue before starting
         value = objective(optuna_internals.live_trial(study, trial, ObjectiveTrial))
     finally:
-        handle.stop.interrupt_now = False
+        handle.stop.interrupt_now, handle.stop.deadline = False, None
         trial_control.Running.folder = trial_control.Running.stop = None
     log.info("trial %d params: %s", trial.number, optuna_internals.live_trial(study, trial).params)
     names, values = metric_names(config), list(value) if isinstance(value, (list, tuple)) else [value]
     if len(values) != len(names):
         raise TypeError(f"the objective returned {len(values)} value(s) for {len(names)} objective(s) ({names})")
     return plain_metrics(dict(zip(names, values, strict=True)))
+
+
+def stop_deadline(config):
+    """Seconds a plain objective has after the signal to reach a safe point: half of slurm.signal_grace, so that
+    the requeue still comes before the walltime."""
+    return max(1, config["slurm"]["signal_grace"] // 2)
+
+
+def end_objective(study, trial, config, handle, signal_name):
+    """The deadline passed and the objective reached no safe point: end this process between two storage ops.
+
+    The trial goes on as at a safe point (requeue_or_fail: requeued, left RUNNING, or failed as stopped by
+    hand). The exit waits for the storage's own lock, so no op of this process is half-written.
+    """
+    if not handle.stop.interrupt_now or trial_control.Running.folder != handle.folder:
+        return  # it reached a safe point, or the objective ended, meanwhile
+    log.warning("trial %d: the objective reached no safe point in %d s: ending it", trial.number, stop_deadline(config))
+    outcome = requeue_or_fail(study, trial, config, signal_name, handle)
+    with optuna_internals.storage_lock(study):
+        logging.shutdown()
+        os._exit(0 if outcome is Outcome.REQUEUED else STOPPED_EXIT)
+
+
+STOPPED_EXIT = 143  # as a process ended by SIGTERM: the task ends, its trial goes on elsewhere
 
 
 def plain_metrics(metrics):

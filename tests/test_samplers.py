@@ -99,7 +99,8 @@ def test_the_default_portfolios_two_samplers_start_with_different_configs():
 def test_a_seed_past_numpys_range_with_a_slurm_job_id_still_builds_every_sampler(tmp_path):
     for spec in ({"seed": 2**31}, {"name": "TPESampler", "seed": 2**32 - 1}, {"name": "QMCSampler", "seed": 2**33}):
         config = config_with(tmp_path, {"study.sampler": spec})
-        first_params(build_sampler(config, seed_offset=4_294_967_000))
+        [params] = first_params(build_sampler(config, seed_offset=4_294_967_000))
+        assert set(params) == {"x", "y"} and all(0 <= v <= 1 for v in params.values()), (spec, params)
 
 
 def test_options_without_a_sampler_name_are_one_clear_error(tmp_path):
