@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from experiment import ConfigError, directions, load_config, make_run_dir, parse_yaml, read_text, run_dir
+from experiment import ConfigError, directions, load_config, parse_yaml, read_text, run_dir, run_subdir, trusted_run_dir
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"
@@ -50,6 +50,7 @@ def load(path, overrides, worker=False):
         config = load_config(path, overrides, text)
     except ConfigError as e:
         return fall_back(folder, path, overrides, str(e), worker, error=e)
+    trusted_run_dir(config, reading=not worker, create=False)  # before a version kept in it is read
     folder = versions_folder(config)
     in_force = current(folder)
     if in_force:
@@ -141,8 +142,8 @@ def adopt(folder, config, text, read_as=None):
     """
     version = version_of(text)
     config.version = version
-    make_run_dir(config)  # 0700: a worker may come before any submit
-    folder.mkdir(exist_ok=True, mode=0o700)
+    trusted_run_dir(config)  # a worker may come before any submit
+    run_subdir(config, FOLDER)
     kept = folder / f"{version}.yaml"
     if not kept.exists():
         write_atomic(kept, text)

@@ -56,7 +56,6 @@ from experiment import (
     full_filesystem_error,
     load_objective,
     load_trainer,
-    make_run_dir,
     mask_password,
     open_storage,
     open_study,
@@ -67,8 +66,10 @@ from experiment import (
     remembered_budget,
     resolve_config,
     run_dir,
+    run_subdir,
     still_to_run,
     storage_url,
+    trusted_run_dir,
     type_mismatches,
     values_text,
     yaml_from_args,
@@ -146,7 +147,7 @@ def main(argv=None):
             config = config_versions.load(yaml_from_args(args), flag_overrides(args))  # works mid-edit too
             if args.check_storage:
                 return check_storage(config, args.repair)
-            study = open_existing_study(config)
+            study = open_existing_study(config, reading=not controls)  # a teammate may look, not steer
             return control(args, study, config) if controls else look(args, study, config)
         if args.as_job:
             return submit_as_job(args, config_from_args(args), argv)
@@ -216,9 +217,8 @@ def check_and_prepare(args, config):
     url, storage = check_inputs(args, config)
     prepare_data(config, config.path)
     data_dir = stage_data(config) if args.cluster else None
-    storage = storage or open_storage(config, None, config.path)  # the journal file, once all passed
-    if args.group_access:
-        run_dir(config).chmod(0o750)
+    trusted_run_dir(config, args.group_access)  # created (or closed) once all passed
+    storage = storage or open_storage(config, None, config.path)  # the journal file
     return storage, url, data_dir
 
 
@@ -245,6 +245,7 @@ def check_inputs(args, config):
         check_request(config)
     if args.cluster:
         scratch_dir(config)
+    trusted_run_dir(config, args.group_access, create=False)  # one there already: before anything is written
     url = storage_url(config)
     return url, open_storage(config, url, source) if url else None  # an unreachable server fails first
 
@@ -479,15 +480,17 @@ def storage_reference(config, url):
     """A URL from the command line or the environment may hold a password: workers get it from a 0600 file."""
     if not url or (config["study"]["storage"] and "storage" not in config.overrides):
         return None  # the journal file, or a URL the workers read from the YAML themselves
-    storage_file = make_run_dir(config) / "storage_url"
-    storage_file.touch(mode=0o600)
-    storage_file.write_text(url + "\n")
+    storage_file = trusted_run_dir(config) / "storage_url"
+    fd = os.open(storage_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # one written by older versions may be wider
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
     return storage_file
 
 
 def write_array_file(config, n_tasks, data_dir, storage_file):
     folder, slurm = run_dir(config), config["slurm"]
-    (folder / "slurm_logs").mkdir(parents=True, exist_ok=True)
+    run_subdir(config, "slurm_logs")
     python = "python" if slurm["setup"] else sys.executable  # setup lines bring their own environment
     command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", "1"]
     script = folder / "array_job.sbatch"
@@ -584,8 +587,8 @@ FINISH_STEPS = [["--status"], ["--export_best"]]  # what the finish job runs; ad
 
 def render_job(template, config, filename, **fields):
     """A small job file in the run directory, from one of templates/."""
-    slurm, folder = config["slurm"], make_run_dir(config)
-    (folder / "slurm_logs").mkdir(exist_ok=True)
+    slurm, folder = config["slurm"], trusted_run_dir(config)
+    run_subdir(config, "slurm_logs")
     directives = [f"#SBATCH --{key}={slurm[key]}" for key in ("partition", "account", "qos") if slurm[key]]
     script = folder / filename
     script.write_text(
@@ -706,8 +709,9 @@ def run_local(args, config, study, storage_file):
 
 
 # ---------------------------------------------------------------- status
-def open_existing_study(config):
-    """The submitted study, for status and export; creates nothing."""
+def open_existing_study(config, reading=True):
+    """The submitted study, for status and export; creates nothing. `reading`: a teammate's run directory will do."""
+    trusted_run_dir(config, reading=reading, create=False)
     name, saved_url = config["study"]["study_name"], run_dir(config) / "storage_url"
     url = storage_url(config) or (storage_url(config, saved_url) if saved_url.exists() else None)
     if not url and not (run_dir(config) / "journal.log").exists():
@@ -717,7 +721,7 @@ def open_existing_study(config):
             f"no study {name!r} in {run_dir(config)}",
             "submit it first, or pass the --study_name it was submitted with",
         )
-    storage = open_storage(config, url, config.path)
+    storage = open_storage(config, url, config.path, reading)
     if name not in optuna.get_all_study_names(storage):  # summaries would deep-copy every trial
         raise ConfigError(
             config.path,
@@ -919,7 +923,7 @@ def check_storage(config, repair):
     lock_age = path and journal.stale_lock(path)
     if lock_age:
         print(f"stale lock {journal.lock_path(path)}: {lock_age:.0f} s old, its holder died mid-append")
-    study = open_existing_study(config)
+    study = open_existing_study(config, reading=not repair)
     tasks = liveness.squeue_tasks(study_jobs(study))
     stuck = stuck_trials(study, tasks)
     if not repair:

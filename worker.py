@@ -78,9 +78,11 @@ from experiment import (
     remembered_budget,
     resolve_config,
     run_dir,
+    run_subdir,
     sample_params,
     still_to_run,
     storage_url,
+    trusted_run_dir,
     values_text,
     yaml_from_args,
 )
@@ -410,8 +412,7 @@ def adopt_origin_checkpoint(study, trial, handle, config):
 # ---------------------------------------------------------------- running one trial
 def run_trial(study, trial, config, stop):
     """Train the trial and tell the study; the Outcome says whether it ended or goes on later."""
-    folder = run_dir(config) / "trials" / str(trial.number)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run_subdir(config, "trials", trial.number)
     file_log = logging.FileHandler(folder / "worker.log")
     file_log.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(file_log)
@@ -603,6 +604,7 @@ STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint
 
 def work(args):
     config = read_config(args)
+    trusted_run_dir(config)  # before its storage, checkpoints or logs are opened
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)
     config["study"]["n_trials"] = remembered_budget(study, config)
