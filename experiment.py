@@ -187,6 +187,13 @@ OPTIONS = [
     ),
     Option("study", "enqueue_base", False, _bool, "measure the YAML's own values of the searched keys first"),
     Option("study", "allow_repeats", False, _bool, "train a config again when the sampler repeats it (noisy)"),
+    Option(
+        "study",
+        "trusted_checkpoints",
+        False,
+        _bool,
+        "load checkpoints as full pickles (torch weights_only=False): only for state beyond tensors and plain data",
+    ),
     Option("study", "max_retries", 2, _int_at_least(0), "retries of a trial whose worker died"),
     Option("study", "max_requeues", 5, _int_at_least(0), "walltime/preemption requeues of one trial"),
     Option(

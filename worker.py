@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,8 +167,9 @@ PROGRESS = "progress.jsonl"  # the curve of a trial with several objectives, one
 class TrialHandle:
     """What a trainer gets besides its config: report, and checkpoints that survive a requeue."""
 
-    def __init__(self, trial, folder, stop):
+    def __init__(self, trial, folder, stop, trusted=False):
         self.trial, self.folder, self.stop = trial, folder, stop
+        self.trusted = trusted  # study.trusted_checkpoints: unpickle anything (the trainer's own objects)
         self.checkpoint = folder / checkpoints.CHECKPOINT
         self.saves = 0
         self.reports_since_stop = 0
@@ -196,12 +198,15 @@ class TrialHandle:
                 raise Interrupted(self.stop.received)
 
     def load_checkpoint(self):
+        """The state save_checkpoint() stored, loaded as data (tensors, numbers, strings, lists, dicts).
+
+        Whoever can write a checkpoint.pt must not get to run code in the next trial that loads it;
+        study.trusted_checkpoints: true loads any pickle, for state that needs more.
+        """
         if not self.checkpoint.exists():
             return None
-        import torch  # only trainers that checkpoint need it; the worker's start-up stays light
-
         log.info("trial %d resumes from %s", self.trial.number, self.checkpoint)
-        return torch.load(self.checkpoint, weights_only=False)
+        return load_state(self.checkpoint, self.trusted)
 
     def save_checkpoint(self, state):
         save_atomically(state, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
@@ -212,6 +217,28 @@ class TrialHandle:
     def save_weights(self, state):
         """The trained model (e.g. model.state_dict()): `make best` exports the best trial's as best_trial.pt."""
         save_atomically(state, self.folder / checkpoints.WEIGHTS)
+
+
+class UntrustedCheckpoint(Exception):
+    """A checkpoint that holds more than data, loaded without study.trusted_checkpoints: the trial fails."""
+
+
+def load_state(path, trusted=False):
+    import pickle
+
+    import torch  # only trainers that checkpoint need it; the worker's start-up stays light
+
+    try:
+        return torch.load(path, weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if trusted:
+            raise
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        why = f"it would call {found.group(1)}" if found else "not loadable as data"
+        raise UntrustedCheckpoint(
+            f"{path} holds more than data ({why}), so it was not loaded; save tensors, numbers, lists and dicts, "
+            "or set study.trusted_checkpoints: true if only your trainer can have written it"
+        ) from None
 
 
 def save_atomically(state, path):
@@ -419,7 +446,8 @@ def run_trial(study, trial, config, stop):
     try:
         record_owner(trial, folder, config)
         with heartbeat(study, trial):
-            return train_and_tell(study, trial, config, TrialHandle(trial, folder, stop))
+            handle = TrialHandle(trial, folder, stop, config["study"]["trusted_checkpoints"])
+            return train_and_tell(study, trial, config, handle)
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
