@@ -24,7 +24,17 @@ import os
 import time
 from pathlib import Path
 
-from experiment import ConfigError, directions, load_config, parse_yaml, read_text, run_dir, run_subdir, trusted_run_dir
+from experiment import (
+    ConfigError,
+    directions,
+    load_config,
+    mask_password,
+    parse_yaml,
+    read_text,
+    run_dir,
+    run_subdir,
+    trusted_run_dir,
+)
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"
@@ -190,7 +200,10 @@ def now():
 def unsafe_changes(old, new):
     """What `new` changes that a study already run with `old` cannot take."""
     problems = [
-        f"study.{key} changed from {old['study'][key]!r} to {new['study'][key]!r}, which a running study cannot take"
+        mask_password(
+            f"study.{key} changed from {old['study'][key]!r} to {new['study'][key]!r}, which a running study "
+            "cannot take"
+        )
         for key in FIXED
         if old["study"][key] != new["study"][key]
     ]

@@ -1098,8 +1098,36 @@ def full_filesystem_error(error, where, consequence):
     return f"error: {error.filename or where}: {FULL[error.errno]}; fix: free space or raise the quota; {consequence}"
 
 
-def mask_password(url):
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url or "")
+URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"<>]*")
+SECRET_QUERY = re.compile(r"([?&;](?:password|passwd)=)[^&;#]*", re.IGNORECASE)
+
+
+def mask_password(text):
+    """Every URL in text (a URL, or an error message holding one) with its credentials hidden.
+
+    The one mask for whatever prints or logs a storage URL. Everything between '://' and the last '@'
+    goes (user and password: a password may hold a raw '@', '/' or '?'), and so do the values of the
+    query keys password and passwd. SQLAlchemy's own rendering shows the part of a password after a
+    raw '@' and leaves ?password= as it is.
+    """
+    return URL.sub(lambda found: _mask_url(found.group(0)), text or "")
+
+
+def _mask_url(url):
+    scheme, _, rest = url.partition("://")
+    at = -1 if rest.startswith("/") else rest.rfind("@")  # sqlite:///path: no credentials, maybe an '@'
+    if at >= 0:
+        rest = "***" + rest[at:]
+    return f"{scheme}://{SECRET_QUERY.sub(lambda m: m.group(1) + '***', rest)}"
+
+
+def without_credentials(settings):
+    """A copy of the settings to write beside the trial (config.yaml): study.storage masked."""
+    copied = copy.deepcopy(dict(settings))
+    study = copied.get("study")
+    if isinstance(study, dict) and study.get("storage"):
+        study["storage"] = mask_password(study["storage"])
+    return copied
 
 
 def quote_command(words):

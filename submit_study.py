@@ -118,6 +118,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--as_job", action="store_true", help="submit from a small SLURM job (1 CPU, 4G, 1 h)")
     parser.add_argument(
+        "--storage_file", help="file holding the storage URL, instead of --storage (keeps a password off command lines)"
+    )
+    parser.add_argument(
         "--notify_on_finish",
         action=argparse.BooleanOptionalAction,
         help="once every task has ended, a small job exports the best trial [slurm.notify_on_finish]",
@@ -138,6 +141,7 @@ def main(argv=None):
     controls = args.throttle is not None or args.pause or args.resume or args.cancel
     config = None
     try:
+        read_storage_file(args)
         if args.repair and not args.check_storage:
             raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
         if args.trial is not None and args.export_best is None:
@@ -165,6 +169,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def read_storage_file(args):
+    """--storage_file (what --as_job hands its job): the URL, from here on as if given by --storage."""
+    if args.storage_file:
+        if args.storage:
+            raise ConfigError("--storage_file", "storage_file", "given with --storage", "pass one of them")
+        args.storage = storage_url(None, args.storage_file)
 
 
 def look(args, study, config):
@@ -612,7 +624,8 @@ def submit_as_job(args, config, argv):
     """--as_job: check everything here, then a small job runs this same command without --as_job."""
     check_inputs(args, config)
     name = config["study"]["study_name"]
-    command = [python_in_jobs(config), PROJECT / "submit_study.py", *[a for a in argv if a != "--as_job"]]
+    reference = storage_reference(config, storage_url(config))
+    command = [python_in_jobs(config), PROJECT / "submit_study.py", *job_arguments(argv, reference)]
     script = render_job(
         SUBMIT_TEMPLATE,
         config,
@@ -629,6 +642,19 @@ def submit_as_job(args, config, argv):
         f"  squeue --me --jobs={job}\n  cat {run_dir(config)}/slurm_logs/optuna_submit_{name}_{job}.out"
     )
     return 0
+
+
+def job_arguments(argv, storage_file):
+    """The command line for the job: without --as_job, and a storage URL (it may hold a password) by reference."""
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--storage", "--storage_file"):
+            skip = True  # and its value
+        elif word != "--as_job" and not word.startswith(("--storage=", "--storage_file=")):
+            words.append(word)
+    return words + (["--storage_file", str(storage_file)] if storage_file else [])
 
 
 def submit_finish_job(study, config):

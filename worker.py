@@ -85,6 +85,7 @@ from experiment import (
     storage_url,
     trusted_run_dir,
     values_text,
+    without_credentials,
     yaml_from_args,
 )
 
@@ -456,7 +457,7 @@ def run_trial(study, trial, config, stop):
 def prepare_trial(study, trial, config, handle):
     """Sample (or recall) the params, write the resolved config, continue a dead origin's checkpoint."""
     resolved = resolve_config(config, sample_params(trial, config.get("search_space") or {}))
-    (handle.folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (handle.folder / "config.yaml").write_text(yaml.safe_dump(without_credentials(resolved), sort_keys=False))
     log.info("trial %d params: %s", trial.number, trial.params)
     adopt_origin_checkpoint(study, trial, handle, config)
     return resolved
@@ -513,7 +514,7 @@ def run_trainer(study, trial, config, handle):
 def run_objective(study, trial, config, handle):
     """A plain Optuna objective(trial), unchanged: it suggests its own params and returns its value."""
     objective = load_objective(config, config.path)
-    (handle.folder / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    (handle.folder / "config.yaml").write_text(yaml.safe_dump(without_credentials(config), sort_keys=False))
     adopt_origin_checkpoint(study, trial, handle, config)
     trial_control.Running.folder, trial_control.Running.stop = handle.folder, handle.stop
     handle.stop.interrupt_now = True  # until the objective asks stop_requested() itself
