@@ -25,7 +25,17 @@ import time
 import uuid
 from pathlib import Path
 
-from experiment import ConfigError, directions, load_config, make_run_dir, parse_yaml, read_text, run_dir
+from experiment import (
+    ConfigError,
+    directions,
+    load_config,
+    mask_password,
+    parse_yaml,
+    read_text,
+    run_dir,
+    run_subdir,
+    trusted_run_dir,
+)
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"
@@ -52,6 +62,7 @@ def load(path, overrides, worker=False):
         config = load_config(path, overrides, text)
     except ConfigError as e:
         return fall_back(folder, path, overrides, str(e), worker, error=e)
+    trusted_run_dir(config, reading=not worker, create=False)  # before a version kept in it is read
     folder = versions_folder(config)
     in_force = current(folder)
     if in_force:
@@ -152,8 +163,8 @@ def adopt(folder, config, text, read_as=None):
     """
     version = version_of(text)
     config.version = version
-    make_run_dir(config)  # 0700: a worker may come before any submit
-    folder.mkdir(exist_ok=True, mode=0o700)
+    trusted_run_dir(config)  # a worker may come before any submit
+    run_subdir(config, FOLDER)
     kept = folder / f"{version}.yaml"
     if not kept.exists():
         write_atomic(kept, text)
@@ -203,7 +214,10 @@ def now():
 def unsafe_changes(old, new):
     """What `new` changes that a study already run with `old` cannot take."""
     problems = [
-        f"study.{key} changed from {old['study'][key]!r} to {new['study'][key]!r}, which a running study cannot take"
+        mask_password(
+            f"study.{key} changed from {old['study'][key]!r} to {new['study'][key]!r}, which a running study "
+            "cannot take"
+        )
         for key in FIXED
         if old["study"][key] != new["study"][key]
     ]

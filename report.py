@@ -21,7 +21,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna_internals
-from experiment import ConfigError, run_dir
+from experiment import ConfigError, run_dir, run_subdir
 
 # worker.py's log lines (LOG_FORMAT): every run of a trial logs its params; a run cut short by a requeue, this.
 RUN = re.compile(r"^(\S+ \S+) \w+ worker: trial \d+ params:")
@@ -51,8 +51,7 @@ def write_report(study, config):
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
-    folder = run_dir(config) / "report"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run_subdir(config, "report")
     plots = {
         "optimization_history": vis.plot_optimization_history,
         "param_importances": vis.plot_param_importances,  # PED-ANOVA, Optuna's default: numpy only

@@ -56,7 +56,6 @@ from experiment import (
     full_filesystem_error,
     load_objective,
     load_trainer,
-    make_run_dir,
     mask_password,
     open_storage,
     open_study,
@@ -66,9 +65,11 @@ from experiment import (
     read_yaml,
     resolve_config,
     run_dir,
+    run_subdir,
     still_to_run,
     storage_url,
     study_budget,
+    trusted_run_dir,
     type_mismatches,
     values_text,
     yaml_budget,
@@ -118,6 +119,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--as_job", action="store_true", help="submit from a small SLURM job (1 CPU, 4G, 1 h)")
     parser.add_argument(
+        "--storage_file", help="file holding the storage URL, instead of --storage (keeps a password off command lines)"
+    )
+    parser.add_argument(
         "--notify_on_finish",
         action=argparse.BooleanOptionalAction,
         help="once every task has ended, a small job exports the best trial [slurm.notify_on_finish]",
@@ -138,13 +142,14 @@ def main(argv=None):
     controls = args.throttle is not None or args.pause or args.resume or args.cancel
     config = None
     try:
+        read_storage_file(args)
         check_flags(args)
         looking = args.status or args.export_best is not None or args.report or args.dashboard is not None
         if looking or controls or args.check_storage:
             config = config_versions.load(yaml_from_args(args), flag_overrides(args))  # works mid-edit too
             if args.check_storage:
                 return check_storage(config, args.repair)
-            study = open_existing_study(config)
+            study = open_existing_study(config, reading=not controls)  # a teammate may look, not steer
             return control(args, study, config) if controls else look(args, study, config)
         if args.as_job:
             return submit_as_job(args, config_from_args(args), argv)
@@ -173,6 +178,14 @@ def check_flags(args):
         raise ConfigError("--repair", "repair", "works only with --check_storage", "pass --check_storage --repair")
     if args.trial is not None and args.export_best is None:
         raise ConfigError("--trial", "trial", "works only with --export_best", "pass --export_best --trial N")
+
+
+def read_storage_file(args):
+    """--storage_file (what --as_job hands its job): the URL, from here on as if given by --storage."""
+    if args.storage_file:
+        if args.storage:
+            raise ConfigError("--storage_file", "storage_file", "given with --storage", "pass one of them")
+        args.storage = storage_url(None, args.storage_file)
 
 
 def look(args, study, config):
@@ -225,9 +238,8 @@ def check_and_prepare(args, config):
     url, storage = check_inputs(args, config)
     prepare_data(config, config.path)
     data_dir = stage_data(config) if args.cluster else None
-    storage = storage or open_storage(config, None, config.path)  # the journal file, once all passed
-    if args.group_access:
-        run_dir(config).chmod(0o750)
+    trusted_run_dir(config, args.group_access)  # created (or closed) once all passed
+    storage = storage or open_storage(config, None, config.path)  # the journal file
     return storage, url, data_dir
 
 
@@ -254,6 +266,7 @@ def check_inputs(args, config):
         check_request(config)
     if args.cluster:
         scratch_dir(config)
+    trusted_run_dir(config, args.group_access, create=False)  # one there already: before anything is written
     url = storage_url(config)
     return url, open_storage(config, url, source) if url else None  # an unreachable server fails first
 
@@ -485,15 +498,17 @@ def storage_reference(config, url):
     """A URL from the command line or the environment may hold a password: workers get it from a 0600 file."""
     if not url or (config["study"]["storage"] and "storage" not in config.overrides):
         return None  # the journal file, or a URL the workers read from the YAML themselves
-    storage_file = make_run_dir(config) / "storage_url"
-    storage_file.touch(mode=0o600)
-    storage_file.write_text(url + "\n")
+    storage_file = trusted_run_dir(config) / "storage_url"
+    fd = os.open(storage_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # one written by older versions may be wider
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
     return storage_file
 
 
 def write_array_file(config, n_tasks, data_dir, storage_file):
     folder, slurm = run_dir(config), config["slurm"]
-    (folder / "slurm_logs").mkdir(parents=True, exist_ok=True)
+    run_subdir(config, "slurm_logs")
     python = "python" if slurm["setup"] else sys.executable  # setup lines bring their own environment
     command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", "1"]
     script = folder / "array_job.sbatch"
@@ -602,8 +617,8 @@ FINISH_STEPS = [["--status"], ["--export_best"]]  # what the finish job runs; ad
 
 def render_job(template, config, filename, **fields):
     """A small job file in the run directory, from one of templates/."""
-    slurm, folder = config["slurm"], make_run_dir(config)
-    (folder / "slurm_logs").mkdir(exist_ok=True)
+    slurm, folder = config["slurm"], trusted_run_dir(config)
+    run_subdir(config, "slurm_logs")
     directives = [f"#SBATCH --{key}={slurm[key]}" for key in ("partition", "account", "qos") if slurm[key]]
     script = folder / filename
     script.write_text(
@@ -627,7 +642,8 @@ def submit_as_job(args, config, argv):
     """--as_job: check everything here, then a small job runs this same command without --as_job."""
     check_inputs(args, config)
     name = config["study"]["study_name"]
-    command = [python_in_jobs(config), PROJECT / "submit_study.py", *[a for a in argv if a != "--as_job"]]
+    reference = storage_reference(config, storage_url(config))
+    command = [python_in_jobs(config), PROJECT / "submit_study.py", *job_arguments(argv, reference)]
     script = render_job(
         SUBMIT_TEMPLATE,
         config,
@@ -644,6 +660,19 @@ def submit_as_job(args, config, argv):
         f"  squeue --me --jobs={job}\n  cat {run_dir(config)}/slurm_logs/optuna_submit_{name}_{job}.out"
     )
     return 0
+
+
+def job_arguments(argv, storage_file):
+    """The command line for the job: without --as_job, and a storage URL (it may hold a password) by reference."""
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--storage", "--storage_file"):
+            skip = True  # and its value
+        elif word != "--as_job" and not word.startswith(("--storage=", "--storage_file=")):
+            words.append(word)
+    return words + (["--storage_file", str(storage_file)] if storage_file else [])
 
 
 def submit_finish_job(study, config):
@@ -724,8 +753,9 @@ def run_local(args, config, study, storage_file):
 
 
 # ---------------------------------------------------------------- status
-def open_existing_study(config):
-    """The submitted study, for status and export; creates nothing."""
+def open_existing_study(config, reading=True):
+    """The submitted study, for status and export; creates nothing. `reading`: a teammate's run directory will do."""
+    trusted_run_dir(config, reading=reading, create=False)
     name, saved_url = config["study"]["study_name"], run_dir(config) / "storage_url"
     url = storage_url(config) or (storage_url(config, saved_url) if saved_url.exists() else None)
     if not url and not (run_dir(config) / "journal.log").exists():
@@ -735,7 +765,7 @@ def open_existing_study(config):
             f"no study {name!r} in {run_dir(config)}",
             "submit it first, or pass the --study_name it was submitted with",
         )
-    storage = open_storage(config, url, config.path)
+    storage = open_storage(config, url, config.path, reading)
     if name not in optuna.get_all_study_names(storage):  # summaries would deep-copy every trial
         raise ConfigError(
             config.path,
@@ -933,7 +963,7 @@ def check_storage(config, repair):
     lock_age = path and journal.stale_lock(path)
     if lock_age:
         print(f"stale lock {journal.lock_path(path)}: {lock_age:.0f} s old, its holder died mid-append")
-    study = open_existing_study(config)
+    study = open_existing_study(config, reading=not repair)
     tasks = liveness.squeue_tasks(study_jobs(study))
     stuck = stuck_trials(study, tasks)
     if not repair:

@@ -6,7 +6,7 @@ and whether to stop. The same objective still runs unchanged under `study.optimi
     def objective(trial):
         lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
         checkpoint = trial_control.trial_dir(trial) / "checkpoint.pt"
-        state = torch.load(checkpoint) if checkpoint.exists() else {"epoch": 0, "val_loss": None}
+        state = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else {"epoch": 0, "val_loss": None}
         for epoch in range(state["epoch"], 100):
             ...                                        # train one epoch
             trial.report(val_loss, epoch)

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,11 +79,14 @@ from experiment import (
     prepare_data,
     resolve_config,
     run_dir,
+    run_subdir,
     sample_params,
     still_to_run,
     storage_url,
     study_budget,
+    trusted_run_dir,
     values_text,
+    without_credentials,
     yaml_from_args,
 )
 
@@ -207,8 +211,9 @@ PROGRESS = "progress.jsonl"  # the curve of a trial with several objectives, one
 class TrialHandle:
     """What a trainer gets besides its config: report, and checkpoints that survive a requeue."""
 
-    def __init__(self, trial, folder, stop):
+    def __init__(self, trial, folder, stop, trusted=False):
         self.trial, self.folder, self.stop = trial, folder, stop
+        self.trusted = trusted  # study.trusted_checkpoints: unpickle anything (the trainer's own objects)
         self.checkpoint = folder / checkpoints.CHECKPOINT
         self.saves = 0
         self.reports_since_stop = 0
@@ -241,12 +246,15 @@ class TrialHandle:
                 raise Interrupted(self.stop.received)
 
     def load_checkpoint(self):
+        """The state save_checkpoint() stored, loaded as data (tensors, numbers, strings, lists, dicts).
+
+        Whoever can write a checkpoint.pt must not get to run code in the next trial that loads it;
+        study.trusted_checkpoints: true loads any pickle, for state that needs more.
+        """
         if not self.checkpoint.exists():
             return None
-        import torch  # only trainers that checkpoint need it; the worker's start-up stays light
-
         log.info("trial %d resumes from %s", self.trial.number, self.checkpoint)
-        return torch.load(self.checkpoint, weights_only=False)
+        return load_state(self.checkpoint, self.trusted)
 
     def save_checkpoint(self, state):
         save_atomically(state, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
@@ -257,6 +265,28 @@ class TrialHandle:
     def save_weights(self, state):
         """The trained model (e.g. model.state_dict()): `make best` exports the best trial's as best_trial.pt."""
         save_atomically(state, self.folder / checkpoints.WEIGHTS)
+
+
+class UntrustedCheckpoint(Exception):
+    """A checkpoint that holds more than data, loaded without study.trusted_checkpoints: the trial fails."""
+
+
+def load_state(path, trusted=False):
+    import pickle
+
+    import torch  # only trainers that checkpoint need it; the worker's start-up stays light
+
+    try:
+        return torch.load(path, weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if trusted:
+            raise
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        why = f"it would call {found.group(1)}" if found else "not loadable as data"
+        raise UntrustedCheckpoint(
+            f"{path} holds more than data ({why}), so it was not loaded; save tensors, numbers, lists and dicts, "
+            "or set study.trusted_checkpoints: true if only your trainer can have written it"
+        ) from None
 
 
 def save_atomically(state, path):
@@ -491,15 +521,15 @@ def adopt_origin_checkpoint(study, trial, handle, config):
 # ---------------------------------------------------------------- running one trial
 def run_trial(study, trial, config, stop):
     """Train the trial and tell the study; the Outcome says whether it ended or goes on later."""
-    folder = run_dir(config) / "trials" / str(trial.number)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run_subdir(config, "trials", trial.number)
     file_log = logging.FileHandler(folder / "worker.log")
     file_log.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(file_log)
     try:
         record_owner(trial, folder, config)
         with heartbeat(study, trial):
-            return train_and_tell(study, trial, config, TrialHandle(trial, folder, stop))
+            handle = TrialHandle(trial, folder, stop, config["study"]["trusted_checkpoints"])
+            return train_and_tell(study, trial, config, handle)
     finally:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
@@ -508,7 +538,7 @@ def run_trial(study, trial, config, stop):
 def prepare_trial(study, trial, config, handle):
     """Sample (or recall) the params, write the resolved config, continue a dead origin's checkpoint."""
     resolved = resolve_config(config, sample_params(trial, config.get("search_space") or {}))
-    (handle.folder / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (handle.folder / "config.yaml").write_text(yaml.safe_dump(without_credentials(resolved), sort_keys=False))
     log.info("trial %d params: %s", trial.number, trial.params)
     adopt_origin_checkpoint(study, trial, handle, config)
     return resolved
@@ -573,8 +603,7 @@ def keep_result(study, trial, config, metrics, values):
     attrs.update(metrics=metrics, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     retries.add_result(study, frozen, values, attrs)
     number = retries.result_of(study.get_trials(deepcopy=False), frozen.number).number
-    old, new = run_dir(config) / "trials" / str(frozen.number), run_dir(config) / "trials" / str(number)
-    new.mkdir(parents=True, exist_ok=True)
+    old, new = run_dir(config) / "trials" / str(frozen.number), run_subdir(config, "trials", number)
     for name in (checkpoints.WEIGHTS, checkpoints.CHECKPOINT, "config.yaml", "metrics.json"):
         if (old / name).exists():
             os.replace(old / name, new / name)
@@ -600,7 +629,7 @@ def run_trainer(study, trial, config, handle):
 def run_objective(study, trial, config, handle):
     """A plain Optuna objective(trial), unchanged: it suggests its own params and returns its value."""
     objective = load_objective(config, config.path)
-    (handle.folder / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    (handle.folder / "config.yaml").write_text(yaml.safe_dump(without_credentials(config), sort_keys=False))
     adopt_origin_checkpoint(study, trial, handle, config)
     trial_control.Running.folder, trial_control.Running.stop = handle.folder, handle.stop
     handle.stop.interrupt_now = True  # until the objective asks stop_requested() itself
@@ -744,6 +773,7 @@ STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint
 
 def work(args):
     config = read_config(args)
+    trusted_run_dir(config)  # before its storage, checkpoints or logs are opened
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)
     log.info("sampler: %s", describe_sampler(config))

@@ -149,13 +149,36 @@ INJECTIONS = [
 
 
 @pytest.mark.parametrize("flags", INJECTIONS, ids=[f[0] for f in INJECTIONS])
-def test_injection_attempts_run_nothing_and_submit_nothing(experiment, fake_slurm, flags):
+def test_values_that_would_break_the_array_file_are_refused_before_it_is_written(experiment, fake_slurm, flags):
     env, calls = fake_slurm
     out = run_script("submit_study.py", "--config", experiment, *flags, env=env)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert not calls.exists()
-    assert not os.path.exists("/tmp/pwned")
     assert not (experiment.parent / "runs").exists()
+
+
+def test_shell_code_in_the_values_validation_lets_through_stays_text_when_the_array_file_runs(tmp_path):
+    """runs_dir, the data's scratch folder and PYTHONPATH may hold $(...), `...` and ';': run the rendered
+    file with bash, as a task would, with a stub python that only records its arguments."""
+    hostile = "x$(touch${IFS}PWNED)`touch${IFS}PWNED`;touch${IFS}PWNED"
+    path = write_experiment(tmp_path / "exp", {"study.runs_dir": f"runs{hostile}", "slurm.setup": ["true"]})
+    env = {"SCRATCH": str(tmp_path / f"scratch{hostile}"), "PYTHONPATH": f"lib{hostile}"}
+    out = run_script("submit_study.py", "--config", path, "--cluster", "--no-submit_jobs", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    stub = tmp_path / "stubbin"
+    stub.mkdir()
+    (stub / "python").write_text(
+        '#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_ARGS"; echo "$PYTHONPATH" >> "$STUB_ARGS"\n'
+    )
+    (stub / "python").chmod(0o755)
+    script = path.parent / f"runs{hostile}" / "tiny" / "array_job.sbatch"
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "STUB_ARGS": str(tmp_path / "args.txt")}
+    task = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert task.returncode == 0, task.stdout + task.stderr
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    assert str(path.parent / f"runs{hostile}") in args, args  # the worker got the folder's name as it is
+    assert f"{tmp_path}/scratch{hostile}/tiny/data" in args and args[-1] == f"lib{hostile}", args
+    assert not list(tmp_path.rglob("PWNED")), "the payload ran"
 
 
 def test_rendered_file_runs_a_trial_and_quotes_hostile_paths(tmp_path):
@@ -187,9 +210,56 @@ def test_storage_from_the_environment_is_passed_by_reference(experiment, tmp_pat
     assert "SQLite may hand one retried trial to two workers" in out.stderr
 
 
-def test_passwords_are_masked_when_printed():
-    assert mask_password("postgresql://alice:s3cret@db:5432/optuna") == "postgresql://alice:***@db:5432/optuna"
-    assert mask_password("sqlite:///runs/x.db") == "sqlite:///runs/x.db"
+MASKED = [
+    ("postgresql://alice:s3cret@db:5432/optuna", "postgresql://***@db:5432/optuna"),
+    ("postgresql+psycopg2://alice:p@ss@w0rd@db/optuna", "postgresql+psycopg2://***@db/optuna"),  # raw '@'
+    ("postgresql://alice:p%40ss%40w0rd@db/optuna", "postgresql://***@db/optuna"),  # '@' as %40
+    ("postgresql://alice:pa/ss?x@db/optuna", "postgresql://***@db/optuna"),  # raw '/' and '?'
+    (
+        "postgresql://db/optuna?user=alice&password=s3cret&sslmode=require",
+        "postgresql://db/optuna?user=alice&password=***&sslmode=require",
+    ),
+    ("mysql+pymysql://db/optuna?PASSWD=s3cret", "mysql+pymysql://db/optuna?PASSWD=***"),
+    ("sqlite:///runs/x.db", "sqlite:///runs/x.db"),
+    ("sqlite:////data/me@lab/x.db", "sqlite:////data/me@lab/x.db"),
+    ("cannot open 'postgresql://alice:p@ss@db/optuna' (refused)", "cannot open 'postgresql://***@db/optuna' (refused)"),
+]
+
+
+@pytest.mark.parametrize("url,shown", MASKED)
+def test_passwords_are_masked_when_printed(url, shown):
+    assert mask_password(url) == shown
+
+
+SECRET_URL = "sqlite:///{}/s.db?password=s3cret"  # SQLite ignores the key: a URL with a secret, no server needed
+
+
+def test_as_job_passes_the_storage_by_reference_and_prints_no_password(experiment, tmp_path):
+    url = SECRET_URL.format(tmp_path)
+    out = run_script("submit_study.py", "--config", experiment, "--as_job", "--no-submit_jobs", "--storage", url)
+    assert out.returncode == 0, out.stderr
+    folder = experiment.parent / "runs" / "tiny"
+    job = (folder / "submit_job.sbatch").read_text()
+    assert "s3cret" not in job + out.stdout + out.stderr
+    command = job.strip().splitlines()[-1]
+    assert command.endswith(f"--storage_file {folder}/storage_url") and "--as_job" not in command, command
+    assert "--storage " not in command, command
+    assert (folder / "storage_url").read_text().strip() == url
+    assert stat.S_IMODE((folder / "storage_url").stat().st_mode) == 0o600
+    # What the job runs: the same submission, the URL read from that file.
+    again = run_script("submit_study.py", *command.split()[2:])
+    assert again.returncode == 0, again.stderr
+    assert "s3cret" not in again.stdout + again.stderr + rendered(experiment)
+    assert "password=***" in again.stdout, again.stdout
+
+
+def test_trial_configs_and_exports_carry_no_credentials(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 1, "study.storage": SECRET_URL.format(tmp_path)})
+    out = run_script("submit_study.py", "--config", path, "--local", 1)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    trial_config = (path.parent / "runs/tiny/trials/0/config.yaml").read_text()
+    assert "s3cret" not in trial_config and "password=***" in trial_config
+    assert "s3cret" not in (path.parent / "best_trial.yaml").read_text() + out.stdout + out.stderr
 
 
 def test_cluster_mode_stages_the_data_to_scratch(experiment, tmp_path):

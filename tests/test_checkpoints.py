@@ -1,13 +1,14 @@
 """Weights and checkpoints on disk: the best model is exported, what nobody will read again is deleted."""
 
 import copy
+import subprocess
 import types
 
 import optuna
 import pytest
 import torch
 import yaml
-from conftest import finished, load_study, run_script, write_experiment
+from conftest import finished, load_study, plugin_experiment, run_script, write_experiment
 
 import checkpoints
 import experiment
@@ -31,8 +32,8 @@ def test_best_export_writes_the_best_trials_weights_and_the_rest_is_cleaned(tmp_
 
     exported = yaml.safe_load((path.parent / "best_trial.yaml").read_text())
     assert exported["best_trial"]["weights"] == str(path.parent / "best_trial.pt")
-    weights = torch.load(path.parent / "best_trial.pt")
-    saved = torch.load(trials / str(best) / "weights.pt")
+    weights = torch.load(path.parent / "best_trial.pt", weights_only=True)
+    saved = torch.load(trials / str(best) / "weights.pt", weights_only=True)
     assert len(weights["models"]) == 2 and weights["dims"]["d_in"] == 1 + study.best_params["model.d_pos"]
     assert all(torch.equal(weights["models"][0][k], saved["models"][0][k]) for k in saved["models"][0])
     assert "disk: " in run_script("submit_study.py", "--config", path, "--status").stdout
@@ -129,7 +130,7 @@ def test_a_walltime_signal_before_the_first_save_still_gets_its_checkpoint(tmp_p
     handle.report(0.5, 0)  # the first epoch's report: the trainer has yet to save
     with pytest.raises(worker.Interrupted):
         handle.save_checkpoint({"epoch": 0})
-    assert torch.load(handle.checkpoint) == {"epoch": 0}, "saved before the stop"
+    assert torch.load(handle.checkpoint, weights_only=True) == {"epoch": 0}, "saved before the stop"
     never_saves = worker.TrialHandle(study.ask(), tmp_path, stop)
     never_saves.report(0.5, 0)
     with pytest.raises(worker.Interrupted):
@@ -149,3 +150,44 @@ def test_a_stop_in_the_last_epoch_still_returns_its_metrics_after_the_requeue(tm
         ishigami_lstm.train(resolved, stopped)  # its one epoch, saved, then the stop
     again = worker.TrialHandle(trial, tmp_path, types.SimpleNamespace(received=None))
     assert "val_mae_mean" in ishigami_lstm.train(resolved, again)
+
+
+class RunsCode:
+    """What a swapped checkpoint.pt could hold: unpickling it calls `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+def swapped_checkpoint_resumed(path):
+    """A retry resumes from trial 0's checkpoint.pt, which someone replaced; returns (the retry, the marker)."""
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study = load_study(path)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # trial 0: its worker died
+    folder = path.parent / "runs/tiny/trials/0"
+    folder.mkdir(parents=True, mode=0o700)
+    marker = path.parent / "marker"
+    torch.save({"epoch": 1, "extra": RunsCode(marker)}, folder / "checkpoint.pt")
+    study.enqueue_trial({"model.d_pos": 2, "training.lr": 0.01}, user_attrs={"retry_of": 0})
+    out = run_script("worker.py", "--config", path)
+    return out, load_study(path).trials[1], marker
+
+
+def test_a_swapped_checkpoint_is_loaded_as_data_and_runs_nothing(tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 1, "training.sleep": 0.01, "training.epochs": 2})
+    out, retry, marker = swapped_checkpoint_resumed(path)
+    assert not marker.exists(), "the pickle's callable ran"
+    assert retry.state.name == "FAIL", out.stdout[-2000:]
+    reason = retry.user_attrs["fail_reason"]
+    assert "UntrustedCheckpoint" in reason and "study.trusted_checkpoints: true" in reason, reason
+    assert str(path.parent / "runs/tiny/trials/1/checkpoint.pt") in reason and "it would call " in reason, reason
+
+
+def test_trusted_checkpoints_load_the_trainers_own_objects(tmp_path):
+    changes = {"study.n_trials": 1, "training.sleep": 0.01, "training.epochs": 2, "study.trusted_checkpoints": True}
+    out, retry, marker = swapped_checkpoint_resumed(plugin_experiment(tmp_path, changes))
+    assert retry.state.name == "COMPLETE", out.stdout[-2000:]
+    assert marker.exists(), "a full pickle, as the key says"

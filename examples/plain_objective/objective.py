@@ -53,7 +53,7 @@ def objective(trial):
     checkpoint = trial_control.trial_dir(trial) / "checkpoint.pt"
     start, val_loss = 0, None
     if checkpoint.exists():  # a requeued or retried trial goes on where it stopped
-        state = torch.load(checkpoint, map_location=DEVICE)
+        state = torch.load(checkpoint, map_location=DEVICE, weights_only=True)  # data only: no code runs
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, val_loss = state["epoch"], state["val_loss"]  # the loss too: the stop may have come in the last epoch
