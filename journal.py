@@ -179,6 +179,15 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
         """This storage no longer has the study open; a repair rewrites the journal once no process has."""
         self._release()
 
+    def __getstate__(self):
+        # A storage sent to another process (Optuna pickles it for one) holds the lock there, not a copy of ours.
+        return {k: v for k, v in self.__dict__.items() if k not in ("readers", "_release")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.readers = Readers(self._file_path)
+        self._release = weakref.finalize(self, self.readers.close)
+
     def read_logs(self, log_number_from):
         with open(self._file_path, "rb") as f:
             self._follow_rewrite(f)
