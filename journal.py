@@ -6,8 +6,8 @@ next writer glues its op onto it, and from then on Optuna's reader raises JSONDe
 load (optuna#5138): the study is dead. Here:
 
 - Appending: under the lock, a torn last line is first sealed with a newline, so every op gets a
-  line of its own. The journal is only ever appended to: every live reader keeps byte offsets into
-  it, and a rewrite would make them skip or repeat ops.
+  line of its own. The journal is only appended to, but for a repair: every live reader keeps byte
+  offsets into it.
 - Reading: a line that holds no op (a sealed torn op, garbage) is skipped with a warning naming its
   line and byte offset; a whole op glued onto a torn one (written by a plain Optuna writer) is
   recovered. An unterminated last line is an append in progress, or a torn one not sealed yet:
@@ -15,11 +15,22 @@ load (optuna#5138): the study is dead. Here:
 - Locking: Optuna's lock file; with JOURNAL_LOCK=queued, a queue in front of it (a fcntl lock), so
   that hundreds of writers do not poll it (JournalLock). The flush to disk comes after the lock.
 - Loading: a snapshot of Optuna's replayed study (journal.log.snapshot, BaseJournalSnapshot) is
-  restored, checked against the journal's bytes first, and only the ops after it are parsed
-  (Snapshot).
+  restored, once it proves to be this user's and to match the journal (journal_snapshot.py), and
+  only the ops after it are parsed.
 - Checking and repairing: scan() lists the bad lines, stale_lock() a lock left by a dead process;
-  rewrite() drops the bad lines so that Optuna's own strict reader reads the study again. It must
-  only run while no worker is alive (the caller checks that) and after backup().
+  rewrite() drops the bad lines so that Optuna's own strict reader reads the study again, after
+  backup(). It rewrites only while no other process has the study open: each holds a shared lock
+  on journal.log.readers from open_journal() until close() or its exit, and rewrite() needs it
+  alone (StudyInUse otherwise). The caller also checks that no worker lives, since a filesystem
+  may not show the lock: one without fcntl locks (NFS `nolock`, Lustre `noflock`) says so once;
+  one that keeps them per node (Lustre `localflock`, NFS `local_lock`) hides the other nodes'
+  processes without an error (journal_readers.py). There the repair rewrites once the caller's
+  checks pass, and a process that still has the study open follows the rewrite:
+- Following a rewrite: the rewrite bumps a generation number in journal.log.readers. A reader
+  compares it and the journal's inode on every read; if either changed, it forgets its byte offsets
+  and reads the new file from its start, and a snapshot records both, so that none is saved from,
+  or trusted for, another file (JournalFile._follow_rewrite). A journal replaced by a file that does
+  not continue the ops it has read stops the process with one line (JournalReplaced).
 
 Ops are numbered by their order in the file, bad lines not counted, so every process (and a later
 BaseJournalSnapshot, which stores the number of ops it has applied) agrees on the numbering, before
@@ -27,16 +38,14 @@ and after a rewrite. Optuna's private classes come through optuna_internals.py.
 """
 
 import atexit
-import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
 import time
-import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +53,8 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 import optuna_internals
+from journal_readers import NO_FCNTL, Readers, StudyInUse  # noqa: F401  (rewrite() raises it to its callers)
+from journal_snapshot import Snapshot
 from optuna_internals import LOCK_FILE_SUFFIX, BaseJournalFileLock, BaseJournalSnapshot, JournalOperation, get_lock_file
 
 log = logging.getLogger("journal")
@@ -54,12 +65,6 @@ LOCK_GRACE_S = 30  # Optuna's lock grace: a lock file unchanged this long is bro
 CACHE_PATTERN = "{name}.snapshot*"
 QUEUE_SUFFIX = ".flock"  # the file that journal writers take a fcntl lock on, in turn
 HOLDER_MARK = "journal-lock"  # a lock file a JournalLock created says "<mark> <host> <pid> <process start>"
-# fcntl lock errors that mean "not on this filesystem" (a lost lock server is ENOLCK too): use the lock file alone.
-NO_FCNTL = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
-SNAPSHOT_FORMAT = 1
-# The journal bytes a snapshot vouches for: the first ones (the study's creation, with a random worker
-# id) and the last before its offset. A rewrite or another journal changes them; reading them is cheap.
-FINGERPRINT_BYTES = 4096
 # A load that replayed this many ops past its snapshot (about 100 trials of ~23 ops) writes a new one.
 REFRESH_OPS = 2500
 BACKUP_PATTERN = "{name}.bak-{stamp}"
@@ -157,20 +162,39 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
 
     def __init__(self, path, lock=None):
         super().__init__(str(path), lock_obj=lock or default_lock(str(path)))
+        self.readers = Readers(path)  # this process has the study open: a repair does not rewrite it
+        self._release = weakref.finalize(self, self.readers.close)
         # op number -> (byte offset, line) where reading the next op starts: where each read ended,
         # and where a restored snapshot ends. Not one entry per op: a 100k-trial study has millions.
         self._positions = {0: (0, 1)}
         self._end = (0, 0, 1)  # (ops, offset, line) after the last op handed to Optuna
+        self._identity = None  # (inode, repair generation) of the file those offsets point into
+        self._last = (0, b"")  # (number, bytes) of the last op handed to Optuna
+        self._expect = (0, b"")  # the op a reread of a rewritten journal must find at that number
         self._warned = set()
-        self.snapshot = Snapshot(Path(path))
+        self.snapshot = Snapshot(Path(path), self.readers.generation)
         self.restored = 0  # ops covered by the snapshot this process started from
 
+    def close(self):
+        """This storage no longer has the study open; a repair rewrites the journal once no process has."""
+        self._release()
+
+    def __getstate__(self):
+        # A storage sent to another process (Optuna pickles it for one) holds the lock there, not a copy of ours.
+        return {k: v for k, v in self.__dict__.items() if k not in ("readers", "_release")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.readers = Readers(self._file_path)
+        self._release = weakref.finalize(self, self.readers.close)
+
     def read_logs(self, log_number_from):
-        # Where the last read stopped, even if Optuna stopped consuming it midway (an apply that raised).
-        self._positions[self._end[0]] = self._end[1:]
-        number = log_number_from if log_number_from in self._positions else 0
-        offset, line = self._positions[number]
         with open(self._file_path, "rb") as f:
+            self._follow_rewrite(f)
+            # Where the last read stopped, even if Optuna stopped consuming it midway (an apply that raised).
+            self._positions[self._end[0]] = self._end[1:]
+            number = log_number_from if log_number_from in self._positions else 0
+            offset, line = self._positions[number]
             for entry in entries(f, offset, line):
                 if entry.problem and entry.offset not in self._warned:
                     self._warned.add(entry.offset)
@@ -178,11 +202,38 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
                 offset, line = entry.offset + entry.size, entry.line + 1
                 if entry.op is not None:
                     number += 1
+                    if number == self._expect[0]:
+                        self._check_continues(entry.op_bytes)
                     if number > log_number_from:
                         self._end = (number, offset, line)  # Optuna counts an op as read once it has it
+                        self._last = (number, entry.op_bytes)
                         yield entry.op
+        if number < self._expect[0]:
+            self._check_continues(b"")  # fewer ops than this process has read: not a rewrite of its journal
         if number >= self._end[0]:
             self._end = (number, offset, line)  # bad lines after the last op: not read again
+
+    def _follow_rewrite(self, f):
+        """A journal rewritten by a repair since the last read: forget every byte offset, read it again from its start.
+
+        The rewrite keeps every op in its order, so the ops keep their numbers and Optuna's replay goes on
+        from the same op; the op read last must come back at its number (_check_continues).
+        """
+        identity = (os.fstat(f.fileno()).st_ino, self.readers.generation())
+        if self._identity is not None and identity != self._identity:
+            log.warning(
+                "%s: rewritten by a repair since this process read it: read again from the start", self._file_path
+            )
+            self._positions, self._end, self._expect = {0: (0, 1)}, (0, 0, 1), self._last
+        self._identity = identity
+
+    def _check_continues(self, op_bytes):
+        if op_bytes != self._expect[1]:
+            raise JournalReplaced(
+                f"error: {self._file_path}: replaced by a file that does not continue the journal this process "
+                "read (not by a repair): start the command again"
+            )
+        self._expect = (0, b"")
 
     def append_logs(self, logs):
         data = b"".join(json.dumps(op, separators=(",", ":")).encode() + b"\n" for op in logs)
@@ -216,16 +267,21 @@ class JournalFile(JournalFileBackend, BaseJournalSnapshot):
     def save_snapshot(self, snapshot):
         # Optuna pickles its replay result right after reading the journal to its end, under its thread
         # lock: the pickle covers exactly the ops of our last read.
-        self.snapshot.save(snapshot, *self._end)
+        self.snapshot.save(snapshot, *self._end, identity=self._identity)
 
     def load_snapshot(self):
         found = self.snapshot.load()
         if found is None:
             return None
-        (ops, offset, line), payload = found
+        (ops, offset, line), self._identity, payload = found
         self._positions[ops] = (offset, line)  # the replay goes on from there without parsing a line before it
         self.restored = ops
         return payload
+
+
+class JournalReplaced(SystemExit):
+    """The journal was swapped for a file that does not go on from the ops this process has read: it stops
+    with one line rather than mix two studies (a rewrite by a repair keeps the ops, and is followed)."""
 
 
 def _created_finished_or_waiting(op):
@@ -361,121 +417,23 @@ def open_journal(path):
     """
     backend = JournalFile(path)
     storage = optuna.storages.JournalStorage(backend)
-    if backend._end[0] - max(backend.restored, backend.snapshot.covered()) >= REFRESH_OPS:
-        save_snapshot(storage)  # unless a worker that started meanwhile saved one already
+    ops = backend._end[0]
+    # Only where this process may write one (not in a teammate's run directory), and unless a worker
+    # that started meanwhile saved one already.
+    behind = ops - backend.restored >= REFRESH_OPS
+    if behind and backend.snapshot.writable() and ops - backend.snapshot.covered() >= REFRESH_OPS:
+        save_snapshot(storage)
     return storage
+
+
+def close(storage):
+    """Let go of a storage from open_journal: this process no longer has the study open (for a repair)."""
+    optuna_internals.journal_backend(storage).close()
 
 
 def save_snapshot(storage):
     """Save the journal storage's replayed state as its snapshot now (as Optuna does every 100 trials)."""
     optuna_internals.save_journal_snapshot(storage)
-
-
-# ---------------------------------------------------------------- snapshot
-class Snapshot:
-    """`journal.log.snapshot`: a pickle of Optuna's replayed study, and which bytes of the journal it covers.
-
-    One JSON line, then the pickle. The line says how many ops the pickle has applied, the byte offset
-    and line where they end, a digest of the journal's first bytes and of those just before that
-    offset, a digest of the pickle, and the Optuna version that wrote it. A snapshot is never trusted
-    over the journal: one that does not match the journal's bytes (rewritten by a repair, another
-    journal), is damaged, or comes from another Optuna version is ignored, and the whole journal is
-    replayed. One that is merely behind is extended by the ops after it. Being a pickle, it lives only
-    in the run directory (0700) and is written 0600.
-    """
-
-    def __init__(self, journal_path):
-        self.journal = journal_path
-        self.path = journal_path.with_name(journal_path.name + ".snapshot")
-        self.rejected = False  # this process found it damaged or mismatched: the next save replaces it
-
-    def save(self, payload, ops, offset, line):
-        if ops <= self.covered():
-            return  # a concurrent worker saved one at least as recent
-        meta = {
-            "format": SNAPSHOT_FORMAT,
-            "optuna": optuna.__version__,
-            "ops": ops,
-            "offset": offset,
-            "line": line,
-            "journal": self._fingerprint(offset),
-            "sha256": hashlib.sha256(payload).hexdigest(),
-        }
-        # A unique name per writer, renamed into place: concurrent writers never mix their bytes, and a
-        # reader sees a whole snapshot or the one before. Matches CACHE_PATTERN, so a repair removes leftovers.
-        partial = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.partial")
-        try:
-            # Readable by the group only where the run directory is (--group_access: 0750): a teammate's
-            # status reads it, and nobody but the owner can write it or the directory.
-            group = os.stat(self.path.parent).st_mode & 0o040
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 | group)
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(meta).encode() + b"\n")
-                f.write(payload)
-            os.replace(partial, self.path)  # no fsync: a snapshot torn by a crash fails its digest
-            self.rejected = False
-        except (OSError, ValueError) as e:  # a full disk costs the next loads time, never a trial
-            log.warning("%s: snapshot not written (%s): loads replay the whole journal", self.path, e)
-        finally:
-            partial.unlink(missing_ok=True)
-
-    def covered(self):
-        """Ops covered by the snapshot on disk if it matches the journal (0 otherwise), from its first line only.
-
-        The digest of its pickle is not checked here: a damaged one is rejected by the next load, which
-        then saves over it (`rejected`).
-        """
-        try:
-            with open(self.path, "rb") as f:
-                meta = self._meta(f.readline())
-        except OSError:
-            return 0
-        return 0 if self.rejected or isinstance(meta, str) else meta["ops"]
-
-    def load(self):
-        """((ops, offset, line), pickle) of a snapshot that matches the journal; else None."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:  # a teammate's status (--group_access): the snapshot is the owner's only
-            log.warning("%s: unreadable (%s): the whole journal is replayed", self.path, e.strerror)
-            return None
-        head, _, payload = data.partition(b"\n")
-        meta = self._meta(head)
-        if not isinstance(meta, str) and hashlib.sha256(payload).hexdigest() != meta["sha256"]:
-            meta = "its bytes are damaged"
-        if isinstance(meta, str):
-            self.rejected = True
-            log.warning("%s: ignored, %s: the whole journal is replayed", self.path, meta)
-            return None
-        return (meta["ops"], meta["offset"], meta["line"]), payload
-
-    def _meta(self, head):
-        """The snapshot's first line if it is one of this Optuna and matches the journal; else why not."""
-        try:
-            meta = json.loads(head)
-            meta.update(ops=int(meta["ops"]), offset=int(meta["offset"]), line=int(meta["line"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return "not a snapshot of this tool"
-        if meta.get("format") != SNAPSHOT_FORMAT or meta.get("optuna") != optuna.__version__:
-            return f"written by optuna {meta.get('optuna')} (format {meta.get('format')}), this is {optuna.__version__}"
-        if meta["ops"] < 0 or meta["line"] < 1 or meta.get("journal") != self._fingerprint(meta["offset"]):
-            return "it does not match the journal (rewritten by a repair, or replaced)"
-        return meta
-
-    def _fingerprint(self, offset):
-        """Digest of the journal's first bytes and of the bytes just before offset; None if it is shorter."""
-        try:
-            with open(self.journal, "rb") as f:
-                if offset < 0 or os.fstat(f.fileno()).st_size < offset:
-                    return None
-                head = f.read(min(offset, FINGERPRINT_BYTES))
-                f.seek(max(0, offset - FINGERPRINT_BYTES))
-                tail = f.read(offset - f.tell())
-        except OSError:
-            return None
-        return hashlib.sha256(head + b"|" + tail + b"|" + str(offset).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- check and repair
@@ -517,25 +475,39 @@ def backup(path):
 def rewrite(path):
     """Keep only the ops, one per line, in their order; then drop the caches derived from the old file.
 
-    Only while no worker of the study is alive: live readers hold byte offsets into the old file.
+    Only while no other process has the study open: their byte offsets point into the old file. Raises
+    StudyInUse (nothing changed) if one has; where the filesystem hides them (journal_readers), the
+    caller's check of the workers decides, and a process still open reads the new file from its start.
     Returns the number of ops kept.
     """
     path = Path(path)
-    with get_lock_file(default_lock(str(path))):  # a stray writer (the optuna CLI) waits
-        with open(path, "rb") as f:
-            kept = [e.op_bytes + b"\n" for e in entries(f, tail=True) if e.op is not None]
-        partial = path.with_name(path.name + ".repair")
-        try:
-            with open(partial, "wb") as f:
-                f.write(b"".join(kept))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)  # never half a journal, even on a full disk
-        finally:
-            partial.unlink(missing_ok=True)
+    readers = Readers(path)
+    try:
+        with readers.exclusive(), get_lock_file(default_lock(str(path))):  # a stray writer (the optuna CLI) waits
+            with open(path, "rb") as f:
+                kept = [e.op_bytes + b"\n" for e in entries(f, tail=True) if e.op is not None]
+            readers.bump()  # before the new file appears: a reader that opens it sees the new generation
+            _replace(path, b"".join(kept))
+    finally:
+        readers.close()
     for cache in path.parent.glob(CACHE_PATTERN.format(name=path.name)):
         cache.unlink()
     return len(kept)
+
+
+def _replace(path, data):
+    """The journal holds data, whole (never half a journal, even on a full disk), with its permissions."""
+    partial = path.with_name(path.name + ".repair")
+    partial.unlink(missing_ok=True)  # left by a repair killed mid-write
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, os.stat(path).st_mode & 0o777)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def strict_read(path):

@@ -64,3 +64,8 @@ def save_journal_snapshot(storage):
     with storage._thread_lock:
         storage._sync_with_backend()
         storage._backend.save_snapshot(pickle.dumps(storage._replay_result))
+
+
+def journal_backend(storage):
+    """The backend (journal.JournalFile) of a JournalStorage."""
+    return storage._backend

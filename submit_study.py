@@ -955,8 +955,9 @@ def check_storage(config, repair):
 
     With --repair, after a backup of the journal: the stale lock is removed, the stuck trials are
     failed and retried (as any reconcile does), and the journal is rewritten without its bad lines
-    so that Optuna's own reader reads it again; that only while no worker of the study lives, since
-    live readers hold byte offsets into it. Exit 0 when the storage is (now) sound, else 1.
+    so that Optuna's own reader reads it again; that only while no worker of the study lives and no
+    other process has the study open (journal_readers), since live readers hold byte offsets into it.
+    Exit 0 when the storage is (now) sound, else 1.
     """
     path = journal_file(config)
     bad = report_journal(path) if path else []
@@ -1028,7 +1029,11 @@ def rewrite_journal(path, study, tasks, n_bad):
             "meanwhile: run --check_storage --repair again once the study is idle"
         )
         return 0
-    kept = journal.rewrite(path)
+    try:
+        kept = journal.rewrite(path)
+    except journal.StudyInUse as e:
+        print(f"journal not rewritten: {e}: run --check_storage --repair again once the study is idle")
+        return 0
     print(f"journal rewritten without its {n_bad} bad line(s): {kept} ops kept, caches dropped")
     trials = journal.strict_read(path)
     print(f"Optuna's own reader reads it: {trials} trials")

@@ -3,6 +3,7 @@
 python tests/processes.py append_ops JOURNAL WORKER_ID COUNT      # append COUNT ops, queued lock
 python tests/processes.py hold_lock JOURNAL queued|open           # print "locked", release on a line
 python tests/processes.py hold_lock_forever JOURNAL               # Optuna's open lock, never released
+python tests/processes.py hold_study JOURNAL                      # print "open", close the storage on a line
 python tests/processes.py without MODULE SCRIPT ARGS...           # run SCRIPT as if MODULE were missing
 """
 
@@ -39,6 +40,13 @@ def hold_lock_forever(path):
     time.sleep(600)
 
 
+def hold_study(path):
+    storage = journal.open_journal(path)  # as a worker between trials, status or the dashboard has it
+    print("open", flush=True)
+    sys.stdin.readline()
+    journal.close(storage)
+
+
 def without(module, script, *args):
     sys.modules[module] = None  # `import module` now raises ImportError, as when it is not installed
     sys.argv = [script, *args]
@@ -48,6 +56,6 @@ def without(module, script, *args):
 
 if __name__ == "__main__":
     name, *arguments = sys.argv[1:]
-    {"append_ops": append_ops, "hold_lock": hold_lock, "hold_lock_forever": hold_lock_forever, "without": without}[
-        name
-    ](*arguments)
+    programs = {"append_ops": append_ops, "hold_lock": hold_lock, "hold_lock_forever": hold_lock_forever}
+    programs.update(hold_study=hold_study, without=without)
+    programs[name](*arguments)

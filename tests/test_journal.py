@@ -21,6 +21,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.storages.journal._file import get_lock_file
 
 import journal
+import optuna_internals
 
 TORN = b'{"op_code":8,"worker_id":"killed-mid-append","trial_id":0,"user_attr":{"no'
 QUICK = {"training.sleep": 0.05, "training.epochs": 2}
@@ -86,6 +87,7 @@ def test_torn_line_study_goes_on_then_check_and_repair(tmp_path):
     assert "stale lock" in check.stdout and "2 problem(s) left" in check.stdout
     assert log.read_bytes().count(TORN) == 1, "a check changes nothing"
 
+    journal.close(optuna_internals.storage_of(live))  # a process that has the study open stops any rewrite
     repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
     assert repair.returncode == 0, repair.stdout + repair.stderr
     assert "storage OK after the repair" in repair.stdout and "Optuna's own reader reads it: 3 trials" in repair.stdout
@@ -116,6 +118,103 @@ def test_op_glued_onto_a_torn_line_by_plain_optuna_is_recovered(tmp_path, caplog
     ops, bad = journal.scan(log)
     assert len(bad) == 1 and journal.rewrite(log) == ops
     assert [t.state.name for t in strict_load(log).trials] == ["COMPLETE", "RUNNING", "COMPLETE"]
+
+
+# ---------------------------------------------------------------- a rewrite while a process has the study open
+def nine_trials_around_a_bad_line(path):
+    """A study of 9 finished trials with a bad line in the middle, which a repair removes: later offsets move."""
+    study = optuna.create_study(study_name="s", storage=journal.open_journal(path))
+    for i in range(9):
+        if i == 5:
+            with open(path, "ab") as f:
+                f.write(b"garbage\n")
+        study.tell(study.ask(), float(i))
+    journal.close(optuna_internals.storage_of(study))
+
+
+def trials_of(storage):
+    return [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name="s", storage=storage).trials]
+
+
+def test_a_reader_open_across_a_rewrite_reads_the_new_file_and_its_snapshot_holds_every_trial(tmp_path, caplog):
+    path = tmp_path / "journal.log"
+    nine_trials_around_a_bad_line(path)
+    stale = journal.open_journal(path)  # a --local worker between trials, the dashboard: it keeps byte offsets
+    assert journal.rewrite(path) == journal.scan(path)[0]  # (in this process: only other processes stop it)
+    study = optuna.load_study(study_name="s", storage=journal.open_journal(path))
+    study.tell(study.ask(), 9.0)  # the 10th trial, appended to the rewritten journal
+    with caplog.at_level("WARNING", logger="journal"):
+        journal.save_snapshot(stale)  # reads the new ops, then saves what it has
+    assert "rewritten by a repair since this process read it: read again from the start" in caplog.text
+    assert len(trials_of(stale)) == 10
+    fresh = journal.open_journal(path)
+    assert optuna_internals.journal_backend(fresh).restored > 0, "loaded from the stale reader's snapshot"
+    assert trials_of(fresh) == trials_of(strict_storage(path)) == [(i, "COMPLETE", float(i)) for i in range(10)]
+
+
+def strict_storage(path):
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def test_a_reader_that_has_not_read_the_rewritten_journal_saves_no_snapshot(tmp_path):
+    path = tmp_path / "journal.log"
+    nine_trials_around_a_bad_line(path)
+    stale = journal.open_journal(path)
+    journal.rewrite(path)
+    stale._backend.save_snapshot(b"the state of the old file")  # as Optuna would, before reading again
+    assert not path.with_name("journal.log.snapshot").exists()
+    assert len(trials_of(journal.open_journal(path))) == 9
+
+
+def test_a_reader_whose_journal_is_swapped_for_another_stops_with_one_line(tmp_path):
+    path, other = tmp_path / "journal.log", tmp_path / "other.log"
+    nine_trials_around_a_bad_line(path)
+    nine_trials_around_a_bad_line(other)  # another study of the same shape: its own worker ids
+    stale = journal.open_journal(path)
+    os.replace(other, path)  # not a repair: the ops this process read are not in it
+    with pytest.raises(journal.JournalReplaced) as stopped:
+        trials_of(stale)
+    assert (
+        str(stopped.value).startswith(f"error: {path}: replaced by a file that does not continue")
+        and len(str(stopped.value).splitlines()) == 1
+    )
+
+
+def hold_study(log):
+    """Another process that has the study open (a worker between trials, status, the dashboard)."""
+    holder = subprocess.Popen(
+        [sys.executable, PROJECT / "tests" / "processes.py", "hold_study", log],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "open"
+    return holder
+
+
+def test_the_repair_does_not_rewrite_while_another_process_has_the_study_open(tmp_path):
+    path = plugin_experiment(tmp_path, {**QUICK, "study.n_trials": 1})
+    assert run_script("worker.py", "--config", path).returncode == 0
+    log = journal_of(path)
+    tear(log)
+    holder = hold_study(log)  # no RUNNING trial, no task in squeue: only the lock shows it
+    try:
+        before = log.read_bytes()
+        with pytest.raises(journal.StudyInUse):
+            journal.rewrite(log)
+        repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
+        assert repair.returncode == 1, repair.stdout + repair.stderr
+        refused = [line for line in repair.stdout.splitlines() if line.startswith("journal not rewritten")]
+        assert refused == [
+            "journal not rewritten: a process still has the study open (a worker, --local, status, export or the "
+            "dashboard): run --check_storage --repair again once the study is idle"
+        ]
+        assert log.read_bytes() == before
+    finally:
+        holder.communicate("\n", timeout=60)
+    repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
+    assert repair.returncode == 0 and "storage OK after the repair" in repair.stdout, repair.stdout + repair.stderr
+    assert journal.scan(log)[1] == []
 
 
 def wait_for(condition, timeout=120, what="condition"):
@@ -233,8 +332,11 @@ def test_full_filesystem_mid_study_loses_at_most_the_torn_ops(tmp_path, full_dis
         for _ in range(1000):
             writer.set_user_attr("note", "x" * 300)
     assert full.value.errno == errno.ENOSPC and full.value.filename == str(log)
+    # The --local run failed and retried its workers' trials as they ended (their partial checkpoints,
+    # removed, had left room for that): status has nothing to write, and shows the study on the full disk.
     status = run_script("submit_study.py", "--config", path, "--status")
-    assert status.returncode in (0, 3) and "Traceback" not in status.stderr, status.stderr
+    assert status.returncode == 0 and "error:" not in status.stderr, status.stdout + status.stderr
+    assert "FAIL 2  WAITING 2" in status.stdout and "0/4 finished" in status.stdout, status.stdout
 
     filler.unlink()  # space again: the same command goes on where the study stopped
     again = run_script("submit_study.py", "--config", path, "--local", 2, timeout=240)
@@ -248,6 +350,8 @@ def test_full_filesystem_mid_study_loses_at_most_the_torn_ops(tmp_path, full_dis
     print(f"full disk: {errors[0]}\n{len(bad)} torn op(s) at (line, byte) {[(b.line, b.offset) for b in bad]}")
     assert len(bad) <= len(errors) + 1, [b.problem for b in bad]  # at most the op each failed process was writing
 
+    for opened in (study, writer):
+        journal.close(optuna_internals.storage_of(opened))  # else the repair sees them and does not rewrite
     repair = run_script("submit_study.py", "--config", path, "--check_storage", "--repair")
     assert repair.returncode == 0, repair.stdout + repair.stderr
     assert len(strict_load(log).trials) == len(study.trials) == len(optuna_cli_trials(log))

@@ -4,9 +4,17 @@ A snapshot speeds nothing up at these sizes; these tests check that it is never 
 journal. Real journal files; the last test runs real worker processes.
 """
 
+import hashlib
+import hmac
 import json
 import logging
 import os
+import pickle
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import optuna
 import pytest
@@ -14,6 +22,7 @@ from conftest import finished, load_study, plugin_experiment, run_script
 from optuna.storages.journal import JournalFileBackend
 
 import journal
+import journal_snapshot
 
 X = optuna.distributions.FloatDistribution(0, 1)
 STATES = optuna.trial.TrialState
@@ -91,6 +100,17 @@ def replay(path):
     return seen(optuna.storages.JournalStorage(journal.JournalFile(copy)))
 
 
+def meta_of(head):
+    return json.loads(head.partition(b" ")[2])
+
+
+def signed(meta, key=None):
+    """A snapshot's first line for this metadata, signed with this user's key (or another)."""
+    text = json.dumps(meta).encode()
+    tag = hmac.new(key or journal_snapshot.snapshot_key(), text, hashlib.sha256).hexdigest().encode()
+    return tag + b" " + text
+
+
 def damage(path, how):
     snapshot = snapshot_of(path)
     data = snapshot.read_bytes()
@@ -102,8 +122,7 @@ def damage(path, how):
     elif how == "flipped byte":
         snapshot.write_bytes(head + b"\n" + payload[:-5] + bytes([payload[-5] ^ 1]) + payload[-4:])
     elif how == "other optuna":
-        meta = json.loads(head)
-        snapshot.write_bytes(json.dumps({**meta, "optuna": "3.6.1"}).encode() + b"\n" + payload)
+        snapshot.write_bytes(signed({**meta_of(head), "optuna": "3.6.1"}) + b"\n" + payload)
     elif how == "journal rewritten":
         # The repair drops the bad line in the middle: every later offset moves. (A repair also deletes
         # the snapshot; this one is put back, as if copied back from a backup.)
@@ -189,3 +208,150 @@ def strict(log):
 
 def seen_all(study):
     return [(t.number, t.state, t.values, t.params, t.user_attrs) for t in study.get_trials(deepcopy=False)]
+
+
+# ---------------------------------------------------------------- a snapshot is no way in
+def plant(path, how):
+    """Put something in the snapshot's place that must not be trusted."""
+    snapshot = snapshot_of(path)
+    head, _, payload = snapshot.read_bytes().partition(b"\n")
+    if how == "wrong signature":
+        tag, _, text = head.partition(b" ")
+        snapshot.write_bytes(bytes([tag[0] ^ 1]) + tag[1:] + b" " + text + b"\n" + payload)
+    elif how == "signed by another key":
+        snapshot.write_bytes(signed(meta_of(head), key=b"k" * 32) + b"\n" + payload)
+    elif how == "no ops":
+        # Signed with the right key and matching the journal: at offset 0 it would match any journal.
+        where = journal.Snapshot(path)._journal_at(0)
+        meta = {**meta_of(head), "ops": 0, "offset": 0, "line": 1, "journal": where[2]}
+        snapshot.write_bytes(signed(meta) + b"\n" + payload)
+    elif how == "symbolic link":
+        target = path.with_name("elsewhere")
+        snapshot.rename(target)
+        snapshot.symlink_to(target)
+
+
+@pytest.mark.parametrize("how", ["wrong signature", "signed by another key", "no ops", "symbolic link"])
+def test_an_untrusted_snapshot_is_ignored_with_one_warning_and_rebuilt(path, how, caplog, monkeypatch):
+    add_trials(journal.open_journal(path), 12)
+    journal.save_snapshot(journal.open_journal(path))
+    plant(path, how)
+    monkeypatch.setattr(journal, "REFRESH_OPS", 1)  # this load replays enough to write a new one
+    with caplog.at_level(logging.WARNING, logger="journal"):
+        storage = journal.open_journal(path)
+    assert storage._backend.restored == 0
+    assert [r.getMessage() for r in caplog.records if "snapshot" in r.getMessage()] == [
+        f"{snapshot_of(path)}: ignored, {REASONS[how]}: the whole journal is replayed"
+    ]
+    assert seen(storage) == full_replay(path) and len(seen(storage)) == 12
+
+    again = journal.open_journal(path)
+    assert again._backend.restored == journal.scan(path)[0], "rebuilt from the journal"
+    assert not snapshot_of(path).is_symlink()
+    assert seen(again) == full_replay(path)
+
+
+REASONS = {
+    "wrong signature": "its signature does not verify (not written by this user, or damaged)",
+    "signed by another key": "its signature does not verify (not written by this user, or damaged)",
+    "no ops": "it has applied no ops",
+    "symbolic link": "it is a symbolic link",
+}
+
+
+def test_the_key_is_made_once_0600_in_a_0700_folder_under_xdg_config_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    key = journal_snapshot.snapshot_key()
+    where = tmp_path / "config" / "parallel-optuna" / "snapshot.key"
+    assert journal_snapshot.key_path() == where and len(key) == 32
+    assert where.stat().st_mode & 0o777 == 0o600 and where.parent.stat().st_mode & 0o777 == 0o700
+    journal_snapshot._keys.clear()  # another process of this user reads the same key
+    assert journal_snapshot.snapshot_key() == key
+    assert [p.name for p in where.parent.iterdir()] == ["snapshot.key"]
+
+
+def test_a_teammate_replays_the_journal_with_one_line_and_writes_no_snapshot(path, caplog, monkeypatch):
+    add_trials(journal.open_journal(path), 12)
+    journal.save_snapshot(journal.open_journal(path))
+    owners = snapshot_of(path).read_bytes()
+    monkeypatch.setattr(journal_snapshot.os, "geteuid", lambda: os.getuid() + 4242)  # another user's process
+    monkeypatch.setattr(journal, "REFRESH_OPS", 1)
+    with caplog.at_level(logging.INFO, logger="journal"):
+        storage = journal.open_journal(path)
+        assert seen(storage) == full_replay(path)
+    assert storage._backend.restored == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{snapshot_of(path)}: ignored, it belongs to uid {os.getuid()}, not to this user (uid {os.getuid() + 4242}), "
+        "who cannot verify it: the whole journal is replayed"
+    ]
+    assert snapshot_of(path).read_bytes() == owners
+
+
+# ---------------------------------------------------------------- another Unix user plants one
+@pytest.fixture
+def other_user():
+    """A second Unix user, made for the test (root); outside CI it skips with the reason, with CI=true it must run."""
+    name = f"po-other-{os.getpid()}"
+    problem = None if os.geteuid() == 0 and shutil.which("useradd") else "it creates a Unix user: needs root"
+    if not problem:
+        out = subprocess.run(["useradd", "--user-group", "--no-create-home", name], capture_output=True, text=True)
+        problem = out.returncode and f"useradd failed: {out.stderr.strip()}"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the second-user test cannot run: {problem}")
+        pytest.skip(f"{problem}; run as root (CI does) to plant a snapshot as another user")
+    yield pwd.getpwnam(name)
+    subprocess.run(["userdel", name], capture_output=True, timeout=60)
+
+
+class RunsCode:
+    """Unpickled, it creates the marker file: what a planted pickle could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def planted_snapshot(path, marker):
+    """A snapshot at offset 0, as the format before signatures accepted it for any journal."""
+    payload = pickle.dumps(RunsCode(marker))
+    meta = {"format": 1, "optuna": optuna.__version__, "ops": 0, "offset": 0, "line": 1}
+    meta.update(journal=hashlib.sha256(b"||0").hexdigest(), sha256=hashlib.sha256(payload).hexdigest())
+    return json.dumps(meta).encode() + b"\n" + payload
+
+
+def test_a_snapshot_planted_by_another_user_runs_nothing(other_user, caplog, monkeypatch):
+    base = Path(tempfile.mkdtemp(prefix="po-shared-"))
+    try:
+        base.chmod(0o755)
+        runs = base / "runs"
+        runs.mkdir()
+        os.chown(runs, 0, other_user.pw_gid)
+        runs.chmod(0o2770)  # a run directory the group may write to: the other user is in it
+        path = runs / "journal.log"
+        add_trials(journal.open_journal(path), 12)
+        journal.save_snapshot(journal.open_journal(path))
+        marker = base / "ran"
+        swap = f"cat > {snapshot_of(path)}.new && mv -f {snapshot_of(path)}.new {snapshot_of(path)}"
+        out = subprocess.run(
+            ["sh", "-c", swap],
+            input=planted_snapshot(path, marker),
+            user=other_user.pw_uid,
+            group=other_user.pw_gid,
+            extra_groups=[],
+            capture_output=True,
+            timeout=60,
+        )
+        assert out.returncode == 0 and snapshot_of(path).stat().st_uid == other_user.pw_uid, out.stderr
+        monkeypatch.setattr(journal, "REFRESH_OPS", 1)
+        with caplog.at_level(logging.WARNING, logger="journal"):
+            storage = journal.open_journal(path)
+            assert not marker.exists(), "the planted pickle ran"
+            assert seen(storage) == full_replay(path) and len(seen(storage)) == 12
+        assert f"belongs to uid {other_user.pw_uid}" in caplog.text
+        assert snapshot_of(path).stat().st_uid == os.geteuid(), "replaced by the owner's own"
+        assert seen(journal.open_journal(path)) == full_replay(path) and not marker.exists()
+    finally:
+        shutil.rmtree(base)
