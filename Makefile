@@ -80,7 +80,7 @@ cluster:
 test: venv
 	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the SLURM tests skip (and fail when CI=true)"
 	@bash scripts/local_postgres.sh up >/dev/null || echo "no local PostgreSQL here: its tests skip (and fail when CI=true)"
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -60,6 +60,7 @@ from optuna_internals import LOCK_FILE_SUFFIX, BaseJournalFileLock, BaseJournalS
 log = logging.getLogger("journal")
 OP_START = b'{"op_code":'  # how Optuna's JournalStorage serializes every op
 LOCK_GRACE_S = 30  # Optuna's lock grace: a lock file unchanged this long is broken by the waiters
+MAX_CLOCK_SKEW_S = 120  # how far a file server's clock may be from ours: mtimes younger than this are watched
 # Caches derived from the journal (a snapshot of its replay, say) sit beside it and match this
 # pattern; a rewrite deletes them, since they count ops and bytes of the old file.
 CACHE_PATTERN = "{name}.snapshot*"
@@ -448,13 +449,30 @@ def lock_path(path):
     return Path(str(path) + LOCK_FILE_SUFFIX)
 
 
-def stale_lock(path, now=None):
-    """Age in seconds of a lock file older than Optuna's grace (its holder died mid-append), else None."""
+def stale_lock(path, watch=LOCK_GRACE_S):
+    """Seconds a lock file has been seen held by nobody who lets it go (its holder died mid-append), else None.
+
+    Its mtime comes from the file server's clock, which may be ahead of or behind ours: a lock whose mtime
+    looks older than the grace by more than any clock skew is stale; any other is watched on this machine's
+    monotonic clock, and is stale only if the same file stays for `watch` seconds (an append takes
+    milliseconds).
+    """
+    lock, started = lock_path(path), time.monotonic()
     try:
-        age = (now or time.time()) - lock_path(path).stat().st_mtime
+        first = lock.stat()
     except FileNotFoundError:
         return None
-    return age if age > LOCK_GRACE_S else None
+    if time.time() - first.st_mtime > LOCK_GRACE_S + MAX_CLOCK_SKEW_S:
+        return time.time() - first.st_mtime
+    while time.monotonic() - started < watch:
+        time.sleep(0.2)
+        try:
+            now = lock.stat()
+        except FileNotFoundError:
+            return None
+        if (now.st_ino, now.st_mtime_ns) != (first.st_ino, first.st_mtime_ns):
+            return None  # released and taken again: its holders are alive
+    return time.monotonic() - started
 
 
 def break_lock(path):

@@ -963,7 +963,7 @@ def check_storage(config, repair):
     bad = report_journal(path) if path else []
     lock_age = path and journal.stale_lock(path)
     if lock_age:
-        print(f"stale lock {journal.lock_path(path)}: {lock_age:.0f} s old, its holder died mid-append")
+        print(f"stale lock {journal.lock_path(path)}: held {lock_age:.0f} s by nobody, its holder died mid-append")
     study = open_existing_study(config, reading=not repair)
     tasks = liveness.squeue_tasks(study_jobs(study))
     stuck = stuck_trials(study, tasks)

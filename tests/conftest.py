@@ -111,6 +111,14 @@ def finished(study):
 
 
 # ---------------------------------------------------------------- the local SLURM cluster
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (make test: -n 2 --dist loadgroup) the cluster's tests run one after another in one
+    process: some take the node down or count the queue, which a neighbour's jobs would disturb."""
+    for item in items:
+        if "slurm" in item.fixturenames or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def _cluster_up():
     if not shutil.which("sinfo"):
         return "sinfo not found"

@@ -224,3 +224,19 @@ def test_a_yaml_stamped_by_a_clock_behind_ours_is_read_once_it_settles(tmp_path)
     text = config_versions.read_settled(path, settle=1.0, timeout=10)
     later.join()
     assert text == "study:\n  n_trials: 5\n"
+
+
+def test_a_lock_stamped_by_a_clock_behind_ours_is_not_stale_while_its_holder_lets_it_go(tmp_path):
+    """A login node 40 s ahead of the file server sees a fresh lock as 40 s old: the lock is watched, not dated."""
+    import threading
+
+    import journal
+
+    path = tmp_path / "journal.log"
+    journal.lock_path(path).touch()
+    past = time.time() - 40
+    os.utime(journal.lock_path(path), (past, past))
+    threading.Timer(1.0, journal.lock_path(path).unlink).start()  # the live holder's append ends
+    assert journal.stale_lock(path) is None
+    journal.lock_path(path).touch()
+    assert journal.stale_lock(path, watch=1.0) is not None, "a lock nobody lets go of is stale after the watch"
