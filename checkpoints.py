@@ -57,7 +57,7 @@ def retry_sources(trials, config):
     """
     retried, pending = set(), set()
     for t in trials:
-        chain = retries.history(t) or ([t.user_attrs["retry_of"]] if "retry_of" in t.user_attrs else [])
+        chain = retries.chain(t)
         retried.update(chain)
         copied = (trial_folder(config, t.number) / CHECKPOINT).exists()
         if t.state == State.WAITING or (t.state == State.RUNNING and not copied):

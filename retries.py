@@ -20,6 +20,11 @@ def history(trial):
     return list(trial.system_attrs.get("retry_history") or [])
 
 
+def chain(trial):
+    """history(), or for a retry linked by `retry_of` alone (enqueued by hand or by an older version) that one."""
+    return history(trial) or ([trial.user_attrs["retry_of"]] if trial.user_attrs.get("retry_of") is not None else [])
+
+
 def replaced(trial):
     """The trial this one replaces (retry_history[-1]), or None."""
     chain = history(trial)

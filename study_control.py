@@ -130,8 +130,9 @@ def cancel(study):
     if arrays and again:
         run(["scancel", *sorted(arrays)])  # SIGTERM, SIGKILL after KillWait
     elif arrays:
-        run(["scancel", "--state=PENDING", *sorted(arrays)])
-        run(["scancel", "--state=RUNNING", "--batch", "--signal=TERM", *sorted(arrays)])
+        # A task may end between the squeue that listed it and these: that is no failure of the cancel.
+        run(["scancel", "--state=PENDING", *sorted(arrays)], ok_if="Invalid job id")
+        run(["scancel", "--state=RUNNING", "--batch", "--signal=TERM", *sorted(arrays)], ok_if="Invalid job id")
     # A submit job still queued (--as_job) would submit again, and a submit resumes the study.
     submitters = sorted({line.split("|")[0] for line in squeue(f"--name={submit_job_name(study.study_name)}", "--me")})
     if submitters:

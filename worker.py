@@ -501,7 +501,7 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     if handle.checkpoint.exists():
         return
     trials = run_dir(config) / "trials"
-    chain = retries.history(optuna_internals.frozen(study, trial))
+    chain = retries.chain(optuna_internals.frozen(study, trial))
     origin = next((n for n in reversed(chain) if (trials / str(n) / checkpoints.CHECKPOINT).exists()), None)
     if origin is None:
         return

@@ -111,6 +111,7 @@ def finished(study):
 
 
 # ---------------------------------------------------------------- the local SLURM cluster
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """With pytest-xdist (make test: -n 2 --dist loadgroup) the cluster's tests run one after another in one
     process: some take the node down or count the queue, which a neighbour's jobs would disturb."""

@@ -34,7 +34,7 @@ def assert_study_whole(study, budget):
     assert len(finished(study)) == budget, [(t.number, t.state.name, t.user_attrs) for t in trials]
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     # A task finishes one trial, and one more for each dead worker's trial it failed (it takes over its place).
-    finished_tasks = Counter(t.user_attrs.get("slurm_task") for t in finished(study))
+    finished_tasks = Counter(t.user_attrs["slurm_task"] for t in finished(study) if t.user_attrs.get("slurm_task"))
     extra = sum(n - 1 for n in finished_tasks.values())
     deaths = sum(t.user_attrs.get("fail_reason", "").startswith("worker died") for t in trials)
     assert extra <= deaths, (finished_tasks, deaths)

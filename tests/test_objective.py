@@ -117,4 +117,4 @@ def test_a_plain_objective_through_the_walltime(slurm, tmp_path):
     # Once stopped mid-run; a requeued task whose USR2 comes before the rerun starts requeues once more.
     assert oblivious.user_attrs["requeues"] == oblivious.user_attrs["slurm_restart_count"] >= 1
     log = Path(oblivious.user_attrs["log_path"]).read_text()
-    assert "the objective is stopped and runs again after the requeue" in log
+    assert "the objective stops at its next report, should_prune or suggest call" in log
