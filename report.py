@@ -13,8 +13,10 @@ each retry to the failed trial it continues (dotted).
 import getpass
 import importlib
 import re
+import signal
 import socket
 import sys
+import threading
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -174,10 +176,16 @@ def serve_dashboard(study, config, port):
         f"  then open http://127.0.0.1:{port}/dashboard"
     )
     sys.stdout.flush()
+
+    def stop(signum, frame):
+        # Not a KeyboardInterrupt: one raised while a response is being written is caught and logged
+        # by wsgiref, and the server would go on serving. shutdown() waits for the loop, so not here.
+        threading.Thread(target=server.shutdown, name="dashboard-stop").start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
     return 0

@@ -3,8 +3,10 @@
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timedelta
@@ -104,8 +106,14 @@ def test_the_dashboard_serves_our_trials_on_localhost_read_only(tmp_path):
         with pytest.raises(urllib.error.HTTPError, match="403"):
             get(f"http://127.0.0.1:{port}/api/studies/{studies[0]['study_id']}", method="DELETE")
         assert len(load_study(path).trials) == 2
+        # Ctrl-C while a response is still being written: a browser slow to read the 6 MB bundle
+        slow_reader = socket.create_connection(("127.0.0.1", int(port)))
+        slow_reader.sendall(b"GET /static/bundle.js HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        slow_reader.recv(1)  # the response has begun, and fills the socket's buffers
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0, "Ctrl-C stops the dashboard cleanly"
+        time.sleep(1)
+        slow_reader.close()
+        assert server.wait(timeout=60) == 0, "Ctrl-C stops the dashboard cleanly, even mid-response"
     finally:
         if server.poll() is None:  # a failure above: do not hide it behind a hanging server
             server.kill()
