@@ -38,12 +38,14 @@ and after a rewrite. Optuna's private classes come through optuna_internals.py.
 """
 
 import atexit
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -306,7 +308,9 @@ class JournalLock(BaseJournalFileLock):
     file still decides: so writers that only know it (Optuna's CLI, a filesystem without fcntl locks,
     or one where they are local to a node) are excluded as before. A fcntl lock dies with its process;
     the lock file a killed holder leaves names it, and the next writer in the queue on that host
-    breaks it at once instead of waiting Optuna's 30 s grace.
+    breaks it at once instead of waiting Optuna's 30 s grace. A holder that is alive but stopped
+    (`scontrol suspend`) keeps its fcntl lock: its waiters leave the queue once its lock file has not
+    changed for the grace, and Optuna's own grace then breaks that file.
     """
 
     warned = False  # say once per process that the filesystem has no fcntl locks
@@ -336,15 +340,18 @@ class JournalLock(BaseJournalFileLock):
             self._leave_queue()
 
     def _queue(self):
-        """A descriptor holding the fcntl lock; None where the filesystem has none (NFS nolock, Lustre noflock)."""
+        """A descriptor holding the fcntl lock; None where the filesystem has none (NFS nolock, Lustre noflock),
+        or where the writer ahead makes no progress for Optuna's grace (stopped by `scontrol suspend`, say)."""
         try:
             fd = os.open(self._queue_file, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return None
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)  # sleeps in the kernel until it is ours
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):  # held: wait our turn
+                return fd if self._wait_in_queue(fd) else None
             os.close(fd)
             if e.errno not in NO_FCNTL:
                 raise
@@ -352,6 +359,50 @@ class JournalLock(BaseJournalFileLock):
                 JournalLock.warned = True
                 log.warning("%s: no fcntl locks here (%s): appends wait on the lock file alone", self._queue_file, e)
             return None
+
+    def _wait_in_queue(self, fd):
+        """Sleep in the kernel until the queue's lock is ours (True), or leave the queue (False) once the lock
+        file has stayed the same for Optuna's grace: its holder is stopped, and Optuna's grace decides."""
+        turn, state = threading.Event(), {"left": False, "error": None}
+        guard = threading.Lock()
+
+        def wait():
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)  # cannot be interrupted: a thread, so the caller can stop waiting
+            except OSError as e:
+                state["error"] = e
+            with guard:
+                if state["left"]:
+                    os.close(fd)  # our turn came too late: pass it on
+                turn.set()
+
+        threading.Thread(target=wait, name="journal-queue", daemon=True).start()
+        seen, since = self._lock_file_state(), time.monotonic()
+        while not turn.wait(0.2):
+            now = self._lock_file_state()
+            if now != seen:
+                seen, since = now, time.monotonic()
+            elif time.monotonic() - since > LOCK_GRACE_S:
+                with guard:
+                    if not turn.is_set():
+                        state["left"] = True
+                        log.warning(
+                            "%s: the writer ahead made no progress in %d s: left the queue",
+                            self._queue_file,
+                            LOCK_GRACE_S,
+                        )
+                        return False
+        if state["error"] is not None:
+            os.close(fd)
+            raise state["error"]
+        return True
+
+    def _lock_file_state(self):
+        try:
+            status = os.stat(self._lock_file)
+        except OSError:
+            return None
+        return status.st_ino, status.st_mtime_ns
 
     def _leave_queue(self):
         if self._fd is not None:

@@ -6,6 +6,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import PROJECT
@@ -51,6 +52,28 @@ def test_a_holder_killed_with_kill_9_does_not_stop_the_next_writer_for_the_grace
     assert "died holding it" in writer.stderr.read()
     assert journal.scan(path) == (1, [])
     assert not journal.lock_path(path).exists()
+
+
+def test_a_holder_stopped_by_scontrol_suspend_does_not_stop_the_queue_for_good(tmp_path):
+    """`scontrol suspend` sends SIGSTOP: the holder keeps the fcntl lock, and its waiters must not wait forever."""
+    path = tmp_path / "journal.log"
+    path.touch()
+    holder = start("hold_lock", path, "queued")
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGSTOP)
+        writer = start("append_ops", path, "next", 1)
+        started = time.monotonic()
+        # The queue is left after the grace with no progress, then Optuna's own grace breaks the lock file.
+        assert writer.wait(timeout=3 * journal.LOCK_GRACE_S + 30) == 0, writer.stderr.read()
+        waited = time.monotonic() - started
+        print(f"a queued writer waited {waited:.1f} s behind a stopped holder")
+        assert waited > journal.LOCK_GRACE_S, "a stopped holder is not taken for a dead one"
+        assert "made no progress" in writer.stderr.read()
+        assert journal.scan(path) == (1, [])
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_lock_file_of_a_writer_outside_the_queue_is_respected(tmp_path):
