@@ -7,7 +7,9 @@ import sys
 import time
 
 import optuna
+import pytest
 from conftest import PROJECT, finished, load_study, plugin_experiment, run_script
+from slurm_helpers import squeue, wait_for_jobs
 from test_objective import objective_experiment
 
 import checkpoints
@@ -85,6 +87,26 @@ def test_status_spares_a_trial_claimed_by_a_job_it_did_not_ask_about(tmp_path):
     claimed = load_study(path).trials[0]
     assert claimed.user_attrs["slurm_task"] == "999_0"
     assert claimed.state.name == "RUNNING", claimed.user_attrs.get("fail_reason")
+
+
+@pytest.mark.slurm
+def test_status_run_over_and_over_beside_a_hand_submitted_array_fails_no_live_trial(slurm, tmp_path):
+    """Its tasks start while status lists jobs and re-reads trials: none may be judged dead while it trains."""
+    path = plugin_experiment(tmp_path, {"study.n_trials": 6, "training.sleep": 0.3, "training.epochs": 3})
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    sbatch = ["sbatch", "--parsable", "--array=0-5%2", str(path.parent / "runs/tiny/array_job.sbatch")]
+    job = subprocess.run(sbatch, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    looks = 0
+    while squeue(f"--jobs={job}") or looks == 0:
+        out = run_script("submit_study.py", "--config", path, "--status")
+        assert out.returncode == 0, out.stdout + out.stderr
+        looks += 1
+    wait_for_jobs([job])
+    trials = load_study(path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6, [
+        (t.number, t.user_attrs.get("fail_reason")) for t in trials
+    ]
+    assert looks >= 3, f"status ran {looks} time(s) while the array ran"
 
 
 def test_a_worker_whose_trial_was_failed_under_it_keeps_its_result(tmp_path):
