@@ -30,15 +30,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-import checkpoints
-import config_versions
-import failures
-import journal
-import liveness
-import repeats
-import report
-import study_control
-from experiment import (
+from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, report, study_control
+from parallel_optuna.experiment import (
     DEFAULT_TRAINER,
     FINISHED,
     OPTIONS,
@@ -75,6 +68,7 @@ from experiment import (
     yaml_budget,
     yaml_from_args,
 )
+from parallel_optuna.storage import journal
 
 PROJECT = Path(__file__).resolve().parent
 TEMPLATE = PROJECT / "array_job.sbatch"

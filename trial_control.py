@@ -1,58 +1,7 @@
-"""What a plain Optuna objective may ask while it runs as an array task: where its trial's files go,
-and whether to stop. The same objective still runs unchanged under `study.optimize`.
+"""`import trial_control` in a plain objective: the module `parallel_optuna.trial_control`, by its short name."""
 
-    import trial_control
+import sys
 
-    def objective(trial):
-        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-        checkpoint = trial_control.trial_dir(trial) / "checkpoint.pt"
-        state = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else {"epoch": 0, "val_loss": None}
-        for epoch in range(state["epoch"], 100):
-            ...                                        # train one epoch
-            trial.report(val_loss, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-            state = {"epoch": epoch + 1, "val_loss": val_loss, ...}
-            if trial_control.stop_requested():         # walltime or preemption: save, then stop
-                torch.save(state, checkpoint)
-                raise trial_control.Stop()
-        return state["val_loss"]                       # the last epoch's, after a stop in it too
+from parallel_optuna import trial_control
 
-After a Stop, the array task is requeued and the same trial (same params, same folder) runs the
-objective again, which continues from its checkpoint; a retry of a dead trial gets a copy of the
-dead trial's `checkpoint.pt` (name it so). An objective that asks neither is interrupted at the signal and run
-again from the start, with the same params, after the requeue.
-"""
-
-import os
-import tempfile
-from pathlib import Path
-
-
-class Stop(BaseException):
-    """Raise it once the trial's state is saved: the trial goes on after the requeue.
-
-    A BaseException, like KeyboardInterrupt, so that an objective's `except Exception` lets it through.
-    """
-
-
-class Running:
-    """The trial this process runs, set by worker.py."""
-
-    folder = None  # runs/<study>/trials/<number>/
-    stop = None  # worker.StopSignal
-
-
-def trial_dir(trial):
-    """The trial's own folder (created): runs/<study>/trials/<number>/; outside the tool, a temporary one."""
-    folder = Running.folder or Path(tempfile.gettempdir()) / f"optuna-trial-{os.getpid()}-{trial.number}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def stop_requested():
-    """True once the walltime or a preemption is near: save your state and raise Stop."""
-    if Running.stop is None:
-        return False
-    Running.stop.interrupt_now = False  # the objective stops at its own safe points from now on
-    return Running.stop.received is not None
+sys.modules[__name__] = trial_control

@@ -52,17 +52,18 @@ from pathlib import Path
 import optuna
 import yaml
 
-import checkpoints
-import config_versions
-import failures
-import liveness
-import optuna_internals
-import repeats
-import retries
-import samplers
-import study_control
-import trial_control
-from experiment import (
+from parallel_optuna import (
+    checkpoints,
+    config_versions,
+    failures,
+    liveness,
+    repeats,
+    retries,
+    samplers,
+    study_control,
+    trial_control,
+)
+from parallel_optuna.experiment import (
     CommandLine,
     ConfigError,
     add_experiment_flags,
@@ -89,6 +90,7 @@ from experiment import (
     without_credentials,
     yaml_from_args,
 )
+from parallel_optuna.storage import optuna_internals
 
 log = logging.getLogger("worker")
 RUNNING = optuna.trial.TrialState.RUNNING

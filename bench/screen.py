@@ -22,11 +22,13 @@ from pathlib import Path
 import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import repeats  # noqa: E402
-import samplers  # noqa: E402
 from bench import problems  # noqa: E402
 from bench.quality import PROBLEMS, spread  # noqa: E402
-from experiment import Config  # noqa: E402
+from parallel_optuna import (
+    repeats,  # noqa: E402
+    samplers,  # noqa: E402
+)
+from parallel_optuna.experiment import Config  # noqa: E402
 
 S = optuna.samplers
 

@@ -23,8 +23,8 @@ import yaml
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-import liveness  # noqa: E402
-from experiment import load_config, open_storage  # noqa: E402
+from parallel_optuna import liveness  # noqa: E402
+from parallel_optuna.experiment import load_config, open_storage  # noqa: E402
 
 SQUEUE = """#!/bin/bash
 echo x >> "$SQUEUE_CALLS"

@@ -39,7 +39,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import journal  # noqa: E402
+from parallel_optuna.storage import journal  # noqa: E402
 
 SERVER = Path(__file__).resolve().parent.parent / "scripts" / "local_postgres.sh"
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
-import journal  # noqa: E402  (the project, on the path above)
+from parallel_optuna.storage import journal  # noqa: E402  (the project, on the path above)
 
 TINY = {
     "study": {

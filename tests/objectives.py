@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-import trial_control
+from parallel_optuna import trial_control
 
 STEPS, STEP_S = 30, 1.5
 

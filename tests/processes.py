@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from optuna.storages.journal import JournalFileOpenLock  # noqa: E402
 
-import journal  # noqa: E402
+from parallel_optuna.storage import journal  # noqa: E402
 
 
 def append_ops(path, worker_id, count):

@@ -10,11 +10,10 @@ import torch
 import yaml
 from conftest import finished, load_study, plugin_experiment, run_script, write_experiment
 
-import checkpoints
-import experiment
 import ishigami_lstm
 import worker
-from experiment import load_config
+from parallel_optuna import checkpoints, experiment
+from parallel_optuna.experiment import load_config
 
 X = optuna.distributions.FloatDistribution(0, 1)
 

@@ -16,7 +16,7 @@ import yaml
 from conftest import PROJECT, load_study, plugin_experiment, run_script, write_experiment
 from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
-import config_versions
+from parallel_optuna import config_versions
 
 BROKEN = "study:\n  study_name: tiny\n  n_trials: [4\n"  # a syntax error, as saved mid-edit
 

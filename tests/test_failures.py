@@ -4,7 +4,7 @@ import time
 
 import optuna
 
-import failures
+from parallel_optuna import failures
 
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
 

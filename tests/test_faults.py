@@ -15,9 +15,9 @@ import pytest
 from conftest import enqueue, finished, load_study, plugin_experiment, run_script
 from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
-import report
 import worker
-from experiment import load_config, open_storage, open_study
+from parallel_optuna import report
+from parallel_optuna.experiment import load_config, open_storage, open_study
 
 pytestmark = pytest.mark.slurm
 SLOW = {"training.sleep": 1.0, "training.epochs": 6}

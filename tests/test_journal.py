@@ -20,8 +20,7 @@ from conftest import PROJECT, finished, load_study, plugin_experiment, run_scrip
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.storages.journal._file import get_lock_file
 
-import journal
-import optuna_internals
+from parallel_optuna.storage import journal, optuna_internals
 
 TORN = b'{"op_code":8,"worker_id":"killed-mid-append","trial_id":0,"user_attr":{"no'
 QUICK = {"training.sleep": 0.05, "training.epochs": 2}
@@ -231,8 +230,7 @@ def a_checkpoint(path):
 def local_study(path, stderr):
     """`submit_study.py --local 2` in the background, its output kept for the assertions."""
     command = [sys.executable, "submit_study.py", "--config", path, "--local", "2"]
-    project = Path(journal.__file__).parent
-    return subprocess.Popen(command, cwd=project, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def test_torn_line_between_the_ops_of_running_workers(tmp_path):

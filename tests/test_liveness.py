@@ -8,8 +8,8 @@ import time
 import optuna
 from conftest import PROJECT, load_study, plugin_experiment, run_script
 
-import liveness
-from experiment import Config, hostname
+from parallel_optuna import liveness
+from parallel_optuna.experiment import Config, hostname
 
 CONFIG = Config({"study": {"max_retries": 2, "n_trials": 10}}, "config.yaml")
 

@@ -12,7 +12,7 @@ import optuna
 import yaml
 from conftest import PROJECT, enqueue, finished, load_study, plugin_experiment, run_script, write_experiment
 
-import journal
+from parallel_optuna.storage import journal
 
 
 def test_local_study_finishes_exactly_the_budget_and_exports_a_retrainable_best(experiment):

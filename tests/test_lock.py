@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import PROJECT
 
-import journal
+from parallel_optuna.storage import journal
 
 
 def start(program, *args):

@@ -12,9 +12,8 @@ from conftest import PROJECT, finished, load_study, plugin_experiment, run_scrip
 from slurm_helpers import squeue, wait_for_jobs
 from test_objective import objective_experiment
 
-import checkpoints
-import liveness
-from experiment import hostname, load_config
+from parallel_optuna import checkpoints, liveness
+from parallel_optuna.experiment import hostname, load_config
 
 
 def wait_for(condition, timeout=120, what="condition"):
@@ -64,7 +63,7 @@ def test_best_export_keeps_the_checkpoints_that_the_next_run_continues_from(tmp_
 def squeue_that_claims_a_trial(tmp_path, path):
     """A fake squeue: while it runs, a task of a job nobody asked about (999_0) claims a trial."""
     claim = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import optuna, journal; "
+        "import sys; sys.path.insert(0, sys.argv[1]); import optuna; from parallel_optuna.storage import journal; "
         "study = optuna.load_study(study_name='tiny', storage=journal.open_journal(sys.argv[2])); "
         "t = study.ask(); [t.set_user_attr(k, v) for k, v in "
         "{'slurm_task': '999_0', 'host': 'node-b', 'pid': 1}.items()]"
@@ -208,7 +207,7 @@ def test_files_written_at_once_by_two_writers_of_one_pid_never_collide(tmp_path)
     """Temporary names are unique, not per pid: nodes reuse pids, and threads share one."""
     import threading
 
-    import config_versions
+    from parallel_optuna import config_versions
 
     errors = []
 
@@ -231,7 +230,7 @@ def test_a_yaml_stamped_by_a_clock_behind_ours_is_read_once_it_settles(tmp_path)
     """mtimes come from the file server's clock: a file that looks 30 s old may be mid-edit all the same."""
     import threading
 
-    import config_versions
+    from parallel_optuna import config_versions
 
     path = tmp_path / "config.yaml"
 
@@ -252,7 +251,7 @@ def test_a_lock_stamped_by_a_clock_behind_ours_is_not_stale_while_its_holder_let
     """A login node 40 s ahead of the file server sees a fresh lock as 40 s old: the lock is watched, not dated."""
     import threading
 
-    import journal
+    from parallel_optuna.storage import journal
 
     path = tmp_path / "journal.log"
     journal.lock_path(path).touch()

@@ -11,7 +11,7 @@ import yaml
 from conftest import PROJECT, finished, load_study, run_script, write_experiment
 from slurm_helpers import submitted_jobs, wait_for_jobs
 
-from config_versions import compact
+from parallel_optuna.config_versions import compact
 
 
 def objective_experiment(tmp_path, objective, changes=None):

@@ -13,9 +13,9 @@ from conftest import finished, plugin_experiment, run_script
 from slurm_helpers import wait_for_jobs
 from test_faults import SLOW, assert_study_whole, running_trial_with_checkpoint, submit
 
-import liveness
 import worker
-from experiment import load_config, open_storage, open_study, sample_params
+from parallel_optuna import liveness
+from parallel_optuna.experiment import load_config, open_storage, open_study, sample_params
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell with heartbeats, as worker.py does

@@ -9,10 +9,9 @@ import optuna
 import pytest
 from conftest import PROJECT, load_study, plugin_experiment, run_script, write_experiment
 
-import repeats
-import samplers
 import worker
-from experiment import ConfigError, build_sampler, describe_sampler, load_config
+from parallel_optuna import repeats, samplers
+from parallel_optuna.experiment import ConfigError, build_sampler, describe_sampler, load_config
 
 X = {"model.d_pos": 4, "training.lr": 0.01}
 Y = {"model.d_pos": 8, "training.lr": 0.002}

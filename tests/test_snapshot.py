@@ -21,8 +21,7 @@ import pytest
 from conftest import finished, load_study, plugin_experiment, run_script
 from optuna.storages.journal import JournalFileBackend
 
-import journal
-import journal_snapshot
+from parallel_optuna.storage import journal, journal_snapshot
 
 X = optuna.distributions.FloatDistribution(0, 1)
 STATES = optuna.trial.TrialState

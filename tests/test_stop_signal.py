@@ -13,10 +13,10 @@ from conftest import PROJECT, load_study
 from optuna.storages.journal import JournalFileOpenLock
 from test_objective import objective_experiment
 
-import journal
-import trial_control
 import worker
-from optuna_internals import get_lock_file
+from parallel_optuna import trial_control
+from parallel_optuna.storage import journal
+from parallel_optuna.storage.optuna_internals import get_lock_file
 
 
 @pytest.fixture

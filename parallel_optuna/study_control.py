@@ -26,9 +26,8 @@ from pathlib import Path
 
 import optuna
 
-import liveness
-import retries
-from experiment import FINISHED, ConfigError, still_to_run
+from parallel_optuna import liveness, retries
+from parallel_optuna.experiment import FINISHED, ConfigError, still_to_run
 
 log = logging.getLogger("control")
 FAIL = optuna.trial.TrialState.FAIL

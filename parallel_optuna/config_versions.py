@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from experiment import (
+from parallel_optuna.experiment import (
     ConfigError,
     directions,
     load_config,

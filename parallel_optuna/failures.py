@@ -16,8 +16,8 @@ from pathlib import Path
 
 import optuna
 
-import study_control
-from experiment import code_key
+from parallel_optuna import study_control
+from parallel_optuna.experiment import code_key
 
 STREAK = 3
 # Failures that are not the trainer's: a dead worker, a repeat or surplus dropped, a stop on purpose.

@@ -16,9 +16,9 @@ import time
 
 import optuna
 
-import optuna_internals
-from config_versions import compact
-from experiment import ConfigError, sample_params
+from parallel_optuna.config_versions import compact
+from parallel_optuna.experiment import ConfigError, sample_params
+from parallel_optuna.storage import optuna_internals
 
 log = logging.getLogger("worker")
 COMPLETE = optuna.trial.TrialState.COMPLETE

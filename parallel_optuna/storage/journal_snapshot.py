@@ -33,7 +33,7 @@ from pathlib import Path
 
 import optuna
 
-import journal_readers
+from parallel_optuna.storage import journal_readers
 
 log = logging.getLogger("journal")
 SNAPSHOT_FORMAT = 2

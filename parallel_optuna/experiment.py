@@ -30,8 +30,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-import journal
-import samplers
+from parallel_optuna import samplers
+from parallel_optuna.storage import journal
 
 # Heartbeats and fail_stale_trials are marked experimental; they are what Optuna offers for dead workers.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -668,9 +668,9 @@ def resolve_config(config, params):
 
 
 # ---------------------------------------------------------------- the user's code: a trainer or a plain objective
-PROJECT = Path(__file__).resolve().parent
+PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLE_TRAINERS = {"ishigami_lstm"}
-TOOL_MODULES = {p.stem for p in PROJECT.glob("*.py")} - EXAMPLE_TRAINERS
+TOOL_MODULES = {p.stem for p in [*PROJECT.glob("*.py"), *Path(__file__).parent.rglob("*.py")]} - EXAMPLE_TRAINERS
 
 
 def code_key(config):

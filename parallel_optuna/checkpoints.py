@@ -28,8 +28,8 @@ import subprocess
 
 import optuna
 
-import retries
-from experiment import run_dir, still_to_run, study_budget
+from parallel_optuna import retries
+from parallel_optuna.experiment import run_dir, still_to_run, study_budget
 
 CHECKPOINT, WEIGHTS = "checkpoint.pt", "weights.pt"
 RECENT = 200  # a worker's clean looks at the newest trials, far more than run at once

@@ -19,9 +19,9 @@ import time
 
 import optuna
 
-import optuna_internals
-import retries
-from experiment import hostname, still_to_run, study_budget
+from parallel_optuna import retries
+from parallel_optuna.experiment import hostname, still_to_run, study_budget
+from parallel_optuna.storage import optuna_internals
 
 log = logging.getLogger("liveness")
 RUNNING = optuna.trial.TrialState.RUNNING

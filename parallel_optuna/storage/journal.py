@@ -54,10 +54,16 @@ from pathlib import Path
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-import optuna_internals
-from journal_readers import NO_FCNTL, Readers, StudyInUse  # noqa: F401  (rewrite() raises it to its callers)
-from journal_snapshot import Snapshot
-from optuna_internals import LOCK_FILE_SUFFIX, BaseJournalFileLock, BaseJournalSnapshot, JournalOperation, get_lock_file
+from parallel_optuna.storage import optuna_internals
+from parallel_optuna.storage.journal_readers import NO_FCNTL, Readers, StudyInUse  # noqa: F401  (rewrite() raises it to its callers)
+from parallel_optuna.storage.journal_snapshot import Snapshot
+from parallel_optuna.storage.optuna_internals import (
+    LOCK_FILE_SUFFIX,
+    BaseJournalFileLock,
+    BaseJournalSnapshot,
+    JournalOperation,
+    get_lock_file,
+)
 
 log = logging.getLogger("journal")
 OP_START = b'{"op_code":'  # how Optuna's JournalStorage serializes every op
