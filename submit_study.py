@@ -31,44 +31,32 @@ import optuna
 import yaml
 
 from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, report, study_control
-from parallel_optuna.experiment import (
+from parallel_optuna.config import config_from_args, read_text, read_yaml, yaml_from_args
+from parallel_optuna.optimizer import base_params, build_pruner, build_sampler, describe_sampler, values_text
+from parallel_optuna.options import (
     DEFAULT_TRAINER,
-    FINISHED,
     OPTIONS,
     CommandLine,
     ConfigError,
     add_experiment_flags,
-    base_params,
-    build_pruner,
-    build_sampler,
-    config_from_args,
-    count_states,
-    describe_sampler,
     flag_overrides,
-    full_filesystem,
-    full_filesystem_error,
-    load_objective,
-    load_trainer,
+)
+from parallel_optuna.run_dir import full_filesystem, full_filesystem_error, run_dir, run_subdir, trusted_run_dir
+from parallel_optuna.search_space import type_mismatches
+from parallel_optuna.slurm import quote_command
+from parallel_optuna.storage import journal
+from parallel_optuna.study import (
+    FINISHED,
+    count_states,
     mask_password,
     open_storage,
     open_study,
-    prepare_data,
-    quote_command,
-    read_text,
-    read_yaml,
-    resolve_config,
-    run_dir,
-    run_subdir,
     still_to_run,
     storage_url,
     study_budget,
-    trusted_run_dir,
-    type_mismatches,
-    values_text,
     yaml_budget,
-    yaml_from_args,
 )
-from parallel_optuna.storage import journal
+from parallel_optuna.user_code import load_objective, load_trainer, prepare_data, resolve_config
 
 PROJECT = Path(__file__).resolve().parent
 TEMPLATE = PROJECT / "array_job.sbatch"
@@ -360,7 +348,7 @@ def exists(config, storage):
 
 
 def use_budget(study, config):
-    """Say the budget in force (experiment.study_budget) when it is not the YAML's; take_stock records it."""
+    """Say the budget in force (study.study_budget) when it is not the YAML's; take_stock records it."""
     before, budget, in_yaml = study.user_attrs.get("n_trials"), study_budget(study, config), yaml_budget(config)
     if budget == before and budget != in_yaml and "n_trials" not in config.overrides:
         print(f"budget: {budget} finished trials, the last --n_trials (the YAML says {in_yaml})")
@@ -473,7 +461,7 @@ def sbatch_directives(slurm):
 
 
 # By reference (a password), named above, or found on the study: a budget pinned on a queued array
-# would outlive a later --n_trials or edit of the YAML (experiment.study_budget).
+# would outlive a later --n_trials or edit of the YAML (study.study_budget).
 FROM_ELSEWHERE = ("storage", "study_name", "runs_dir", "n_trials")
 
 

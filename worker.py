@@ -63,34 +63,15 @@ from parallel_optuna import (
     study_control,
     trial_control,
 )
-from parallel_optuna.experiment import (
-    CommandLine,
-    ConfigError,
-    add_experiment_flags,
-    describe_sampler,
-    flag_overrides,
-    full_filesystem,
-    full_filesystem_error,
-    hostname,
-    load_objective,
-    load_trainer,
-    metric_names,
-    open_storage,
-    open_study,
-    prepare_data,
-    resolve_config,
-    run_dir,
-    run_subdir,
-    sample_params,
-    still_to_run,
-    storage_url,
-    study_budget,
-    trusted_run_dir,
-    values_text,
-    without_credentials,
-    yaml_from_args,
-)
+from parallel_optuna.config import metric_names, yaml_from_args
+from parallel_optuna.optimizer import describe_sampler, values_text
+from parallel_optuna.options import CommandLine, ConfigError, add_experiment_flags, flag_overrides
+from parallel_optuna.run_dir import full_filesystem, full_filesystem_error, run_dir, run_subdir, trusted_run_dir
+from parallel_optuna.search_space import sample_params
+from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
+from parallel_optuna.study import open_storage, open_study, still_to_run, storage_url, study_budget, without_credentials
+from parallel_optuna.user_code import load_objective, load_trainer, prepare_data, resolve_config
 
 log = logging.getLogger("worker")
 RUNNING = optuna.trial.TrialState.RUNNING

@@ -35,7 +35,8 @@ sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(BENCH))
 from problems import OPTIMUM  # noqa: E402
 
-from parallel_optuna.experiment import load_config, open_storage, still_to_run  # noqa: E402
+from parallel_optuna.config import load_config
+from parallel_optuna.study import open_storage, still_to_run
 
 FLOAT = {"type": "float", "low": 0.0, "high": 1.0}
 PROBLEMS = {

@@ -28,7 +28,7 @@ from parallel_optuna import (
     repeats,  # noqa: E402
     samplers,  # noqa: E402
 )
-from parallel_optuna.experiment import Config  # noqa: E402
+from parallel_optuna.config import Config
 
 S = optuna.samplers
 

@@ -24,7 +24,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from parallel_optuna import liveness  # noqa: E402
-from parallel_optuna.experiment import load_config, open_storage  # noqa: E402
+from parallel_optuna.config import load_config
+from parallel_optuna.study import open_storage
 
 SQUEUE = """#!/bin/bash
 echo x >> "$SQUEUE_CALLS"

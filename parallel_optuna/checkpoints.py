@@ -29,7 +29,8 @@ import subprocess
 import optuna
 
 from parallel_optuna import retries
-from parallel_optuna.experiment import run_dir, still_to_run, study_budget
+from parallel_optuna.run_dir import run_dir
+from parallel_optuna.study import still_to_run, study_budget
 
 CHECKPOINT, WEIGHTS = "checkpoint.pt", "weights.pt"
 RECENT = 200  # a worker's clean looks at the newest trials, far more than run at once

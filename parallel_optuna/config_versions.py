@@ -25,17 +25,10 @@ import time
 import uuid
 from pathlib import Path
 
-from parallel_optuna.experiment import (
-    ConfigError,
-    directions,
-    load_config,
-    mask_password,
-    parse_yaml,
-    read_text,
-    run_dir,
-    run_subdir,
-    trusted_run_dir,
-)
+from parallel_optuna.config import directions, load_config, parse_yaml, read_text
+from parallel_optuna.options import ConfigError
+from parallel_optuna.run_dir import run_dir, run_subdir, trusted_run_dir
+from parallel_optuna.study import mask_password
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 
 from parallel_optuna import study_control
-from parallel_optuna.experiment import code_key
+from parallel_optuna.user_code import code_key
 
 STREAK = 3
 # Failures that are not the trainer's: a dead worker, a repeat or surplus dropped, a stop on purpose.

@@ -20,8 +20,9 @@ import time
 import optuna
 
 from parallel_optuna import retries
-from parallel_optuna.experiment import hostname, still_to_run, study_budget
+from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
+from parallel_optuna.study import still_to_run, study_budget
 
 log = logging.getLogger("liveness")
 RUNNING = optuna.trial.TrialState.RUNNING

@@ -17,7 +17,8 @@ import time
 import optuna
 
 from parallel_optuna.config_versions import compact
-from parallel_optuna.experiment import ConfigError, sample_params
+from parallel_optuna.options import ConfigError
+from parallel_optuna.search_space import sample_params
 from parallel_optuna.storage import optuna_internals
 
 log = logging.getLogger("worker")

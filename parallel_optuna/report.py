@@ -22,7 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from parallel_optuna.experiment import ConfigError, run_dir, run_subdir
+from parallel_optuna.options import ConfigError
+from parallel_optuna.run_dir import run_dir, run_subdir
 from parallel_optuna.storage import optuna_internals
 
 # worker.py's log lines (LOG_FORMAT): every run of a trial logs its params; a run cut short by a requeue, this.

@@ -27,7 +27,8 @@ from pathlib import Path
 import optuna
 
 from parallel_optuna import liveness, retries
-from parallel_optuna.experiment import FINISHED, ConfigError, still_to_run
+from parallel_optuna.options import ConfigError
+from parallel_optuna.study import FINISHED, still_to_run
 
 log = logging.getLogger("control")
 FAIL = optuna.trial.TrialState.FAIL

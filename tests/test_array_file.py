@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import finished, load_study, plugin_experiment, run_script, write_experiment
 
-from parallel_optuna.experiment import mask_password
+from parallel_optuna.study import mask_password
 
 FAKE_SLURM = {
     "sbatch": 'case " $* " in *" --test-only "*) exit 0;; esac\n'  # the request check: any request fits

@@ -10,7 +10,7 @@ from conftest import write_experiment
 
 import submit_study
 import worker
-from parallel_optuna.experiment import load_config, read_yaml
+from parallel_optuna.config import load_config, read_yaml
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 HAS_CMAES = importlib.util.find_spec("cmaes") is not None
@@ -119,7 +119,7 @@ def test_every_slurm_time_format_is_accepted_as_written(tmp_path, walltime):
 
 
 def test_yaml_reads_numbers_as_yaml_1_2(tmp_path):
-    from parallel_optuna.experiment import load_config, read_yaml
+    from parallel_optuna.config import load_config, read_yaml
 
     assert read_yaml("a: 1e-4\nb: [1e-3, 2:30:00, 30]\nc: 010\nd: .inf") == {
         "a": 1e-4,

@@ -12,8 +12,8 @@ from conftest import finished, load_study, plugin_experiment, run_script, write_
 
 import ishigami_lstm
 import worker
-from parallel_optuna import checkpoints, experiment
-from parallel_optuna.experiment import load_config
+from parallel_optuna import checkpoints, user_code
+from parallel_optuna.config import load_config
 
 X = optuna.distributions.FloatDistribution(0, 1)
 
@@ -140,7 +140,7 @@ def test_a_stop_in_the_last_epoch_still_returns_its_metrics_after_the_requeue(tm
     """The example trainer keeps its metrics in the checkpoint: the run after the requeue has no epoch left."""
     path = write_experiment(tmp_path / "exp", {"training.epochs": 1})
     config = load_config(path)
-    experiment.prepare_data(config)
+    user_code.prepare_data(config)
     resolved = ishigami_lstm.update_config(copy.deepcopy(dict(config)))
     study = optuna.create_study()
     trial = study.ask()

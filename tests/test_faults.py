@@ -17,7 +17,8 @@ from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
 import worker
 from parallel_optuna import report
-from parallel_optuna.experiment import load_config, open_storage, open_study
+from parallel_optuna.config import load_config
+from parallel_optuna.study import open_storage, open_study
 
 pytestmark = pytest.mark.slurm
 SLOW = {"training.sleep": 1.0, "training.epochs": 6}

@@ -9,7 +9,8 @@ import optuna
 from conftest import PROJECT, load_study, plugin_experiment, run_script
 
 from parallel_optuna import liveness
-from parallel_optuna.experiment import Config, hostname
+from parallel_optuna.config import Config
+from parallel_optuna.slurm import hostname
 
 CONFIG = Config({"study": {"max_retries": 2, "n_trials": 10}}, "config.yaml")
 

@@ -13,7 +13,8 @@ from slurm_helpers import squeue, wait_for_jobs
 from test_objective import objective_experiment
 
 from parallel_optuna import checkpoints, liveness
-from parallel_optuna.experiment import hostname, load_config
+from parallel_optuna.config import load_config
+from parallel_optuna.slurm import hostname
 
 
 def wait_for(condition, timeout=120, what="condition"):

@@ -15,7 +15,9 @@ from test_faults import SLOW, assert_study_whole, running_trial_with_checkpoint,
 
 import worker
 from parallel_optuna import liveness
-from parallel_optuna.experiment import load_config, open_storage, open_study, sample_params
+from parallel_optuna.config import load_config
+from parallel_optuna.search_space import sample_params
+from parallel_optuna.study import open_storage, open_study
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask/tell with heartbeats, as worker.py does

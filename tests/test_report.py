@@ -16,7 +16,8 @@ import pytest
 from conftest import PROJECT, load_study, run_script, run_script_without, write_experiment
 
 from parallel_optuna import report
-from parallel_optuna.experiment import load_config, open_storage
+from parallel_optuna.config import load_config
+from parallel_optuna.study import open_storage
 
 PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values", "timeline")
 X = optuna.distributions.FloatDistribution(0, 1)

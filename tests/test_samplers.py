@@ -11,7 +11,9 @@ from conftest import PROJECT, load_study, plugin_experiment, run_script, write_e
 
 import worker
 from parallel_optuna import repeats, samplers
-from parallel_optuna.experiment import ConfigError, build_sampler, describe_sampler, load_config
+from parallel_optuna.config import load_config
+from parallel_optuna.optimizer import build_sampler, describe_sampler
+from parallel_optuna.options import ConfigError
 
 X = {"model.d_pos": 4, "training.lr": 0.01}
 Y = {"model.d_pos": 8, "training.lr": 0.002}

@@ -4,7 +4,9 @@ import optuna
 import pytest
 from conftest import load_study, run_script, run_script_without, write_experiment
 
-from parallel_optuna.experiment import ConfigError, build_pruner, build_sampler, load_config
+from parallel_optuna.config import load_config
+from parallel_optuna.optimizer import build_pruner, build_sampler
+from parallel_optuna.options import ConfigError
 
 SPACE = {  # a finite grid: steps and choices
     "search_space.model.d_hidden": {"type": "categorical", "choices": [8, 16]},

@@ -1,0 +1,157 @@
+"""The user's code: the trainer or the plain objective that study.trainer / study.objective names."""
+
+import copy
+import importlib
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import optuna
+
+from parallel_optuna.config import metric_names
+from parallel_optuna.options import ConfigError
+from parallel_optuna.run_dir import full_filesystem
+
+PROJECT = Path(__file__).resolve().parent.parent
+EXAMPLE_TRAINERS = {"ishigami_lstm"}
+TOOL_MODULES = {p.stem for p in [*PROJECT.glob("*.py"), *Path(__file__).parent.rglob("*.py")]} - EXAMPLE_TRAINERS
+
+
+def code_key(config):
+    """The study key that names the user's code: a plain Optuna objective wins over a trainer."""
+    return "objective" if config["study"]["objective"] else "trainer"
+
+
+def trainer_module(config, key="trainer"):
+    """The module of study.trainer (or study.objective), imported by one rule for both.
+
+    It is looked up in the experiment's folder, then in the folder the study was submitted from
+    (the array file runs there), then on PYTHONPATH as it was at submit time (the array file sets it).
+    """
+    name = config["study"][key].partition(":")[0]
+    if name.split(".")[0] in TOOL_MODULES:
+        raise ConfigError(
+            config.path,
+            f"study.{key}",
+            f"module {name.split('.')[0]!r} has the name of one of Parallel Optuna's own modules",
+            f"rename your module (not one of {', '.join(sorted(TOOL_MODULES))})",
+        )
+    for folder in (os.getcwd(), config.dir):  # each goes first: the experiment's own code wins
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
+    if str(PROJECT) not in sys.path:
+        sys.path.append(str(PROJECT))  # the example trainer
+    optimize = optuna.study.Study.optimize
+    optuna.study.Study.optimize = _optimize_on_import  # a script's own study.optimize, not under __main__
+    try:
+        return importlib.import_module(name)
+    finally:
+        optuna.study.Study.optimize = optimize
+
+
+class OptimizeOnImport(Exception):
+    """The user's module runs study.optimize() when imported: every array task would run a whole study."""
+
+
+def _optimize_on_import(*args, **kwargs):
+    raise OptimizeOnImport
+
+
+def load_trainer(config, source="config"):
+    """The trainer function; its METRICS, if it declares them, must name the study's metric."""
+    function, module = load_function(config, "trainer", source)
+    metrics = getattr(module, "METRICS", None)
+    for metric in metric_names(config):
+        if metrics and metric not in metrics:
+            raise ConfigError(
+                source,
+                "study.optimization_metric",
+                f"{metric!r} is not a metric of {config['study']['trainer']}",
+                f"use one of {', '.join(metrics)}",
+            )
+    return function
+
+
+def load_objective(config, source="config"):
+    """The plain Optuna objective(trial) of study.objective (or --objective)."""
+    return load_function(config, "objective", source)[0]
+
+
+CALLED_WITH = {"trainer": ("config", "trial"), "objective": ("trial",)}  # how the worker calls each
+
+
+def load_function(config, key, source):
+    """The user's function that study.<key> names, and its module: imported, and its signature checked."""
+    spec = config["study"][key]
+    try:
+        module = trainer_module(config, key)
+    except ConfigError:
+        raise
+    except OptimizeOnImport:
+        raise ConfigError(
+            source,
+            f"study.{key}",
+            f"importing {spec.partition(':')[0]!r} runs study.optimize()",
+            "put the module's own study under if __name__ == '__main__':",
+        ) from None
+    except SyntaxError as e:
+        where = f"{Path(e.filename or '?').name}, line {e.lineno}"
+        raise ConfigError(
+            source, f"study.{key}", f"cannot import {spec!r}: {e.msg} ({where})", f"correct the syntax at {where}"
+        ) from None
+    except Exception as e:  # ImportError, or a NameError inside the user's module
+        raise ConfigError(
+            source,
+            f"study.{key}",
+            f"cannot import {spec!r} ({type(e).__name__}: {e})",
+            "name a package.module:function importable from the experiment's folder, where you submit, or PYTHONPATH",
+        ) from None
+    name = spec.partition(":")[2]
+    if not hasattr(module, name):
+        raise ConfigError(source, f"study.{key}", f"{spec!r} has no such function", "name a function of that module")
+    function = getattr(module, name)
+    wanted = f"def {name}({', '.join(CALLED_WITH[key])})"
+    if not callable(function):
+        raise ConfigError(source, f"study.{key}", f"{spec!r} is not a function", f"define {wanted}")
+    try:
+        inspect.signature(function).bind(*CALLED_WITH[key])
+    except TypeError as e:
+        raise ConfigError(
+            source, f"study.{key}", f"{spec!r} cannot be called as {key} ({e})", f"define {wanted}"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a builtin): its call will tell
+    return function, module
+
+
+def prepare_data(config, source="config"):
+    """Let the trainer write its data once (optional `prepare(config)` in its module), then check it is there."""
+    prepare = None if config["study"]["objective"] else getattr(trainer_module(config), "prepare", None)
+    try:
+        if prepare:
+            prepare(dict(config))  # the user's settings only, as the trainer gets them
+    except Exception as e:
+        if isinstance(e, ConfigError) or full_filesystem(e):
+            raise
+        where = f"{config['study']['trainer'].partition(':')[0]}.prepare(config)"
+        fix = "fix it, or the config keys it reads"
+        if "trainer" in getattr(config, "defaulted", ()):
+            fix = "name your trainer as study.trainer: module:function (the YAML names none: the example's ran)"
+        raise ConfigError(source, "study.trainer", f"{where} failed ({type(e).__name__}: {e})", fix) from None
+    data_dir = (config.get("data") or {}).get("dir")
+    if isinstance(data_dir, str) and not Path(data_dir).is_dir():
+        raise ConfigError(source, "data.dir", f"{data_dir} does not exist", "point data.dir at the experiment's data")
+
+
+def resolve_config(config, params):
+    """A plain-dict copy of the settings with the sampled params written in and derived dimensions recomputed."""
+    resolved = copy.deepcopy(dict(config))
+    for dotted, value in params.items():
+        *parents, leaf = dotted.split(".")
+        node = resolved
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    update = getattr(trainer_module(config), "update_config", None)
+    return (update(resolved) or resolved) if update else resolved  # in place or returned, both work
