@@ -2,3 +2,7 @@
 
 One module per concept; `docs/architecture.md` says which module owns which truth.
 """
+
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent  # the folder of submit_study.py, worker.py, array_job.sbatch

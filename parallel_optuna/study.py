@@ -3,6 +3,7 @@
 import copy
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import optuna
 from parallel_optuna.config import directions
 from parallel_optuna.optimizer import build_pruner, build_sampler
 from parallel_optuna.options import ConfigError
-from parallel_optuna.run_dir import trusted_run_dir
+from parallel_optuna.run_dir import run_dir, trusted_run_dir
 from parallel_optuna.storage import journal
 
 # Heartbeats and fail_stale_trials are marked experimental; they are what Optuna offers for dead workers.
@@ -149,3 +150,44 @@ def count_states(trials):
     for trial in trials:
         counts[trial.state.name] += 1
     return counts
+
+
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def remaining(study, config):
+    return still_to_run(study.get_trials(deepcopy=False), study_budget(study, config))
+
+
+def open_existing_study(config, reading=True):
+    """The submitted study, for status and export; creates nothing. `reading`: a teammate's run directory will do."""
+    trusted_run_dir(config, reading=reading, create=False)
+    name, saved_url = config["study"]["study_name"], run_dir(config) / "storage_url"
+    url = storage_url(config) or (storage_url(config, saved_url) if saved_url.exists() else None)
+    if not url and not (run_dir(config) / "journal.log").exists():
+        raise ConfigError(
+            config.path,
+            "study.study_name",
+            f"no study {name!r} in {run_dir(config)}",
+            "submit it first, or pass the --study_name it was submitted with",
+        )
+    storage = open_storage(config, url, config.path, reading)
+    if name not in optuna.get_all_study_names(storage):  # summaries would deep-copy every trial
+        raise ConfigError(
+            config.path,
+            "study.study_name",
+            f"no study {name!r} in the storage",
+            "submit it first, or pass the --study_name it was submitted with",
+        )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def best_trial(study):
+    """The best trial of a single-objective study; None before the first COMPLETE or with several objectives."""
+    if len(study.directions) > 1:
+        return None
+    try:
+        return study.best_trial
+    except ValueError:
+        return None

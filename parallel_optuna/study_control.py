@@ -251,3 +251,15 @@ def eta_seconds(trials, budget, concurrency, now=None):
     started = sum(min(mean, now - t.datetime_start.timestamp()) for t in running)
     missing = max(0, budget - len(finished))
     return max(0.0, missing * mean - started) / max(1, min(concurrency, missing))
+
+
+def study_jobs(study):
+    """The study's array jobs: those it submitted and those of trials still RUNNING (hand-submitted ones)."""
+    submitted = {j["job_id"] for j in study.user_attrs.get("array_jobs", [])}
+    return submitted | liveness.running_jobs(study.get_trials(deepcopy=False))
+
+
+def queued_tasks(study, tasks):
+    """The study's array tasks that SLURM still holds but that have not taken a trial yet."""
+    taken = {t.user_attrs.get("slurm_task") for t in study.get_trials(deepcopy=False) if t.state == liveness.RUNNING}
+    return sum(1 for key in tasks or {} if key not in taken)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import optuna
 
+from parallel_optuna import PROJECT
 from parallel_optuna.config import metric_names
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import full_filesystem
 
-PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLE_TRAINERS = {"ishigami_lstm"}
 TOOL_MODULES = {p.stem for p in [*PROJECT.glob("*.py"), *Path(__file__).parent.rglob("*.py")]} - EXAMPLE_TRAINERS
 

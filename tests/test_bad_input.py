@@ -10,6 +10,7 @@ from conftest import write_experiment
 
 import submit_study
 import worker
+from parallel_optuna import array_file
 from parallel_optuna.config import load_config, read_yaml
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
@@ -265,4 +266,4 @@ def test_what_is_no_mistake_still_loads(tmp_path):
     merged = "defaults: &adam {name: adam, lr: 0.001}\nopt: &opt\n  <<: *adam\n  lr: 0.0003\nfinetune:\n  <<: *opt\n"
     assert read_yaml(merged)["finetune"] == {"name": "adam", "lr": 0.0003}
     path = write_experiment(tmp_path / "exp", {"slurm.mem_per_cpu": None, "study.enqueue_base": None})
-    assert "--mem-per-cpu" not in submit_study.sbatch_directives(load_config(path)["slurm"])
+    assert "--mem-per-cpu" not in array_file.sbatch_directives(load_config(path)["slurm"])

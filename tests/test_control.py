@@ -13,7 +13,7 @@ from conftest import PROJECT, finished, load_study, plugin_experiment, run_scrip
 from slurm_helpers import job_ids, squeue, submitted_jobs, wait_for_jobs, wait_until
 from test_faults import assert_study_whole, running_trial_with_checkpoint
 
-import submit_study
+from parallel_optuna import status
 
 SLOW = {"training.sleep": 1.0, "training.epochs": 6}
 
@@ -182,9 +182,9 @@ def test_the_eta_of_trials_running_past_the_mean_time_is_their_end_not_a_second(
         optuna.trial.FrozenTrial(n, optuna.trial.TrialState.RUNNING, None, start, None, {}, {}, {}, {}, {}, n)
         for n in (1, 2)
     ]
-    line = submit_study.eta_line([done, *running], 3, 2, None, 2)
+    line = status.eta_line([done, *running], 3, 2, None, 2)
     assert line.startswith("ETA: when the running trials end"), line
-    assert submit_study.eta_line([done, *running], 5, 2, None, 4).startswith("ETA: ~1m"), (
+    assert status.eta_line([done, *running], 5, 2, None, 4).startswith("ETA: ~1m"), (
         "two more trials of 60 s, 2 at once"
     )
 
@@ -193,5 +193,5 @@ def test_status_shows_a_plain_objectives_last_reported_step(capsys):
     study = optuna.create_study()
     trial = study.ask()
     trial.report(0.25, 3)  # an objective's report writes no worker.log line
-    submit_study.print_running(study, study.get_trials())
+    status.print_running(study, study.get_trials())
     assert "step 3 (0.25)" in capsys.readouterr().out

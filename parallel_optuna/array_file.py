@@ -1,0 +1,157 @@
+"""The array file: array_job.sbatch rendered for a study, and the sbatch commands that submit it."""
+
+import os
+import re
+import subprocess
+import sys
+
+from parallel_optuna import PROJECT, study_control
+from parallel_optuna.options import (
+    OPTIONS,
+)
+from parallel_optuna.run_dir import run_dir, run_subdir, trusted_run_dir
+from parallel_optuna.slurm import quote_command
+from parallel_optuna.study import now
+
+TEMPLATE = PROJECT / "array_job.sbatch"
+
+
+def sbatch_directives(slurm):
+    lines = [f"#SBATCH {o.sbatch.format(slurm[o.key])}" for o in OPTIONS if o.sbatch and slurm.get(o.key) is not None]
+    if slurm["gpus_per_task"]:
+        gpus = f"{slurm['gpu_type']}:{slurm['gpus_per_task']}" if slurm["gpu_type"] else slurm["gpus_per_task"]
+        lines.append(f"#SBATCH --gpus={gpus}")
+    lines += [f"#SBATCH {d}" for d in slurm["extra_directives"]]
+    return "\n".join(lines)
+
+
+# By reference (a password), named above, or found on the study: a budget pinned on a queued array
+# would outlive a later --n_trials or edit of the YAML (study.study_budget).
+FROM_ELSEWHERE = ("storage", "study_name", "runs_dir", "n_trials")
+
+
+def worker_flags(config, storage_file):
+    """What every worker is told beyond its YAML: this submission's study flags and the storage."""
+    # The study's name and place always: an edit of the YAML cannot point a running array at another study.
+    flags = ["--config", config.path, "--study_name", config["study"]["study_name"]]
+    flags += ["--runs_dir", config["study"]["runs_dir"]]
+    for option in OPTIONS:
+        if option.key in config.overrides and option.section == "study" and option.key not in FROM_ELSEWHERE:
+            flags += [f"--{option.key}", str(config["study"][option.key])]
+    return flags + (["--storage_file", str(storage_file)] if storage_file else [])
+
+
+def storage_reference(config, url):
+    """A URL from the command line or the environment may hold a password: workers get it from a 0600 file."""
+    if not url or (config["study"]["storage"] and "storage" not in config.overrides):
+        return None  # the journal file, or a URL the workers read from the YAML themselves
+    storage_file = trusted_run_dir(config) / "storage_url"
+    fd = os.open(storage_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # one written by older versions may be wider
+    with os.fdopen(fd, "w") as f:
+        f.write(url + "\n")
+    return storage_file
+
+
+def write_array_file(config, n_tasks, data_dir, storage_file):
+    folder, slurm = run_dir(config), config["slurm"]
+    run_subdir(config, "slurm_logs")
+    python = "python" if slurm["setup"] else sys.executable  # setup lines bring their own environment
+    command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", "1"]
+    script = folder / "array_job.sbatch"
+    script.write_text(
+        TEMPLATE.read_text().format(
+            study_name=config["study"]["study_name"],
+            script=script,
+            job_name=study_control.job_name(config["study"]["study_name"]),
+            array=f"0-{n_tasks - 1}%{slurm['max_concurrent_jobs']}",
+            log_dir=folder / "slurm_logs",
+            signal_grace=slurm["signal_grace"],
+            directives=sbatch_directives(slurm),
+            setup="\n".join(slurm["setup"]) or "# (none)",
+            pythonpath=pythonpath_line(),
+            workdir=quote_command([os.getcwd()]),
+            worker_command=quote_command(command + (["--data_dir", data_dir] if data_dir else [])),
+        )
+    )
+    return script
+
+
+def pythonpath_line():
+    """The array tasks import the user's code with the PYTHONPATH of the submission."""
+    path = os.environ.get("PYTHONPATH")
+    return f"export PYTHONPATH={quote_command([path])}" if path else "# (PYTHONPATH was not set at submit time)"
+
+
+def max_array_size():
+    """Array indexes must stay below the cluster's MaxArraySize (default 1001)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return 1001
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out.stdout, re.MULTILINE)
+    return int(match.group(1)) if match else 1001
+
+
+DEPENDENCY = "--dependency=afterany:"
+
+
+def sbatch_commands(script, n_tasks, max_size, throttle, after=()):
+    """One sbatch per chunk of at most MaxArraySize tasks, each chunk waiting for the one before so %K holds.
+
+    Returns (tasks, command) pairs; a chunk's DEPENDENCY gets the previous chunk's job id when submitted.
+    The first chunk waits for the jobs `after` (the study's arrays still queued or running), if any.
+    """
+    sizes = [min(max_size, n_tasks - start) for start in range(0, n_tasks, max_size)]
+    first = [f"{DEPENDENCY}{':'.join(after)}"] if after else []
+    return [
+        (
+            size,
+            ["sbatch", "--parsable", *([DEPENDENCY] if i else first), f"--array=0-{size - 1}%{throttle}", str(script)],
+        )
+        for i, size in enumerate(sizes)
+    ]
+
+
+def submit_arrays(study, config, commands):
+    jobs = list(study.user_attrs.get("array_jobs", []))
+    previous = None
+    for tasks, command in commands:
+        command = [word + previous if word == DEPENDENCY else word for word in command]
+        result = sbatch(command)
+        if result.returncode != 0 and previous is None and "dependency" in result.stderr.lower():
+            command = [word for word in command if not word.startswith(DEPENDENCY)]  # those arrays just ended
+            result = sbatch(command)
+        if result.returncode != 0:
+            print(f"error: {quote_command(command)} failed: {result.stderr.strip()}", file=sys.stderr)
+            return 1
+        previous = result.stdout.strip().split(";")[0]
+        jobs.append({"job_id": previous, "tasks": tasks, "submitted_at": now()})
+        study.set_user_attr("array_jobs", jobs)
+        print(f"submitted array job {previous}: {tasks} tasks")
+    folder = run_dir(config)
+    which = quote_command(["--config", config.path, "--study_name", config["study"]["study_name"]])
+    print(
+        "watch it:\n"
+        f"  squeue --me --array --jobs={','.join(j['job_id'] for j in jobs[-len(commands) :])}\n"
+        f"  {this_script()} {which} --status\n"
+        f"  tail -f {folder}/slurm_logs/optuna_{previous}_*.out"
+    )
+    return 0
+
+
+SBATCH_TIMEOUT_S = 120
+
+
+def sbatch(command):
+    """Run sbatch with a timeout; a timeout is a failure that says the array may be queued all the same."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        why = f"no answer within {SBATCH_TIMEOUT_S} s: it may be queued all the same; check squeue --me first"
+        return subprocess.CompletedProcess(command, 1, "", why)
+
+
+def this_script():
+    """This script as a command that runs from any folder, without an activated virtual environment."""
+    return quote_command([sys.executable, PROJECT / "submit_study.py"])

@@ -1,0 +1,66 @@
+"""The small jobs around an array: the submitter of --as_job and the finish job that exports the best trial."""
+
+import os
+import sys
+
+from parallel_optuna import PROJECT, study_control
+from parallel_optuna.array_file import DEPENDENCY
+from parallel_optuna.run_dir import run_subdir, trusted_run_dir
+from parallel_optuna.slurm import quote_command
+
+SUBMIT_TEMPLATE = PROJECT / "templates" / "submit_job.sbatch"
+FINISH_TEMPLATE = PROJECT / "templates" / "finish_job.sbatch"
+
+FINISH_STEPS = [["--status"], ["--export_best"]]  # what the finish job runs; add ["--report"] here once it exists
+
+
+def render_job(template, config, filename, **fields):
+    """A small job file in the run directory, from one of templates/."""
+    slurm, folder = config["slurm"], trusted_run_dir(config)
+    run_subdir(config, "slurm_logs")
+    directives = [f"#SBATCH --{key}={slurm[key]}" for key in ("partition", "account", "qos") if slurm[key]]
+    script = folder / filename
+    script.write_text(
+        template.read_text().format(
+            study_name=config["study"]["study_name"],
+            log_dir=folder / "slurm_logs",
+            workdir=quote_command([os.getcwd()]),
+            directives="\n".join(directives + fields.pop("directives", [])),
+            setup="\n".join(slurm["setup"]) or "# (none)",
+            **fields,
+        )
+    )
+    return script
+
+
+def python_in_jobs(config):
+    return "python" if config["slurm"]["setup"] else sys.executable  # setup lines bring their own environment
+
+
+def job_arguments(argv, storage_file):
+    """The command line for the job: without --as_job, and a storage URL (it may hold a password) by reference."""
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--storage", "--storage_file"):
+            skip = True  # and its value
+        elif word != "--as_job" and not word.startswith(("--storage=", "--storage_file=")):
+            words.append(word)
+    return words + (["--storage_file", str(storage_file)] if storage_file else [])
+
+
+def submit_finish_job(study, config):
+    """--notify_on_finish: one small job once every array task of the study has ended."""
+    name, slurm = f"optuna_finish_{study.study_name}", config["slurm"]
+    study_control.run(["scancel", "--me", f"--name={name}", "--state=PENDING"])  # it replaces an earlier one
+    which = ["--config", config.path, "--study_name", study.study_name]
+    which += ["--runs_dir", config["study"]["runs_dir"]]
+    steps = [quote_command([python_in_jobs(config), PROJECT / "submit_study.py", *which, *s]) for s in FINISH_STEPS]
+    mail = ["#SBATCH --mail-type=END,FAIL", f"#SBATCH --mail-user={slurm['mail_user']}"] if slurm["mail_user"] else []
+    script = render_job(
+        FINISH_TEMPLATE, config, "finish_job.sbatch", job_name=name, directives=mail, commands="\n".join(steps)
+    )
+    arrays = sorted(study_control.queued_arrays(study))
+    job = study_control.run(["sbatch", "--parsable", f"{DEPENDENCY}{':'.join(arrays)}", str(script)]).strip()
+    print(f"submitted finish job {job}: exports the best trial once arrays {', '.join(arrays)} have ended")
