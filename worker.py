@@ -33,17 +33,12 @@ if __name__ == "__main__":
     for _sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):  # SIGINT: Ctrl-C of a local run
         signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
-import contextlib
-import enum
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -57,234 +52,24 @@ from parallel_optuna import (
     config_versions,
     failures,
     liveness,
-    repeats,
     retries,
-    samplers,
     study_control,
     trial_control,
 )
+from parallel_optuna.claim import adopt_origin_checkpoint, claim_trial, find_own_trial, heartbeat, record_owner
 from parallel_optuna.config import metric_names, yaml_from_args
 from parallel_optuna.optimizer import describe_sampler, values_text
 from parallel_optuna.options import CommandLine, ConfigError, add_experiment_flags, flag_overrides
 from parallel_optuna.run_dir import full_filesystem, full_filesystem_error, run_dir, run_subdir, trusted_run_dir
 from parallel_optuna.search_space import sample_params
-from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.study import open_storage, open_study, still_to_run, storage_url, study_budget, without_credentials
+from parallel_optuna.trial_handle import Interrupted, ObjectiveTrial, Outcome, StopSignal, TrialHandle
 from parallel_optuna.user_code import load_objective, load_trainer, prepare_data, resolve_config
 
 log = logging.getLogger("worker")
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
-
-
-class Outcome(enum.Enum):
-    """How one trial's run in this process ended."""
-
-    COMPLETE = "COMPLETE"
-    PRUNED = "PRUNED"
-    FAIL = "FAIL"
-    REQUEUED = "REQUEUED"  # checkpointed before the walltime; its own task was requeued and resumes it
-    STOPPED = "STOPPED"  # checkpointed and left RUNNING: SLURM's requeue or the next reconcile continues it
-
-
-# Raised from save_checkpoint() (or by a plain objective) once a stop signal arrived and the state is on disk.
-Interrupted = trial_control.Stop
-# What the tool records on a trial: liveness, status and retries trust them, so an objective may not set them.
-TOOL_ATTRS = {
-    *("host", "pid", "pid_start", "started_at", "finished_at", "config_path", "config_version", "log_path"),
-    *("slurm_task", "slurm_array_job_id", "slurm_array_task_id", "slurm_job_id", "slurm_restart_count"),
-    *("slurm_out", "slurm_err", "node", "cuda_visible_devices", "metrics", "train_seconds", "fail_reason"),
-    *("retry_of", "retry_attempt", "requeues"),
-}
-
-
-class StopSignal:
-    """Remembers SIGUSR2/SIGTERM/SIGINT so the trainer can finish its step and checkpoint first."""
-
-    def __init__(self, safe_point="save_checkpoint()"):
-        self.safe_point = safe_point  # where the trainer (or objective) checkpoints and stops
-        self.received = signal.Signals(EARLY_SIGNALS[-1]).name if EARLY_SIGNALS else None
-        if self.received:
-            log.warning("%s received while the worker started: checkpointing at the next %s", self.received, safe_point)
-        self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
-        self.deadline = None  # (seconds, what to do then) while such an objective runs: see ObjectiveTrial
-        self.requeued = False  # once this task asked SLURM to requeue it
-        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        again = self.received == signal.Signals(signum).name  # SLURM signals the batch shell, which forwards it
-        self.received = signal.Signals(signum).name
-        if again:
-            return
-        if self.requeued:  # SLURM ends the task it was asked to requeue: the checkpoint is already on disk
-            announce("%s received: the requeue ends this task", self.received)
-            return
-        if self.interrupt_now and self.deadline:  # never raised here: the signal may land inside a lock or a write
-            seconds, end = self.deadline
-            announce(
-                "%s received: the objective stops at its next report, should_prune or suggest call (or in %d s)",
-                self.received,
-                seconds,
-            )
-            timer = threading.Timer(seconds, end, args=(self.received,))
-            timer.daemon = True  # a worker whose objective stopped in time exits without waiting for it
-            timer.start()
-            return
-        announce("%s received: checkpointing at the next %s", self.received, self.safe_point)
-
-
-def announce(message, *args):
-    """Log from a signal handler. From a thread: the code the signal interrupted may be writing a log
-    record itself, and logging from the handler would re-enter that write (a RuntimeError); the
-    thread waits for the logging lock instead."""
-    threading.Thread(target=log.warning, args=(message, *args), name="signal-log").start()
-
-
-class ObjectiveTrial(optuna.trial.Trial):
-    """The optuna.Trial a plain objective gets: all of it, except that the tool's own attributes are kept safe,
-    and that a stop signal is raised at its calls to Optuna (a safe point: no lock held, nothing half-written)."""
-
-    def stop_point(self):
-        stop = trial_control.Running.stop
-        if stop is not None and stop.interrupt_now and stop.received:
-            stop.interrupt_now = False
-            raise Interrupted(stop.received)
-
-    def suggest_float(self, *args, **kwargs):
-        self.stop_point()
-        return super().suggest_float(*args, **kwargs)
-
-    def suggest_int(self, *args, **kwargs):
-        self.stop_point()
-        return super().suggest_int(*args, **kwargs)
-
-    def suggest_categorical(self, *args, **kwargs):
-        self.stop_point()
-        return super().suggest_categorical(*args, **kwargs)
-
-    def set_user_attr(self, key, value):
-        if key in TOOL_ATTRS:
-            raise ValueError(
-                f"user attribute {key!r} is the tool's own (liveness and status use it); use another name, "
-                f"not one of {', '.join(sorted(TOOL_ATTRS))}"
-            )
-        super().set_user_attr(key, value)
-
-    failed_elsewhere = False  # a status judged its worker dead: reports are not stored, the result is
-
-    def report(self, value, step):
-        self.stop_point()
-        try:
-            super().report(value, step)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            if not self.failed_elsewhere:
-                log.warning("trial %d was failed by another process: training goes on, its result is kept", self.number)
-            self.failed_elsewhere = True
-
-    def should_prune(self):
-        self.stop_point()
-        return not self.failed_elsewhere and super().should_prune()
-
-
-PROGRESS = "progress.jsonl"  # the curve of a trial with several objectives, one {"step", "value"} a line
-
-
-class TrialHandle:
-    """What a trainer gets besides its config: report, and checkpoints that survive a requeue."""
-
-    def __init__(self, trial, folder, stop, trusted=False):
-        self.trial, self.folder, self.stop = trial, folder, stop
-        self.trusted = trusted  # study.trusted_checkpoints: unpickle anything (the trainer's own objects)
-        self.checkpoint = folder / checkpoints.CHECKPOINT
-        self.saves = 0
-        self.reports_since_stop = 0
-        self.failed_elsewhere = False  # a status judged this worker dead: reports are not stored, the result is
-
-    @property
-    def number(self):
-        return self.trial.number
-
-    def report(self, value, step):
-        if not math.isfinite(value):
-            raise ValueError(f"metric is {value} at step {step}")
-        if len(self.trial.study.directions) > 1:  # Optuna keeps no curve for several objectives, nor prunes them
-            with open(self.folder / PROGRESS, "a") as f:
-                f.write(json.dumps({"step": step, "value": value}) + "\n")
-        elif not self.failed_elsewhere:
-            try:
-                self.trial.report(value, step)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                log.warning("trial %d was failed by another process: training goes on, its result is kept", self.number)
-                self.failed_elsewhere = True
-        log.info("trial %d step %d: %.6g", self.trial.number, step, value)
-        if len(self.trial.study.directions) == 1 and not self.failed_elsewhere and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step}")
-        if self.stop.received:
-            self.reports_since_stop += 1
-            # Two reports after the signal with no save in this process: a trainer that never checkpoints
-            # stops here. At the first, a trainer that reports and then saves has yet to save.
-            if not self.saves and self.reports_since_stop > 1:
-                raise Interrupted(self.stop.received)
-
-    def load_checkpoint(self):
-        """The state save_checkpoint() stored, loaded as data (tensors, numbers, strings, lists, dicts).
-
-        Whoever can write a checkpoint.pt must not get to run code in the next trial that loads it;
-        study.trusted_checkpoints: true loads any pickle, for state that needs more.
-        """
-        if not self.checkpoint.exists():
-            return None
-        log.info("trial %d resumes from %s", self.trial.number, self.checkpoint)
-        return load_state(self.checkpoint, self.trusted)
-
-    def save_checkpoint(self, state):
-        save_atomically(state, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
-        self.saves += 1
-        if self.stop.received:
-            raise Interrupted(self.stop.received)
-
-    def save_weights(self, state):
-        """The trained model (e.g. model.state_dict()): `make best` exports the best trial's as best_trial.pt."""
-        save_atomically(state, self.folder / checkpoints.WEIGHTS)
-
-
-class UntrustedCheckpoint(Exception):
-    """A checkpoint that holds more than data, loaded without study.trusted_checkpoints: the trial fails."""
-
-
-def load_state(path, trusted=False):
-    import pickle
-
-    import torch  # only trainers that checkpoint need it; the worker's start-up stays light
-
-    try:
-        return torch.load(path, weights_only=not trusted)
-    except pickle.UnpicklingError as e:
-        if trusted:
-            raise
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        why = f"it would call {found.group(1)}" if found else "not loadable as data"
-        raise UntrustedCheckpoint(
-            f"{path} holds more than data ({why}), so it was not loaded; save tensors, numbers, lists and dicts, "
-            "or set study.trusted_checkpoints: true if only your trainer can have written it"
-        ) from None
-
-
-def save_atomically(state, path):
-    import torch  # only trainers that save need it; the worker's start-up stays light
-
-    partial = path.with_suffix(".partial")
-    try:
-        with open(partial, "wb") as f:  # through a Python file a full disk is OSError ENOSPC, not RuntimeError
-            torch.save(state, f)
-    except BaseException as e:
-        partial.unlink(missing_ok=True)  # a failed write (full disk) leaves no half file behind
-        if isinstance(e, OSError) and not e.filename:
-            raise OSError(e.errno, e.strerror, str(partial)) from e  # name the file that could not be written
-        raise
-    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------- command line
@@ -334,171 +119,6 @@ def with_data_dir(config, args):
     if args.data_dir:
         config.setdefault("data", {})["dir"] = str(Path(args.data_dir).resolve())
     return config
-
-
-# ---------------------------------------------------------------- claiming a trial
-def find_own_trial(study, task):
-    """The RUNNING trial a requeued array task left behind, if any."""
-    if not task:
-        return None
-    for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
-        if trial.user_attrs.get("slurm_task") == task:
-            return trial
-    return None
-
-
-def claim_trial(study, config, stop=None):
-    """A new trial within the budget, or None when the budget is covered (or a stop signal came)."""
-    budget = study_budget(study, config)
-    while True:
-        with samplers.one_ask_at_a_time(run_dir(config)):  # each ask sees the trials asked before it
-            trial, again = ask_once(study, config, budget)  # None, False: the budget is covered
-        if not again:
-            return trial
-        if repeats.waits_in_a_row:
-            wait_for_twin(study, config, stop)
-        if stop and stop.received:
-            return None
-
-
-MAX_TWIN_DROPS = 3  # repeats of running trials a worker drops in a row before it waits without writing
-
-
-def wait_for_twin(study, config, stop):
-    """The proposal repeats a running trial (a small space): let it finish, then a repeat is answered from it.
-
-    After MAX_TWIN_DROPS such repeats in a row the worker asks nothing (each ask would write one more FAIL
-    trial) until some trial of the study ends: a 10-hour twin costs a few dropped trials, not thousands.
-    """
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(RUNNING,))}
-    patient = repeats.waits_in_a_row >= MAX_TWIN_DROPS
-    if patient:
-        log.info("the search space has fewer configs than workers: waiting for a running trial to end")
-    delay = min(0.1 * 2**repeats.waits_in_a_row, 10.0)
-    while not (stop and stop.received):
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline and not (stop and stop.received):
-            time.sleep(0.1)
-        liveness.fail_stale(study, config)  # a twin whose worker died would be waited for forever
-        # Local workers' pids; while it waits patiently, the twins' array tasks too (one squeue per wait).
-        liveness.reconcile(study, config, tasks="ask" if patient else None)
-        if not patient or not running <= {t.number for t in study.get_trials(deepcopy=False, states=(RUNNING,))}:
-            break
-    if patient:
-        repeats.waits_in_a_row = 0
-
-
-def ask_once(study, config, budget):
-    """(trial to run or None, whether to ask again): one ask, its params sampled and checked."""
-    if still_to_run(study.get_trials(deepcopy=False), budget) <= 0:
-        return None, False  # checked again in our turn: another worker's ask may have covered the budget since
-    trial = study.ask()
-    link_heartbeat_retry(study, trial)
-    trials = study.get_trials(deepcopy=False)
-    # Trial numbers are consecutive: everything numbered below ours existed when we asked.
-    ahead = [t for t in trials if t.number < trial.number and t.state != FAIL]
-    origin, kept = trial.user_attrs.get("retry_of"), retries.result_of(trials, trial.user_attrs.get("retry_of"))
-    if len(ahead) >= budget:
-        drop(study, trial, f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}")
-        return None, False
-    if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
-        drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
-        return None, True
-    if origin is not None and kept:
-        drop(study, trial, f"retry of trial {origin}, whose worker lived: its result is trial {kept.number}")
-        return None, True
-    if repeats.settle(study, trial, config):  # params already tried: answered from its twin, or asked again
-        return None, True
-    return trial, False
-
-
-def drop(study, trial, reason):
-    trial.set_user_attr("fail_reason", reason)
-    study.tell(trial, state=FAIL)
-    log.info("trial %d dropped (%s)", trial.number, reason)
-
-
-def link_heartbeat_retry(study, trial):
-    """A retry made by Optuna's own RetryHeartbeatStaleTrialCallback gets the user attributes ours carry."""
-    frozen = optuna_internals.frozen(study, trial)
-    chain = retries.history(frozen)
-    if chain and "retry_of" not in frozen.user_attrs:
-        trial.set_user_attr("retry_of", chain[-1])
-        trial.set_user_attr("retry_attempt", len(chain))
-
-
-@contextlib.contextmanager
-def heartbeat(study, trial):
-    """On RDB storages, beat as Study.optimize would; ask/tell alone sends no heartbeat."""
-    interval = optuna_internals.heartbeat_interval(study)
-    if not interval:
-        yield
-        return
-    stopped = threading.Event()
-
-    def beat():
-        while True:
-            optuna_internals.record_heartbeat(study, trial)
-            if stopped.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stopped.set()
-        thread.join()
-
-
-def record_owner(trial, folder, config):
-    """Who runs the trial, so any trial leads to its logs and any log to its trial."""
-    env = os.environ
-    attrs = {
-        "pid": os.getpid(),
-        "pid_start": liveness.process_start(os.getpid()),
-        "started_at": trial.user_attrs.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "config_path": str(folder / "config.yaml"),
-        "config_version": config.version,
-        "log_path": str(folder / "worker.log"),
-        "slurm_task": liveness.slurm_task_key(),
-        "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
-        "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
-        "slurm_job_id": env.get("SLURM_JOB_ID"),
-        "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
-        "node": env.get("SLURMD_NODENAME"),
-        "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
-    }
-    if env.get("SLURM_ARRAY_JOB_ID"):
-        logs = run_dir(config) / "slurm_logs" / f"optuna_{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-        attrs.update(slurm_out=f"{logs}.out", slurm_err=f"{logs}.err")
-    attrs["host"] = hostname()  # last: liveness judges a trial by its pid only once host is there
-    for key, value in attrs.items():
-        if value is not None and trial.user_attrs.get(key) != value:
-            trial.set_user_attr(key, value)
-
-
-def adopt_origin_checkpoint(study, trial, handle, config):
-    """A retry continues from the newest checkpoint of its chain (the trial it replaces, else an older one
-    whose retry died before copying it), curve included."""
-    if handle.checkpoint.exists():
-        return
-    trials = run_dir(config) / "trials"
-    chain = retries.chain(optuna_internals.frozen(study, trial))
-    origin = next((n for n in reversed(chain) if (trials / str(n) / checkpoints.CHECKPOINT).exists()), None)
-    if origin is None:
-        return
-    source = trials / str(origin) / checkpoints.CHECKPOINT
-    partial = handle.checkpoint.with_suffix(".partial")
-    shutil.copy(source, partial)
-    os.replace(partial, handle.checkpoint)  # once it exists the copy is whole: cleanup may delete the source
-    if (source.parent / PROGRESS).exists():
-        shutil.copy(source.parent / PROGRESS, handle.folder / PROGRESS)
-    dead = study.get_trials(deepcopy=False)[origin]  # numbered in order; study.trials would copy every trial
-    for step, value in sorted(dead.intermediate_values.items()):
-        trial.report(value, step)
-    trial.set_user_attr("requeues", dead.user_attrs.get("requeues", 0))  # walltimes already spent count
-    log.info("trial %d continues from trial %d's checkpoint", trial.number, origin)
 
 
 # ---------------------------------------------------------------- running one trial
@@ -783,7 +403,8 @@ def load_user_code(config):
 
 def run_trials(study, trial, config, args, taken_over):
     """Claim, run and tell trials until the budget, --trials or a signal says stop; 1 if any failed."""
-    stop = StopSignal("trial_control.stop_requested()" if config["study"]["objective"] else "save_checkpoint()")
+    safe_point = "trial_control.stop_requested()" if config["study"]["objective"] else "save_checkpoint()"
+    stop = StopSignal(safe_point, EARLY_SIGNALS)
     failed = done = in_a_row = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.

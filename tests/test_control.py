@@ -184,9 +184,7 @@ def test_the_eta_of_trials_running_past_the_mean_time_is_their_end_not_a_second(
     ]
     line = status.eta_line([done, *running], 3, 2, None, 2)
     assert line.startswith("ETA: when the running trials end"), line
-    assert status.eta_line([done, *running], 5, 2, None, 4).startswith("ETA: ~1m"), (
-        "two more trials of 60 s, 2 at once"
-    )
+    assert status.eta_line([done, *running], 5, 2, None, 4).startswith("ETA: ~1m"), "two more trials of 60 s, 2 at once"
 
 
 def test_status_shows_a_plain_objectives_last_reported_step(capsys):
