@@ -2,7 +2,7 @@
 
 Each trainer sleeps `bench.sleep` seconds (so K trials overlap as they would on K GPUs) and returns
 {"value": what Optuna sees, "true_value": the noiseless value}. Regret is true_value - OPTIMUM.
-The short real training (the example LSTM) lives in ishigami_lstm.py and has no known optimum.
+The short real training (the example LSTM) lives in examples/ishigami_lstm.py and has no known optimum.
 """
 
 import math

@@ -78,7 +78,7 @@ def experiment(folder, problem, sampler, seed, args):
     }
     config = {"study": study, "slurm": {"gpus_per_task": 0}}
     if problem == "lstm":
-        study.update(trainer="ishigami_lstm:train", optimization_metric="val_mae_mean")
+        study.update(trainer="examples.ishigami_lstm:train", optimization_metric="val_mae_mean")
         config["data"] = {"dir": str(Path(args.workdir) / "ishigami_data"), "n_samples": 192, "seed": 0}
         config["model"] = {"d_pos": 4, "d_hidden": 16, "n_layers": 1, "d_in": None, "d_head": None}
         config["training"] = {"epochs": 2, "batch_size": 64, "lr": 0.003, "k_folds": 2, "device": "cpu", "seed": 0}

@@ -226,8 +226,16 @@ def directions(config):
 
 
 def _check_objectives(config, source):
-    """One metric per direction; several objectives (Pareto front) cannot be pruned."""
+    """The user's code is named; one metric per direction; several objectives (Pareto front) cannot be pruned."""
     study = config["study"]
+    if not study["trainer"] and not study["objective"]:
+        raise ConfigError(
+            source,
+            "study.trainer",
+            "names no code to run (nor does study.objective)",
+            "name your trainer as study.trainer: module:function, or a plain Optuna objective as study.objective "
+            "(config.example.yaml names the example's, examples.ishigami_lstm:train)",
+        )
     if len(metric_names(config)) != len(directions(config)):
         raise ConfigError(
             source,

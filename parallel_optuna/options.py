@@ -22,7 +22,6 @@ SLURM_LIST = re.compile(r"^[A-Za-z0-9_.,-]+$")
 CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,|&*:\[\]()-]+$")
 EMAIL = re.compile(r"^[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+$")
 DIRECTIVE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%/+=-]+)?$")
-DEFAULT_TRAINER = "ishigami_lstm:train"
 # What the array file itself decides: a directive in the YAML must not change or bypass it.
 OWN_DIRECTIVES = {"--wrap", "--array", "--output", "--error", "--open-mode", "--signal", "--requeue", "--ntasks"}
 
@@ -185,7 +184,7 @@ OPTIONS = [
     Option(
         "study",
         "trainer",
-        DEFAULT_TRAINER,
+        None,
         _matches(re.compile(r"^[\w.]+:\w+$"), "package.module:function"),
         "trainer function, package.module:function",
     ),

@@ -23,7 +23,6 @@ from parallel_optuna.jobs import SUBMIT_TEMPLATE, job_arguments, python_in_jobs,
 from parallel_optuna.local import run_local
 from parallel_optuna.optimizer import base_params, build_pruner, build_sampler
 from parallel_optuna.options import (
-    DEFAULT_TRAINER,
     ConfigError,
 )
 from parallel_optuna.run_dir import run_dir, trusted_run_dir
@@ -172,12 +171,6 @@ def say_where_it_stands(study, config, url):
         if config.get("search_space") or "trainer" not in config.defaulted:
             objective = config["study"]["objective"]
             print(f"note: study.objective {objective} runs; the YAML's trainer and search_space are not used")
-    elif "trainer" in config.defaulted:
-        print(
-            f"note: {config.path}: no study.trainer, so the example's {DEFAULT_TRAINER} trains; "
-            "name yours as study.trainer: module:function",
-            file=sys.stderr,
-        )
     unset = [f"study.{key}" for key in ("optimization_metric", "optimization_direction") if key in config.defaulted]
     if unset and config["study"]["objective"] or "optimization_direction" in config.defaulted:
         metric, direction = config["study"]["optimization_metric"], config["study"]["optimization_direction"]

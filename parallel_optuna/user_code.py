@@ -9,13 +9,12 @@ from pathlib import Path
 
 import optuna
 
-from parallel_optuna import PROJECT
 from parallel_optuna.config import metric_names
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import full_filesystem
 
-EXAMPLE_TRAINERS = {"ishigami_lstm"}
-TOOL_MODULES = {p.stem for p in [*PROJECT.glob("*.py"), *Path(__file__).parent.rglob("*.py")]} - EXAMPLE_TRAINERS
+# The tool's own top-level names: a user module named so would shadow them (any other name is the user's).
+TOOL_MODULES = {"parallel_optuna", "trial_control"}
 
 
 def code_key(config):
@@ -34,14 +33,12 @@ def trainer_module(config, key="trainer"):
         raise ConfigError(
             config.path,
             f"study.{key}",
-            f"module {name.split('.')[0]!r} has the name of one of Parallel Optuna's own modules",
-            f"rename your module (not one of {', '.join(sorted(TOOL_MODULES))})",
+            f"module {name.split('.')[0]!r} has the name of one of Parallel Optuna's own top-level names",
+            f"rename your module (not {', '.join(sorted(TOOL_MODULES))})",
         )
     for folder in (os.getcwd(), config.dir):  # each goes first: the experiment's own code wins
         if folder and folder not in sys.path:
             sys.path.insert(0, folder)
-    if str(PROJECT) not in sys.path:
-        sys.path.append(str(PROJECT))  # the example trainer
     optimize = optuna.study.Study.optimize
     optuna.study.Study.optimize = _optimize_on_import  # a script's own study.optimize, not under __main__
     try:
@@ -136,8 +133,6 @@ def prepare_data(config, source="config"):
             raise
         where = f"{config['study']['trainer'].partition(':')[0]}.prepare(config)"
         fix = "fix it, or the config keys it reads"
-        if "trainer" in getattr(config, "defaulted", ()):
-            fix = "name your trainer as study.trainer: module:function (the YAML names none: the example's ran)"
         raise ConfigError(source, "study.trainer", f"{where} failed ({type(e).__name__}: {e})", fix) from None
     data_dir = (config.get("data") or {}).get("dir")
     if isinstance(data_dir, str) and not Path(data_dir).is_dir():

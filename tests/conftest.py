@@ -20,6 +20,7 @@ from parallel_optuna.storage import journal  # noqa: E402  (the project, on the 
 TINY = {
     "study": {
         "study_name": "tiny",
+        "trainer": "examples.ishigami_lstm:train",
         "n_trials": 4,
         "sampler": {"name": "TPESampler", "seed": 0, "n_startup_trials": 2},
         "pruner": {"name": "NopPruner"},

@@ -10,8 +10,8 @@ import time
 
 import yaml
 
-import ishigami_lstm
-from ishigami_lstm import METRICS, prepare, update_config  # noqa: F401 (the tool looks for them in this module)
+from examples import ishigami_lstm
+from examples.ishigami_lstm import METRICS, prepare, update_config  # noqa: F401 (the tool looks for them in this module)
 
 
 def train(config, trial):

@@ -10,8 +10,8 @@ import torch
 import yaml
 from conftest import finished, load_study, plugin_experiment, run_script, write_experiment
 
-import ishigami_lstm
 import worker
+from examples import ishigami_lstm
 from parallel_optuna import checkpoints, user_code
 from parallel_optuna.config import load_config
 

@@ -51,9 +51,48 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     assert "--study_name <new name>" in twice.stdout and len(load_study(best, again.study_name).trials) == 1
 
 
+PLAIN = "def objective(trial):\n    return trial.suggest_float('x', -1, 1) ** 2\n"
+
+
+def test_a_users_module_named_like_a_module_of_the_tool_runs(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.n_trials": 1, "data.dir": None})
+    for name in ("journal", "liveness", "config", "status"):  # the tool's own live in its package, not beside yours
+        (path.parent / f"{name}.py").write_text(PLAIN)
+        out = run_script("worker.py", "--config", path, "--objective", f"{name}:objective", "--trials", 1)
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert [t.state.name for t in load_study(path).trials] == ["COMPLETE"], "one budget: one trial, then covered"
+
+
+def test_an_objective_saved_beside_the_scripts_runs_from_any_folder(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.n_trials": 1, "data.dir": None})
+    name = f"my_objective_{tmp_path.name.replace('-', '_')}"
+    module = PROJECT / f"{name}.py"
+    module.write_text(PLAIN)
+    try:
+        out = run_script(
+            "submit_study.py", "--config", path, "--objective", f"{name}:objective", "--local", 1, cwd=tmp_path
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        module.unlink()
+    assert [t.state.name for t in load_study(path).trials] == ["COMPLETE"]
+
+
+def test_a_yaml_that_names_no_code_is_refused_with_the_fix(tmp_path):
+    path = write_experiment(tmp_path / "exp", {"study.trainer": None})
+    out = run_script("submit_study.py", "--config", path, "--no-submit_jobs")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: {path}: study.trainer: names no code to run (nor does study.objective); fix: name your trainer as "
+        "study.trainer: module:function, or a plain Optuna objective as study.objective (config.example.yaml names "
+        "the example's, examples.ishigami_lstm:train)"
+    ]
+    assert not (path.parent / "runs").exists()
+
+
 def test_the_objective_flag_wins_over_the_yaml_and_bad_modules_fail_at_submit(tmp_path):
     path = objective_experiment(tmp_path, "quick")
-    (path.parent / "liveness.py").write_text("def objective(trial):\n    return 0.0\n")
+    (path.parent / "trial_control.py").write_text("def objective(trial):\n    return 0.0\n")
     script = (
         "import optuna\ndef objective(trial):\n    return 0.0\noptuna.create_study().optimize(objective, n_trials=2)\n"
     )
@@ -62,7 +101,7 @@ def test_the_objective_flag_wins_over_the_yaml_and_bad_modules_fail_at_submit(tm
         ("script:objective", "importing 'script' runs study.optimize()"),
         ("nowhere:objective", "cannot import 'nowhere:objective'"),
         ("objectives:missing", "'objectives:missing' has no such function"),
-        ("liveness:objective", "has the name of one of Parallel Optuna's own modules"),
+        ("trial_control:objective", "has the name of one of Parallel Optuna's own top-level names"),
     ]:
         out = run_script("submit_study.py", "--config", path, "--objective", flag, "--no-submit_jobs")
         assert out.returncode == 2 and words in out.stderr and "study.objective" in out.stderr, out.stderr
