@@ -129,6 +129,13 @@ def clean(study, config, everything=True):
     return files, freed
 
 
+def clean_and_say(study, config):
+    """clean(), for a command that says what it wrote: the submit and the export."""
+    files, freed = clean(study, config)
+    if files:
+        print(f"deleted {files} checkpoint/weights file(s) that no trial will read again ({size(freed)} freed)")
+
+
 def best_weights(config, number):
     """The file that holds the trial's trained model: its weights, else its last checkpoint."""
     folder = trial_folder(config, number)

@@ -46,7 +46,7 @@ def export_best(study, config, path, number=None):
     shown = ", ".join(f"{t.number} ({values_text(config, t.values)})" for t in members[:5])
     what = "best trial" if number is None else "trial"
     print(f"{what if len(members) == 1 else f'{len(members)} Pareto-optimal trials'} {shown} -> {target}")
-    checkpoints.clean(study, config)
+    checkpoints.clean_and_say(study, config)
     return 0
 
 

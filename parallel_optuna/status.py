@@ -21,8 +21,9 @@ from parallel_optuna.study_control import queued_tasks, study_jobs
 def show_status(study, config):
     jobs = study_jobs(study)
     tasks = liveness.squeue_tasks(jobs)
-    liveness.reconcile(study, config, tasks)
+    judged_dead = liveness.reconcile(study, config, tasks)
     trials = study.get_trials(deepcopy=False)
+    print_judged_dead(trials, judged_dead)
     counts = count_states(trials)
     budget = study_budget(study, config)
     finished = counts["COMPLETE"] + counts["PRUNED"]
@@ -53,6 +54,16 @@ def show_status(study, config):
     print_top_up(remaining(study, config) - queued, failed, streak)
     print(disk_line(study, config))
     return 0
+
+
+def print_judged_dead(trials, numbers):
+    """Status writes one thing: the trials whose worker is gone are failed, and retried. It says which, and why."""
+    for number in numbers:
+        retry = next((t.number for t in trials if t.user_attrs.get("retry_of") == number), None)
+        then = f"its retry is trial {retry}" if retry is not None else "no retry left (study.max_retries)"
+        print(
+            f"marked trial {number} FAIL ({trials[number].user_attrs.get('fail_reason', 'its worker is gone')}); {then}"
+        )
 
 
 def print_best(study, config, counts):
@@ -95,11 +106,9 @@ def print_top_up(missing, failed, streak):
 
 
 def disk_line(study, config):
-    """The run directory's size (du, at most 10 s), after deleting the checkpoints nobody will read."""
-    files, freed = checkpoints.clean(study, config)
+    """The run directory's size (du, at most 10 s). Deleting what nobody reads is the submit's and export's job."""
     used = checkpoints.disk_usage(run_dir(config))
-    line = f"disk: {run_dir(config)} " + (checkpoints.size(used) if used is not None else "? (du took over 10 s)")
-    return line + (f" ({files} old checkpoint/weights files deleted, {checkpoints.size(freed)} freed)" if files else "")
+    return f"disk: {run_dir(config)} " + (checkpoints.size(used) if used is not None else "? (du took over 10 s)")
 
 
 def eta_line(trials, budget, concurrency, mark, workers):

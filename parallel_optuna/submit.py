@@ -8,7 +8,7 @@ from pathlib import Path
 
 import optuna
 
-from parallel_optuna import PROJECT, config_versions, failures, liveness, study_control
+from parallel_optuna import PROJECT, checkpoints, config_versions, failures, liveness, study_control
 from parallel_optuna.array_file import (
     DEPENDENCY,
     max_array_size,
@@ -154,6 +154,7 @@ def take_stock(study, config, url):
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
+    checkpoints.clean_and_say(study, config)  # after the budget is recorded: the clean judges by it
 
 
 def say_where_it_stands(study, config, url):

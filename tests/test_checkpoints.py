@@ -1,6 +1,7 @@
 """Weights and checkpoints on disk: the best model is exported, what nobody will read again is deleted."""
 
 import copy
+import socket
 import subprocess
 import types
 
@@ -190,3 +191,30 @@ def test_trusted_checkpoints_load_the_trainers_own_objects(tmp_path):
     out, retry, marker = swapped_checkpoint_resumed(plugin_experiment(tmp_path, changes))
     assert retry.state.name == "COMPLETE", out.stdout[-2000:]
     assert marker.exists(), "a full pickle, as the key says"
+
+
+def test_status_only_reads_the_files_and_says_what_it_failed_while_export_says_what_it_deleted(tmp_path):
+    """A command that reads does not delete files; the one write status makes (failing a dead trial) it says."""
+    path = write_experiment(tmp_path / "exp", {"study.keep_best": 1})
+    assert run_script("submit_study.py", "--config", path, "--no-submit_jobs").returncode == 0
+    study = load_study(path)
+    trial_with_files(study, path, "COMPLETE", 0.1)
+    dominated = trial_with_files(study, path, "COMPLETE", 0.9)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = trial_with_files(study, path, attrs={"host": socket.gethostname(), "pid": gone.pid, "pid_start": "1"})
+    before = files_left(path)
+
+    status = run_script("submit_study.py", "--config", path, "--status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert files_left(path) == before, "status deletes nothing"
+    said = [line for line in status.stdout.splitlines() if line.startswith(f"marked trial {dead} FAIL")]
+    assert said == [
+        f"marked trial {dead} FAIL (worker died: pid {gone.pid} on {socket.gethostname()} is gone); "
+        f"its retry is trial {dead + 1}"
+    ], status.stdout
+
+    export = run_script("submit_study.py", "--config", path, "--export_best")
+    assert export.returncode == 0, export.stdout + export.stderr
+    assert (dominated, "weights.pt") not in files_left(path)
+    assert "checkpoint/weights file(s) that no trial will read again" in export.stdout
