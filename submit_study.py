@@ -32,6 +32,7 @@ from parallel_optuna.options import (
     flag_overrides,
 )
 from parallel_optuna.run_dir import full_filesystem, full_filesystem_error, run_dir
+from parallel_optuna.slurm import SlurmError
 from parallel_optuna.status import show_status
 from parallel_optuna.study import (
     open_existing_study,
@@ -116,6 +117,9 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SlurmError as e:  # the scheduler's answer, not bad input
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except PermissionError as e:  # a teammate's command on a study it may read but not write
         fix = "run it as the study's owner (the owner's --group_access lets the group read it)"
         print(f"error: {e.filename or e}: permission denied; fix: {fix}", file=sys.stderr)

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -62,6 +61,7 @@ from parallel_optuna.optimizer import describe_sampler, values_text
 from parallel_optuna.options import CommandLine, ConfigError, add_experiment_flags, flag_overrides
 from parallel_optuna.run_dir import full_filesystem, full_filesystem_error, run_dir, run_subdir, trusted_run_dir
 from parallel_optuna.search_space import sample_params
+from parallel_optuna.slurm import requeue_task
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.study import open_storage, open_study, still_to_run, storage_url, study_budget, without_credentials
 from parallel_optuna.trial_handle import Interrupted, ObjectiveTrial, Outcome, StopSignal, TrialHandle
@@ -332,21 +332,6 @@ def requeue_or_fail(study, trial, config, signal_name, handle=None):
         return Outcome.STOPPED
     log.info("task %s requeued: it resumes trial %d", task, trial.number)
     return Outcome.REQUEUED
-
-
-def requeue_task(task):
-    """Requeue exactly this array task; None on success, else what went wrong.
-
-    Always `<array job>_<task>`: one task of every array runs under the array's own job id, and
-    `scontrol requeue <that id>` would requeue (and SIGTERM) every task of the array.
-    """
-    try:
-        result = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"scontrol requeue {task}: {e}"
-    if result.returncode != 0:
-        return f"scontrol requeue {task} exited {result.returncode}: {result.stderr.strip()}"
-    return None
 
 
 # ---------------------------------------------------------------- main loop

@@ -1,11 +1,9 @@
 """The array file: array_job.sbatch rendered for a study, and the sbatch commands that submit it."""
 
 import os
-import re
-import subprocess
 import sys
 
-from parallel_optuna import PROJECT, study_control
+from parallel_optuna import PROJECT, slurm, study_control
 from parallel_optuna.options import (
     OPTIONS,
 )
@@ -83,16 +81,6 @@ def pythonpath_line():
     return f"export PYTHONPATH={quote_command([path])}" if path else "# (PYTHONPATH was not set at submit time)"
 
 
-def max_array_size():
-    """Array indexes must stay below the cluster's MaxArraySize (default 1001)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return 1001
-    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out.stdout, re.MULTILINE)
-    return int(match.group(1)) if match else 1001
-
-
 DEPENDENCY = "--dependency=afterany:"
 
 
@@ -118,10 +106,10 @@ def submit_arrays(study, config, commands):
     previous = None
     for tasks, command in commands:
         command = [word + previous if word == DEPENDENCY else word for word in command]
-        result = sbatch(command)
+        result = slurm.sbatch(command)
         if result.returncode != 0 and previous is None and "dependency" in result.stderr.lower():
             command = [word for word in command if not word.startswith(DEPENDENCY)]  # those arrays just ended
-            result = sbatch(command)
+            result = slurm.sbatch(command)
         if result.returncode != 0:
             print(f"error: {quote_command(command)} failed: {result.stderr.strip()}", file=sys.stderr)
             return 1
@@ -138,18 +126,6 @@ def submit_arrays(study, config, commands):
         f"  tail -f {folder}/slurm_logs/optuna_{previous}_*.out"
     )
     return 0
-
-
-SBATCH_TIMEOUT_S = 120
-
-
-def sbatch(command):
-    """Run sbatch with a timeout; a timeout is a failure that says the array may be queued all the same."""
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=SBATCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        why = f"no answer within {SBATCH_TIMEOUT_S} s: it may be queued all the same; check squeue --me first"
-        return subprocess.CompletedProcess(command, 1, "", why)
 
 
 def this_script():

@@ -53,7 +53,7 @@ def job_arguments(argv, storage_file):
 def submit_finish_job(study, config):
     """--notify_on_finish: one small job once every array task of the study has ended."""
     name, slurm = f"optuna_finish_{study.study_name}", config["slurm"]
-    study_control.run(["scancel", "--me", f"--name={name}", "--state=PENDING"])  # it replaces an earlier one
+    slurm.run(["scancel", "--me", f"--name={name}", "--state=PENDING"])  # it replaces an earlier one
     which = ["--config", config.path, "--study_name", study.study_name]
     which += ["--runs_dir", config["study"]["runs_dir"]]
     steps = [quote_command([python_in_jobs(config), PROJECT / "submit_study.py", *which, *s]) for s in FINISH_STEPS]
@@ -62,5 +62,5 @@ def submit_finish_job(study, config):
         FINISH_TEMPLATE, config, "finish_job.sbatch", job_name=name, directives=mail, commands="\n".join(steps)
     )
     arrays = sorted(study_control.queued_arrays(study))
-    job = study_control.run(["sbatch", "--parsable", f"{DEPENDENCY}{':'.join(arrays)}", str(script)]).strip()
+    job = slurm.run(["sbatch", "--parsable", f"{DEPENDENCY}{':'.join(arrays)}", str(script)]).strip()
     print(f"submitted finish job {job}: exports the best trial once arrays {', '.join(arrays)} have ended")

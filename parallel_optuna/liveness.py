@@ -13,13 +13,11 @@ which is why worker.py also drops a second retry of the same trial when it is as
 
 import logging
 import os
-import shutil
-import subprocess
 import time
 
 import optuna
 
-from parallel_optuna import retries
+from parallel_optuna import retries, slurm
 from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.study import still_to_run, study_budget
@@ -76,22 +74,14 @@ def squeue_tasks(job_ids):
     """
     if not job_ids:
         return Tasks(())
-    if not shutil.which("squeue"):
+    rows = slurm.squeue_jobs(job_ids, fields="%i|%T|%M|%r")
+    if rows is None:
+        if slurm.available("squeue"):
+            log.warning("squeue failed or gave no answer: liveness unknown, nobody is judged dead")
         return None
-    command = ["squeue", "--noheader", "--array", f"--jobs={','.join(sorted(job_ids))}", "--format=%i|%T|%M|%r"]
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        if "Invalid job id" in out.stderr:
-            return Tasks(job_ids)  # every one of them has left the queue
-        log.warning("squeue failed, liveness unknown: %s", out.stderr.strip())
-        return None
-    tasks = Tasks(job_ids)
-    for line in out.stdout.splitlines():
-        key, state, elapsed, reason = (line.split("|") + ["", "", ""])[:4]
-        tasks[key.strip()] = (state, elapsed, reason)
+    tasks = Tasks(job_ids)  # a job asked about and absent has left the queue
+    for key, state, elapsed, reason in rows:
+        tasks[key] = (state, elapsed, reason)
     return tasks
 
 

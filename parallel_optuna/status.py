@@ -1,11 +1,9 @@
 """--status: the study's trials, budget, best so far, running trials and SLURM tasks."""
 
-import shutil
-import subprocess
 import time
 from datetime import datetime
 
-from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, study_control
+from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, slurm, study_control
 from parallel_optuna.optimizer import describe_sampler, values_text
 from parallel_optuna.run_dir import run_dir
 from parallel_optuna.study import (
@@ -134,7 +132,7 @@ def print_slurm_tasks(study, trials, tasks):
         k: "HELD" if state == "PENDING" and "held" in reason.lower() else state
         for k, (state, _, reason) in (tasks or {}).items()
     }
-    states = {**sacct_states(job_ids), **queued}
+    states = {**slurm.sacct_states(job_ids), **queued}
     by_task = {}
     for t in trials:
         if t.user_attrs.get("slurm_task", "").split("_")[0] in job_ids:
@@ -155,21 +153,6 @@ def print_slurm_tasks(study, trials, tasks):
             f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
             f"{value:>{width}}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
         )
-
-
-def sacct_states(job_ids):
-    """Finished tasks' states from one sacct call; {} where accounting is off."""
-    if not shutil.which("sacct"):
-        return {}
-    command = ["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}"]
-    try:
-        out = subprocess.run([*command, "--format=JobID,State"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        print("note: sacct did not answer within 60 s: ended tasks show as 'ended'")
-        return {}
-    if out.returncode != 0:
-        return {}
-    return dict(line.split("|")[:2] for line in out.stdout.splitlines() if "|" in line)
 
 
 def trial_seconds(trial):

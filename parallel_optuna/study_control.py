@@ -18,16 +18,13 @@ reported step, read from the tail of its worker.log.
 
 import logging
 import re
-import shutil
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
 
 import optuna
 
-from parallel_optuna import liveness, retries
-from parallel_optuna.options import ConfigError
+from parallel_optuna import liveness, retries, slurm
 from parallel_optuna.study import FINISHED, still_to_run
 
 log = logging.getLogger("control")
@@ -50,45 +47,13 @@ def queued_arrays(study):
     """{array job id: [(task, state, reason)]} of the study's arrays that SLURM still holds."""
     recorded = {j["job_id"] for j in study.user_attrs.get("array_jobs", [])}
     recorded |= liveness.running_jobs(study.get_trials(deepcopy=False))
-    lines = squeue(f"--name={job_name(study.study_name)}", "--me")
+    rows = slurm.squeue(f"--name={job_name(study.study_name)}", "--me")
     if recorded:
-        lines += squeue(f"--jobs={','.join(sorted(recorded))}")
+        rows += slurm.squeue(f"--jobs={','.join(sorted(recorded))}")
     arrays = {}
-    for line in set(lines):
-        array, task, state, reason = line.split("|", 3)
+    for array, task, state, reason in set(map(tuple, rows)):
         arrays.setdefault(array, []).append((task, state, reason))
     return arrays
-
-
-def squeue(*selection):
-    command = ["squeue", "--noheader", "--array", "--format=%F|%i|%T|%r", *selection]
-    out = run(command, ok_if="Invalid job id")
-    return [line.strip() for line in out.splitlines() if line.count("|") == 3]
-
-
-def run(command, ok_if=None):
-    """Run a SLURM command with a timeout; its stdout, or a ConfigError naming what failed."""
-    if not shutil.which(command[0]):
-        raise ConfigError(command[0], "(command)", f"{command[0]} is not on PATH", "run this on a SLURM login node")
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise ConfigError(command[0], "(command)", "no answer within 60 s", "try again when SLURM answers") from None
-    if result.returncode != 0 and not (ok_if and ok_if in result.stderr):
-        problem = f"{' '.join(command)} exited {result.returncode}: {result.stderr.strip()}"
-        raise ConfigError(command[0], "(command)", problem, "check the job ids with squeue --me")
-    return result.stdout
-
-
-# ---------------------------------------------------------------- the commands
-def throttle(study, k):
-    """At most k tasks of each array at once, from now on; the study records k for later submissions."""
-    study.set_user_attr("max_concurrent_jobs", k)
-    arrays = queued_arrays(study)
-    for array in sorted(arrays):
-        run(["scontrol", "update", f"JobId={array}", f"ArrayTaskThrottle={k}"])
-    print(f"study {study.study_name}: at most {k} tasks at once ({describe(arrays)})")
-    return 0
 
 
 def pause(study):
@@ -97,7 +62,7 @@ def pause(study):
     arrays = queued_arrays(study)
     pending = tasks_where(arrays, lambda state, reason: state == "PENDING")
     if pending:
-        run(["scontrol", "hold", ",".join(pending)])
+        slurm.run(["scontrol", "hold", ",".join(pending)])
     running = sum(state == "RUNNING" for tasks in arrays.values() for _, state, _ in tasks)
     print(
         f"study {study.study_name}: paused ({describe(arrays)}): {len(pending)} queued task(s) held, "
@@ -111,7 +76,7 @@ def resume(study):
     arrays = queued_arrays(study)
     held = tasks_where(arrays, lambda state, reason: state == "PENDING" and "held" in reason.lower())
     if held:
-        run(["scontrol", "release", ",".join(held)])
+        slurm.run(["scontrol", "release", ",".join(held)])
     print(f"study {study.study_name}: resumed ({describe(arrays)}): {len(held)} held task(s) released")
     return 0
 
@@ -128,15 +93,15 @@ def cancel(study):
     study.set_user_attr("control", CANCELLED)
     arrays = queued_arrays(study)
     if arrays and again:
-        run(["scancel", *sorted(arrays)])  # SIGTERM, SIGKILL after KillWait
+        slurm.run(["scancel", *sorted(arrays)])  # SIGTERM, SIGKILL after KillWait
     elif arrays:
         # A task may end between the squeue that listed it and these: that is no failure of the cancel.
-        run(["scancel", "--state=PENDING", *sorted(arrays)], ok_if="Invalid job id")
-        run(["scancel", "--state=RUNNING", "--batch", "--signal=TERM", *sorted(arrays)], ok_if="Invalid job id")
+        slurm.run(["scancel", "--state=PENDING", *sorted(arrays)], ok_if="Invalid job id")
+        slurm.run(["scancel", "--state=RUNNING", "--batch", "--signal=TERM", *sorted(arrays)], ok_if="Invalid job id")
     # A submit job still queued (--as_job) would submit again, and a submit resumes the study.
-    submitters = sorted({line.split("|")[0] for line in squeue(f"--name={submit_job_name(study.study_name)}", "--me")})
+    submitters = sorted({row[0] for row in slurm.squeue(f"--name={submit_job_name(study.study_name)}", "--me")})
     if submitters:
-        run(["scancel", *submitters])
+        slurm.run(["scancel", *submitters])
     print(
         f"study {study.study_name}: cancelled ({describe(arrays)}"
         + (f"; submit job(s) {', '.join(submitters)} cancelled too" if submitters else "")
@@ -180,8 +145,8 @@ def hold_back(study):
     task = liveness.slurm_task_key()
     if state == PAUSED and task:
         try:
-            run(["scontrol", "requeuehold", task])
-        except ConfigError as e:
+            slurm.run(["scontrol", "requeuehold", task])
+        except slurm.SlurmError as e:
             log.warning("study paused; task %s ends without a trial (%s)", task, e)
     log.info("study %s is %s: no new trial claimed", study.study_name, state)
     return True

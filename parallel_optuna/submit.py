@@ -2,16 +2,14 @@
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 
-from parallel_optuna import PROJECT, checkpoints, config_versions, failures, liveness, study_control
+from parallel_optuna import PROJECT, checkpoints, config_versions, failures, liveness, slurm, study_control
 from parallel_optuna.array_file import (
     DEPENDENCY,
-    max_array_size,
     sbatch_commands,
     sbatch_directives,
     storage_reference,
@@ -89,7 +87,7 @@ def check_inputs(args, config):
         base_params(config, source)
     if args.local is not None and args.local < 1:
         raise ConfigError("--local", "local", f"{args.local} workers", "pass --local 1 or more")
-    if args.submit_jobs and args.local is None and not shutil.which("sbatch"):
+    if args.submit_jobs and args.local is None and not slurm.available("sbatch"):
         raise ConfigError(
             "sbatch",
             "(command)",
@@ -121,14 +119,8 @@ REFUSED = [
 def check_request(config):
     """Ask SLURM whether it could run one task as configured (`sbatch --test-only`), before any study exists."""
     flags = [line.removeprefix("#SBATCH ") for line in sbatch_directives(config["slurm"]).splitlines()]
-    try:
-        result = subprocess.run(
-            ["sbatch", "--test-only", *flags, "--wrap=true"], capture_output=True, text=True, timeout=60
-        )
-    except subprocess.TimeoutExpired:
-        return  # a slow controller: the submit itself will say what it says
-    if result.returncode != 0:
-        problem = " ".join(result.stderr.split())[:300]
+    problem = slurm.test_request(flags)
+    if problem:
         key = next((key for words, key in REFUSED if words in problem.lower()), "slurm")
         raise ConfigError(
             config.path,
@@ -232,7 +224,7 @@ def submit_array(args, config, study, data_dir, storage_file):
             f"waiting); nothing to submit (raise --n_trials to extend the study)"
         )
         return 0
-    max_size = max_array_size() if args.submit_jobs else 1001
+    max_size = slurm.max_array_size() if args.submit_jobs else slurm.DEFAULT_MAX_ARRAY_SIZE
     # %K holds per array: a top-up starts once the study's arrays still in the queue have ended, so that
     # the study never runs more than K tasks at once.
     active = sorted({key.split("_")[0] for key in tasks or {}})
@@ -297,7 +289,7 @@ def submit_as_job(args, config, argv):
     if not args.submit_jobs:
         print(script.read_text() + f"dry run, nothing submitted; to submit:\n  sbatch {script}")
         return 0
-    job = study_control.run(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
+    job = slurm.run(["sbatch", "--parsable", str(script)]).strip().split(";")[0]
     print(
         f"submitted job {job}: it submits the array of study {name}\n"
         f"  squeue --me --jobs={job}\n  cat {run_dir(config)}/slurm_logs/optuna_submit_{name}_{job}.out"

@@ -190,17 +190,17 @@ def test_idle_workers_of_a_small_space_wait_without_flooding_the_study(tmp_path)
 
 
 def test_slow_sacct_and_sbatch_are_one_line_not_a_traceback(monkeypatch, capsys):
-    from parallel_optuna import array_file, status
+    from parallel_optuna import slurm
 
     def no_answer(command, **kwargs):
         assert kwargs.get("timeout"), f"{command[0]} runs without a timeout"
         raise subprocess.TimeoutExpired(command, kwargs["timeout"])
 
     monkeypatch.setattr(subprocess, "run", no_answer)
-    monkeypatch.setattr(status.shutil, "which", lambda name: f"/usr/bin/{name}")
-    assert status.sacct_states(["5"]) == {}
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert slurm.sacct_states(["5"]) == {}
     assert "sacct did not answer" in capsys.readouterr().out
-    result = array_file.sbatch(["sbatch", "--parsable", "array_job.sbatch"])
+    result = slurm.sbatch(["sbatch", "--parsable", "array_job.sbatch"])
     assert result.returncode == 1 and "may be queued all the same" in result.stderr
 
 
