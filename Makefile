@@ -85,7 +85,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# Quick by default (a few minutes on 2 cores); FULL=1 for the sizes in bench/README.md (about an hour).
+# Quick by default; FULL=1 for the sizes in bench/README.md's table.
 bench: venv
 	@bash scripts/local_cluster.sh up || echo "no local SLURM cluster here: the makespan bench cannot run"
 ifeq ($(FULL),1)

@@ -15,7 +15,7 @@ $SCRATCH has a quota, so `clean` deletes what nobody will read again. It keeps
     trainer saved no weights (the Pareto front, for a multi-objective study).
 Everything else goes: PRUNED trials, COMPLETE trials outside the best, FAIL trials nobody continues
 (cancelled, crashed, surplus) once the study is finished, and the half-written files of killed workers.
-Status and export clean every trial. Workers clean after every trial they run, but only the
+The submit and the export clean every trial. Workers clean after every trial they run, but only the
 trials whose files can have become removable since the last clean (`recent`): a study of 10,000
 trials would otherwise cost every worker 40,000 file checks per trial. Metrics, configs and logs
 are never deleted.

@@ -246,7 +246,8 @@ def add_experiment_flags(parser, sections):
     which.add_argument("--exp_id", help="experiment id: experiments/<exp_id>/config.yaml")
     parser.add_argument("--experiments_dir", default="experiments", help="where --exp_id looks")
     for option in OPTIONS:
-        if option.section in sections and not isinstance(option.default, (dict, list, bool)):
+        mapping = isinstance(option.default, (dict, list, bool)) or option.check is _mapping_with_name  # YAML only
+        if option.section in sections and not mapping:
             kind = int if isinstance(option.default, int) else str
             parser.add_argument(
                 f"--{option.key}", type=kind, help=f"{option.help} [{option.section}.{option.key}]".replace("%", "%%")

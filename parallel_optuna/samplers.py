@@ -1,7 +1,7 @@
 """Which sampler a study gets, and the seed each worker gives it.
 
 `study.sampler` without a name is the default: chosen here from the search space and the budget
-(bench/quality.py measured the choice, README "Which sampler?"). With a name, the user's class
+(measured in bench/README.md; docs/samplers.md, "Which sampler?"). With a name, the user's class
 and options are used as given. Either way each worker seeds its sampler as that kind needs.
 """
 
@@ -21,9 +21,8 @@ NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy",
 # (a sample counter, grid ids in system attrs); a different seed per worker gives a different sequence.
 SHARED_SEED = ("QMCSampler", "GridSampler")
 # The default for small spaces: GPSampler and TPESampler by turns, one trial each (ByTrial). GP alone
-# plans best on smooth problems, but on a multimodal one it lost 2.5x to sequential TPE with 8 workers,
-# where TPE finds the basins; by turns that loss is 1.4-1.5x, the smooth problems stay far ahead
-# (README "Which sampler?").
+# plans best on smooth problems but loses on a multimodal one, where TPE finds the basins; by turns
+# the default keeps most of GP's lead and stays level there (bench/README.md, docs/samplers.md).
 PORTFOLIO = "GPSampler+TPESampler"
 GP_MAX_PARAMS = 12  # a GP models small spaces well; past this TPE is the safer default
 GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE stays fast

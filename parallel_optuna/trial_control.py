@@ -19,8 +19,9 @@ and whether to stop. The same objective still runs unchanged under `study.optimi
 
 After a Stop, the array task is requeued and the same trial (same params, same folder) runs the
 objective again, which continues from its checkpoint; a retry of a dead trial gets a copy of the
-dead trial's `checkpoint.pt` (name it so). An objective that asks neither is interrupted at the signal and run
-again from the start, with the same params, after the requeue.
+dead trial's `checkpoint.pt` (name it so). An objective that asks neither is stopped at its next report,
+should_prune or suggest call (or after half of slurm.signal_grace), and runs again from the start, with the
+same params, after the requeue.
 """
 
 import os

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bring up a real PostgreSQL server on this machine, for the end-to-end tests and
-# benchmarks of the PostgreSQL storage (what the README recommends for hundreds of workers).
+# benchmarks of the PostgreSQL storage (docs/storage.md: for workers beyond one filesystem).
 #
 #   bash scripts/local_postgres.sh [up]   # install (if needed), create, start; prints the storage URL
 #   bash scripts/local_postgres.sh down   # stop the server (its data is kept)

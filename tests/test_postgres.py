@@ -1,6 +1,6 @@
 """PostgreSQL storage, for real: a local server (scripts/local_postgres.sh), one fresh database per test.
 
-The README recommends PostgreSQL when hundreds of workers run at once; these tests run arrays against it.
+PostgreSQL is the storage for workers beyond one filesystem (docs/storage.md); these tests run arrays against it.
 """
 
 import os
