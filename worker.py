@@ -46,6 +46,7 @@ from pathlib import Path
 import optuna
 import yaml
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import (
     checkpoints,
     config_versions,
@@ -101,7 +102,7 @@ def pinned_config(trial, config, args):
     Its study section is today's, the trainer aside: the budget, retries and requeues are the study's,
     not the trial's, and study_budget must answer the same for every trial of the study.
     """
-    version = trial.user_attrs.get("config_version")
+    version = trial.user_attrs.get(attr.CONFIG_VERSION)
     if not version or version == config.version:
         return config
     folder = config_versions.versions_folder(config)
@@ -169,14 +170,14 @@ def train_and_tell(study, trial, config, handle):
         if full_filesystem(e):
             raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
-        trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
+        trial.set_user_attr(attr.FAIL_REASON, f"{type(e).__name__}: {e}"[:500])
         study.tell(trial, state=FAIL)
         return Outcome.FAIL
     (handle.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     try:
         add_train_seconds(trial, started)
-        trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        trial.set_user_attr(attr.METRICS, metrics)
+        trial.set_user_attr(attr.FINISHED_AT, time.strftime("%Y-%m-%dT%H:%M:%S"))
         study.tell(trial, values if len(values) > 1 else values[0])
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         if not finished_elsewhere(study, trial):
@@ -202,8 +203,9 @@ def keep_result(study, trial, config, metrics, values):
     as a COMPLETE trial that continues it, linked as a retry is (retries.py), with its files. The retry
     queued by mistake is dropped when a worker claims it (ask_once)."""
     frozen = optuna_internals.frozen(study, trial)
-    attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("fail_reason", "retry_of", "retry_attempt")}
-    attrs.update(metrics=metrics, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    left_behind = (attr.FAIL_REASON, attr.RETRY_OF, attr.RETRY_ATTEMPT)  # the failed trial's, not the result's
+    attrs = {k: v for k, v in frozen.user_attrs.items() if k not in left_behind}
+    attrs.update({attr.METRICS: metrics, attr.FINISHED_AT: time.strftime("%Y-%m-%dT%H:%M:%S")})
     retries.add_result(study, frozen, values, attrs)
     number = retries.result_of(study.get_trials(deepcopy=False), frozen.number).number
     old, new = run_dir(config) / "trials" / str(frozen.number), run_subdir(config, "trials", number)
@@ -213,7 +215,7 @@ def keep_result(study, trial, config, metrics, values):
     log.warning(
         "trial %d was failed while this worker trained it (%s); its result is kept as trial %d: %s",
         frozen.number,
-        frozen.user_attrs.get("fail_reason", "no reason given"),
+        frozen.user_attrs.get(attr.FAIL_REASON, "no reason given"),
         number,
         values_text(config, values),
     )
@@ -289,12 +291,14 @@ def plain_metrics(metrics):
 
 
 def add_train_seconds(trial, started):
-    trial.set_user_attr("train_seconds", round(trial.user_attrs.get("train_seconds", 0) + time.time() - started, 3))
+    trial.set_user_attr(
+        attr.TRAIN_SECONDS, round(trial.user_attrs.get(attr.TRAIN_SECONDS, 0) + time.time() - started, 3)
+    )
 
 
 def requeue_or_fail(study, trial, config, signal_name, handle=None):
     """The trainer stopped at a safe point. Decide how the trial goes on after this process."""
-    task, requeues = liveness.slurm_task_key(), trial.user_attrs.get("requeues", 0)
+    task, requeues = liveness.slurm_task_key(), trial.user_attrs.get(attr.REQUEUES, 0)
     saved = "checkpointed"
     if handle and config["study"]["objective"]:
         saved = "stopped"  # an objective's checkpoint may have any name
@@ -302,7 +306,7 @@ def requeue_or_fail(study, trial, config, signal_name, handle=None):
         saved = "stopped (no checkpoint: it restarts)"
     settings = config["study"]
     if not task or study_control.mark(study) == study_control.CANCELLED:  # stopped by hand: a resubmit retries it
-        trial.set_user_attr("fail_reason", study_control.stop_reason(study, signal_name))
+        trial.set_user_attr(attr.FAIL_REASON, study_control.stop_reason(study, signal_name))
         study.tell(trial, state=FAIL)
         return Outcome.FAIL
     if signal_name == "SIGTERM":
@@ -315,7 +319,7 @@ def requeue_or_fail(study, trial, config, signal_name, handle=None):
         reason = f"walltime reached after {requeues} requeues (study.max_requeues)"
         liveness.fail_and_retry(study, frozen, reason, settings["max_retries"], study_budget(study, config))
         return Outcome.FAIL
-    trial.set_user_attr("requeues", requeues + 1)  # the walltime is spent whether or not the requeue works
+    trial.set_user_attr(attr.REQUEUES, requeues + 1)  # the walltime is spent whether or not the requeue works
     # Said before: the requeue's own SIGTERM may reach this process (and its log) before scontrol returns.
     log.info("trial %d %s before the walltime; requeueing its task %s", trial.number, saved, task)
     if handle:
@@ -451,7 +455,7 @@ def trainer_is_broken(study, config):
         return False  # a local worker stops after MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
     streak = failures.stopping(study, config)
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if not any(t.user_attrs.get("slurm_array_job_id") == array for t in streak):
+    if not any(t.user_attrs.get(attr.SLURM_ARRAY_JOB_ID) == array for t in streak):
         return False  # an array submitted after those failures (sbatch by hand too) tries once: it may be fixed
     log.error("%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak))
     return True

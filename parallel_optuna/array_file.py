@@ -4,6 +4,7 @@ import os
 import sys
 
 from parallel_optuna import PROJECT, slurm, study_control
+from parallel_optuna import attributes as attr
 from parallel_optuna.options import (
     OPTIONS,
 )
@@ -102,7 +103,7 @@ def sbatch_commands(script, n_tasks, max_size, throttle, after=()):
 
 
 def submit_arrays(study, config, commands):
-    jobs = list(study.user_attrs.get("array_jobs", []))
+    jobs = list(study.user_attrs.get(attr.ARRAY_JOBS, []))
     previous = None
     for tasks, command in commands:
         command = [word + previous if word == DEPENDENCY else word for word in command]
@@ -115,7 +116,7 @@ def submit_arrays(study, config, commands):
             return 1
         previous = result.stdout.strip().split(";")[0]
         jobs.append({"job_id": previous, "tasks": tasks, "submitted_at": now()})
-        study.set_user_attr("array_jobs", jobs)
+        study.set_user_attr(attr.ARRAY_JOBS, jobs)
         print(f"submitted array job {previous}: {tasks} tasks")
     folder = run_dir(config)
     which = quote_command(["--config", config.path, "--study_name", config["study"]["study_name"]])

@@ -10,6 +10,7 @@ import time
 
 import optuna
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import (
     checkpoints,
     liveness,
@@ -33,7 +34,7 @@ def find_own_trial(study, task):
     if not task:
         return None
     for trial in study.get_trials(deepcopy=False, states=(RUNNING,)):
-        if trial.user_attrs.get("slurm_task") == task:
+        if trial.user_attrs.get(attr.SLURM_TASK) == task:
             return trial
     return None
 
@@ -88,11 +89,11 @@ def ask_once(study, config, budget):
     trials = study.get_trials(deepcopy=False)
     # Trial numbers are consecutive: everything numbered below ours existed when we asked.
     ahead = [t for t in trials if t.number < trial.number and t.state != FAIL]
-    origin, kept = trial.user_attrs.get("retry_of"), retries.result_of(trials, trial.user_attrs.get("retry_of"))
+    origin, kept = trial.user_attrs.get(attr.RETRY_OF), retries.result_of(trials, trial.user_attrs.get(attr.RETRY_OF))
     if len(ahead) >= budget:
         drop(study, trial, f"surplus: {len(ahead)} earlier trials already cover the budget of {budget}")
         return None, False
-    if origin is not None and any(t.user_attrs.get("retry_of") == origin for t in ahead):
+    if origin is not None and any(t.user_attrs.get(attr.RETRY_OF) == origin for t in ahead):
         drop(study, trial, f"duplicate retry of trial {origin}")  # SQLite can enqueue a retry twice
         return None, True
     if origin is not None and kept:
@@ -104,7 +105,7 @@ def ask_once(study, config, budget):
 
 
 def drop(study, trial, reason):
-    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr(attr.FAIL_REASON, reason)
     study.tell(trial, state=FAIL)
     log.info("trial %d dropped (%s)", trial.number, reason)
 
@@ -113,9 +114,9 @@ def link_heartbeat_retry(study, trial):
     """A retry made by Optuna's own RetryHeartbeatStaleTrialCallback gets the user attributes ours carry."""
     frozen = optuna_internals.frozen(study, trial)
     chain = retries.history(frozen)
-    if chain and "retry_of" not in frozen.user_attrs:
-        trial.set_user_attr("retry_of", chain[-1])
-        trial.set_user_attr("retry_attempt", len(chain))
+    if chain and attr.RETRY_OF not in frozen.user_attrs:
+        trial.set_user_attr(attr.RETRY_OF, chain[-1])
+        trial.set_user_attr(attr.RETRY_ATTEMPT, len(chain))
 
 
 @contextlib.contextmanager
@@ -146,24 +147,24 @@ def record_owner(trial, folder, config):
     """Who runs the trial, so any trial leads to its logs and any log to its trial."""
     env = os.environ
     attrs = {
-        "pid": os.getpid(),
-        "pid_start": liveness.process_start(os.getpid()),
-        "started_at": trial.user_attrs.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "config_path": str(folder / "config.yaml"),
-        "config_version": config.version,
-        "log_path": str(folder / "worker.log"),
-        "slurm_task": liveness.slurm_task_key(),
-        "slurm_array_job_id": env.get("SLURM_ARRAY_JOB_ID"),
-        "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
-        "slurm_job_id": env.get("SLURM_JOB_ID"),
-        "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
-        "node": env.get("SLURMD_NODENAME"),
-        "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
+        attr.PID: os.getpid(),
+        attr.PID_START: liveness.process_start(os.getpid()),
+        attr.STARTED_AT: trial.user_attrs.get(attr.STARTED_AT) or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        attr.CONFIG_PATH: str(folder / "config.yaml"),
+        attr.CONFIG_VERSION: config.version,
+        attr.LOG_PATH: str(folder / "worker.log"),
+        attr.SLURM_TASK: liveness.slurm_task_key(),
+        attr.SLURM_ARRAY_JOB_ID: env.get("SLURM_ARRAY_JOB_ID"),
+        attr.SLURM_ARRAY_TASK_ID: env.get("SLURM_ARRAY_TASK_ID"),
+        attr.SLURM_JOB_ID: env.get("SLURM_JOB_ID"),
+        attr.SLURM_RESTART_COUNT: int(env.get("SLURM_RESTART_COUNT", 0)),
+        attr.NODE: env.get("SLURMD_NODENAME"),
+        attr.CUDA_VISIBLE_DEVICES: env.get("CUDA_VISIBLE_DEVICES"),
     }
     if env.get("SLURM_ARRAY_JOB_ID"):
         logs = run_dir(config) / "slurm_logs" / f"optuna_{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-        attrs.update(slurm_out=f"{logs}.out", slurm_err=f"{logs}.err")
-    attrs["host"] = hostname()  # last: liveness judges a trial by its pid only once host is there
+        attrs.update({attr.SLURM_OUT: f"{logs}.out", attr.SLURM_ERR: f"{logs}.err"})
+    attrs[attr.HOST] = hostname()  # last: liveness judges a trial by its pid only once host is there
     for key, value in attrs.items():
         if value is not None and trial.user_attrs.get(key) != value:
             trial.set_user_attr(key, value)
@@ -188,5 +189,5 @@ def adopt_origin_checkpoint(study, trial, handle, config):
     dead = study.get_trials(deepcopy=False)[origin]  # numbered in order; study.trials would copy every trial
     for step, value in sorted(dead.intermediate_values.items()):
         trial.report(value, step)
-    trial.set_user_attr("requeues", dead.user_attrs.get("requeues", 0))  # walltimes already spent count
+    trial.set_user_attr(attr.REQUEUES, dead.user_attrs.get(attr.REQUEUES, 0))  # walltimes already spent count
     log.info("trial %d continues from trial %d's checkpoint", trial.number, origin)

@@ -25,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
+from parallel_optuna import attributes as attr
 from parallel_optuna.config import directions, load_config, parse_yaml, read_text
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import run_dir, run_subdir, trusted_run_dir
@@ -271,7 +272,7 @@ def check_study(study, config):
             f"{' and '.join(wanted)}, but study {study.study_name!r} was created to {' and '.join(stored)}",
             "restore it, or choose a new study_name for a new study",
         )
-    metric = study.user_attrs.get("optimization_metric")
+    metric = study.user_attrs.get(attr.OPTIMIZATION_METRIC)
     if metric and metric != settings["optimization_metric"]:
         raise ConfigError(
             source,
@@ -315,8 +316,8 @@ def status_lines(config, trials):
         )
     ran = {}
     for t in trials:
-        if t.user_attrs.get("config_version"):
-            ran.setdefault(t.user_attrs["config_version"], []).append(t.number)
+        if t.user_attrs.get(attr.CONFIG_VERSION):
+            ran.setdefault(t.user_attrs[attr.CONFIG_VERSION], []).append(t.number)
     if len(ran) > 1 or (ran and in_force and in_force["version"] not in ran):
         for version, numbers in ran.items():
             mark = "  (in force)" if in_force and version == in_force["version"] else ""

@@ -1,5 +1,6 @@
 """--check_storage [--repair]: torn journal lines, a stale lock and trials without a worker, found and fixed."""
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import liveness
 from parallel_optuna.array_file import this_script
 from parallel_optuna.run_dir import run_dir
@@ -66,7 +67,7 @@ def stuck_trials(study, tasks):
     """RUNNING trials whose worker is gone, judged as the reconcile judges them (liveness.is_dead)."""
     stuck = [t for t in study.get_trials(deepcopy=False, states=(liveness.RUNNING,)) if liveness.is_dead(t, tasks)]
     for t in stuck:
-        where = t.user_attrs.get("slurm_task") or f"pid {t.user_attrs.get('pid', '?')}"
+        where = t.user_attrs.get(attr.SLURM_TASK) or f"pid {t.user_attrs.get('pid', '?')}"
         print(f"trial {t.number} RUNNING without a worker ({where} on {t.user_attrs.get('host', '?')} is gone)")
     return stuck
 

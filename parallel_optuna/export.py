@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import checkpoints
 from parallel_optuna.config import read_yaml
 from parallel_optuna.optimizer import values_text
@@ -52,7 +53,7 @@ def export_best(study, config, path, number=None):
 
 def retrainable(study, config, trial, weights_target):
     """One trial as an experiment YAML that retrains it (a new study of one trial), with its results."""
-    trained = Path(trial.user_attrs.get("config_path", "-"))
+    trained = Path(trial.user_attrs.get(attr.CONFIG_PATH, "-"))
     # The config the trial trained with; if its file is gone, today's YAML with the trial's params.
     if trained.is_file():
         resolved = read_yaml(trained.read_text())
@@ -74,7 +75,7 @@ def retrainable(study, config, trial, weights_target):
         "direction": config["study"]["optimization_direction"],
         "value": trial.values if len(trial.values) > 1 else trial.value,
         "params": trial.params,
-        "metrics": trial.user_attrs.get("metrics", {}),
+        "metrics": trial.user_attrs.get(attr.METRICS, {}),
         "weights": export_weights(config, trial, weights_target),
         "exported_at": now(),
     }

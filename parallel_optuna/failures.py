@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import study_control
 from parallel_optuna.user_code import code_key
 
@@ -23,13 +24,15 @@ STREAK = 3
 # Failures that are not the trainer's: a dead worker, a repeat or surplus dropped, a stop on purpose.
 NOT_THE_TRAINERS = ("worker died", "surplus", "duplicate", "walltime reached", *study_control.STOPPED_REASONS)
 FAIL = optuna.trial.TrialState.FAIL
-RESET = "failures_reset_at"  # study user attr: a submit's time, which lets trials start again
+RESET = attr.FAILURES_RESET_AT
 ENDED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, FAIL)
 
 
 def in_the_trainer(trial):
     """A FAIL trial whose trainer (or objective) raised, or returned no usable metric."""
-    return trial.state == FAIL and not trial.user_attrs.get("fail_reason", "worker died").startswith(NOT_THE_TRAINERS)
+    return trial.state == FAIL and not trial.user_attrs.get(attr.FAIL_REASON, "worker died").startswith(
+        NOT_THE_TRAINERS
+    )
 
 
 def shape(reason):
@@ -51,7 +54,7 @@ def broken_streak(trials, since=0.0):
     if any(t.state != FAIL for t in ended):
         return []
     failed = [t for t in ended if in_the_trainer(t)]  # a dead worker's or a cancelled trial is not the trainer's
-    one_reason = len({shape(t.user_attrs["fail_reason"]) for t in failed[-STREAK:]}) == 1
+    one_reason = len({shape(t.user_attrs[attr.FAIL_REASON]) for t in failed[-STREAK:]}) == 1
     return failed if len(failed) >= STREAK and one_reason else []
 
 
@@ -63,7 +66,7 @@ def stopping(study, config, trials=None):
 
 def fixed_since(study, config):
     """When the user last acted on failures: a submit, or an edit of the YAML or of the trainer's file."""
-    stamps = [j.get("submitted_at") for j in study.user_attrs.get("array_jobs", [])]
+    stamps = [j.get("submitted_at") for j in study.user_attrs.get(attr.ARRAY_JOBS, [])]
     stamps.append(study.user_attrs.get(RESET))
     times = [time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) for stamp in stamps if stamp]
     for path in (config.path, code_file(config)):
@@ -85,5 +88,5 @@ def code_file(config):
 
 
 def describe(streak):
-    last = streak[-1].user_attrs["fail_reason"].splitlines()[0][:200]
+    last = streak[-1].user_attrs[attr.FAIL_REASON].splitlines()[0][:200]
     return f"the {len(streak)} trials since the last submit or edit all failed in the trainer, the last with ({last})"

@@ -17,6 +17,7 @@ import time
 
 import optuna
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import retries, slurm
 from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
@@ -42,9 +43,9 @@ def slurm_task_key():
 def running_jobs(trials):
     """The array jobs of the RUNNING trials: the only jobs liveness needs to ask SLURM about."""
     return {
-        t.user_attrs["slurm_task"].split("_")[0]
+        t.user_attrs[attr.SLURM_TASK].split("_")[0]
         for t in trials
-        if t.state == RUNNING and t.user_attrs.get("slurm_task")
+        if t.state == RUNNING and t.user_attrs.get(attr.SLURM_TASK)
     }
 
 
@@ -102,26 +103,26 @@ def process_start(pid):
 
 def is_dead(trial, tasks, now=None):
     attrs = trial.user_attrs
-    task = attrs.get("slurm_task")
+    task = attrs.get(attr.SLURM_TASK)
     if task:
         return tasks is not None and tasks.gone(task)
-    if attrs.get("host") is None:  # the worker records host last: until then the trial has no owner
+    if attrs.get(attr.HOST) is None:  # the worker records host last: until then the trial has no owner
         started = trial.datetime_start.timestamp() if trial.datetime_start else (now or time.time())
         return (now or time.time()) - started > UNOWNED_GRACE_S
-    if attrs["host"] != hostname():
+    if attrs[attr.HOST] != hostname():
         return False  # another machine without SLURM: we cannot tell
-    return process_start(attrs["pid"]) != attrs.get("pid_start")  # None = no /proc: cannot tell
+    return process_start(attrs[attr.PID]) != attrs.get(attr.PID_START)  # None = no /proc: cannot tell
 
 
 def fail_and_retry(study, trial, reason, max_retries, n_trials):
     """Mark the trial FAIL with its reason; if we were the one to do so, enqueue one retry."""
     try:
-        optuna_internals.live_trial(study, trial).set_user_attr("fail_reason", reason)
+        optuna_internals.live_trial(study, trial).set_user_attr(attr.FAIL_REASON, reason)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     except (RuntimeError, ValueError):
         return False  # another process finished it first: the retry is theirs
     log.warning("trial %d FAIL: %s", trial.number, reason)
-    attempt = trial.user_attrs.get("retry_attempt", 0)
+    attempt = trial.user_attrs.get(attr.RETRY_ATTEMPT, 0)
     if attempt >= max_retries:
         log.warning("trial %d not retried: %d retries already (study.max_retries)", trial.number, attempt)
         return True
@@ -142,7 +143,7 @@ def reconcile(study, config, tasks="ask"):
     failed = []
     for trial in running:
         if is_dead(trial, tasks):
-            where = trial.user_attrs.get("slurm_task") or f"pid {trial.user_attrs.get('pid')}"
+            where = trial.user_attrs.get(attr.SLURM_TASK) or f"pid {trial.user_attrs.get('pid')}"
             reason = f"worker died: {where} on {trial.user_attrs.get('host', '?')} is gone"
             if fail_and_retry(study, trial, reason, settings["max_retries"], study_budget(study, config)):
                 failed.append(trial.number)

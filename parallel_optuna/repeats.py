@@ -16,6 +16,7 @@ import time
 
 import optuna
 
+from parallel_optuna import attributes as attr
 from parallel_optuna.config_versions import compact
 from parallel_optuna.options import ConfigError
 from parallel_optuna.search_space import sample_params
@@ -58,9 +59,9 @@ def settle(study, trial, config):
 
 def answer(study, trial, twin):
     """Tell the repeat what its COMPLETE twin measured: no training."""
-    trial.set_user_attr("duplicate_of", twin.number)
-    trial.set_user_attr("metrics", twin.user_attrs.get("metrics", {}))
-    trial.set_user_attr("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    trial.set_user_attr(attr.DUPLICATE_OF, twin.number)
+    trial.set_user_attr(attr.METRICS, twin.user_attrs.get(attr.METRICS, {}))
+    trial.set_user_attr(attr.FINISHED_AT, time.strftime("%Y-%m-%dT%H:%M:%S"))
     study.tell(trial, twin.values if len(twin.values) > 1 else twin.value)
     log.info("trial %d repeats trial %d: answered with %s, not trained", trial.number, twin.number, twin.values)
 
@@ -68,7 +69,7 @@ def answer(study, trial, twin):
 def drop(study, trial, twin, config):
     """Fail the repeat of a running, waiting, pruned or failed trial; it does not count toward the budget."""
     reason = f"duplicate of {twin.state.name.lower()} trial {twin.number}"
-    trial.set_user_attr("fail_reason", reason)
+    trial.set_user_attr(attr.FAIL_REASON, reason)
     study.tell(trial, state=FAIL)
     log.info("trial %d dropped (%s): asking again", trial.number, reason)
     if dropped_in_a_row >= MAX_IN_A_ROW:
@@ -82,7 +83,7 @@ def drop(study, trial, twin, config):
 
 def is_exempt(study, trial):
     system = optuna_internals.system_attrs(study, trial)
-    return "retry_of" in trial.user_attrs or "fixed_params" in system
+    return attr.RETRY_OF in trial.user_attrs or "fixed_params" in system
 
 
 def find_twin(study, number, params):
@@ -90,7 +91,9 @@ def find_twin(study, number, params):
     twins = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.number != number and t.params == params and not str(t.user_attrs.get("fail_reason", "")).startswith("dup")
+        if t.number != number
+        and t.params == params
+        and not str(t.user_attrs.get(attr.FAIL_REASON, "")).startswith("dup")
     ]
     twins.sort(key=lambda t: (t.state != COMPLETE, t.number))
     return twins[0] if twins else None
@@ -98,10 +101,10 @@ def find_twin(study, number, params):
 
 def status_lines(config, trials):
     """Which finished trials repeat an earlier config: answered from it, or trained again."""
-    answered = [t.number for t in trials if "duplicate_of" in t.user_attrs]
+    answered = [t.number for t in trials if attr.DUPLICATE_OF in t.user_attrs]
     seen, trained = set(), []
     for t in sorted(trials, key=lambda t: t.number):
-        if t.state.is_finished() and t.state != FAIL and "duplicate_of" not in t.user_attrs:
+        if t.state.is_finished() and t.state != FAIL and attr.DUPLICATE_OF not in t.user_attrs:
             config_key = tuple(sorted(t.params.items()))
             if config_key in seen:
                 trained.append(t.number)

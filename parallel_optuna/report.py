@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+from parallel_optuna import attributes as attr
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import run_dir, run_subdir
 from parallel_optuna.storage import optuna_internals
@@ -92,7 +93,7 @@ def timeline(study, config):
             ax.barh(t.number, resume - stop, left=stop, color="white", hatch="////", edgecolor="grey")
             ax.plot(resume, t.number, ">", color="black", markersize=5)
             drawn.add("requeue")
-        origin = trials.get(t.user_attrs.get("retry_of"))
+        origin = trials.get(t.user_attrs.get(attr.RETRY_OF))
         if origin and origin.datetime_complete and t.datetime_start:
             ax.plot([origin.datetime_complete, t.datetime_start], [origin.number, t.number], ":", color="grey")
             drawn.add("retry")
@@ -116,9 +117,9 @@ def add_legend(ax, drawn):
 
 def requeue_gaps(trial, config):
     """(stopped, resumed) times of a trial that SLURM requeued, from its worker.log."""
-    if not (trial.user_attrs.get("requeues") or trial.user_attrs.get("slurm_restart_count")):
+    if not (trial.user_attrs.get(attr.REQUEUES) or trial.user_attrs.get(attr.SLURM_RESTART_COUNT)):
         return []  # only requeued trials: their log is read, no other
-    log = Path(trial.user_attrs.get("log_path") or run_dir(config) / "trials" / str(trial.number) / "worker.log")
+    log = Path(trial.user_attrs.get(attr.LOG_PATH) or run_dir(config) / "trials" / str(trial.number) / "worker.log")
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:

@@ -12,32 +12,36 @@ attributes: its worker, its task and its fail reason are not the retry's.
 
 import optuna
 
+from parallel_optuna import attributes as attr
+
 WAITING = optuna.trial.TrialState.WAITING
 
 
 def history(trial):
     """The chain a trial continues, oldest first ([] for a trial that is no retry)."""
-    return list(trial.system_attrs.get("retry_history") or [])
+    return list(trial.system_attrs.get(attr.RETRY_HISTORY) or [])
 
 
 def chain(trial):
     """history(), or for a retry linked by `retry_of` alone (enqueued by hand or by an older version) that one."""
-    return history(trial) or ([trial.user_attrs["retry_of"]] if trial.user_attrs.get("retry_of") is not None else [])
+    return history(trial) or (
+        [trial.user_attrs[attr.RETRY_OF]] if trial.user_attrs.get(attr.RETRY_OF) is not None else []
+    )
 
 
 def replaced(trial):
     """The trial this one replaces (retry_history[-1]), or None."""
     chain = history(trial)
-    return chain[-1] if chain else trial.user_attrs.get("retry_of")
+    return chain[-1] if chain else trial.user_attrs.get(attr.RETRY_OF)
 
 
 def enqueue(study, trial, attempt, user_attrs=None):
     """Enqueue one retry of `trial` (a FrozenTrial), linked to its chain; returns nothing."""
     chain = [*history(trial), trial.number]
-    system_attrs = {"fixed_params": trial.params, "failed_trial": chain[0], "retry_history": chain}
-    attrs = {"retry_of": trial.number, "retry_attempt": attempt, **(user_attrs or {})}
-    if trial.user_attrs.get("config_version"):
-        attrs["config_version"] = trial.user_attrs["config_version"]  # its checkpoint's shapes depend on it
+    system_attrs = {"fixed_params": trial.params, attr.FAILED_TRIAL: chain[0], attr.RETRY_HISTORY: chain}
+    attrs = {attr.RETRY_OF: trial.number, attr.RETRY_ATTEMPT: attempt, **(user_attrs or {})}
+    if trial.user_attrs.get(attr.CONFIG_VERSION):
+        attrs[attr.CONFIG_VERSION] = trial.user_attrs[attr.CONFIG_VERSION]  # its checkpoint's shapes depend on it
     study.add_trial(optuna.trial.create_trial(state=WAITING, system_attrs=system_attrs, user_attrs=attrs))
 
 
@@ -52,12 +56,12 @@ def add_result(study, trial, values, user_attrs):
             distributions=trial.distributions,
             values=values,
             intermediate_values=trial.intermediate_values,
-            system_attrs={"failed_trial": chain[0], "retry_history": chain},
-            user_attrs={**user_attrs, "retry_of": trial.number, "result_of": trial.number},
+            system_attrs={attr.FAILED_TRIAL: chain[0], attr.RETRY_HISTORY: chain},
+            user_attrs={**user_attrs, attr.RETRY_OF: trial.number, attr.RESULT_OF: trial.number},
         )
     )
 
 
 def result_of(trials, number):
     """The trial that holds the result of trial `number`, recorded by its own worker after it was failed; or None."""
-    return next((t for t in trials if t.user_attrs.get("result_of") == number), None)
+    return next((t for t in trials if t.user_attrs.get(attr.RESULT_OF) == number), None)

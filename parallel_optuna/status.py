@@ -3,6 +3,7 @@
 import time
 from datetime import datetime
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, slurm, study_control
 from parallel_optuna.optimizer import describe_sampler, values_text
 from parallel_optuna.run_dir import run_dir
@@ -27,7 +28,7 @@ def show_status(study, config):
     finished = counts["COMPLETE"] + counts["PRUNED"]
     print(f"study {study.study_name}: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"progress {progress_bar(finished, budget)} {finished}/{budget} finished")
-    concurrency = study.user_attrs.get("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
+    concurrency = study.user_attrs.get(attr.MAX_CONCURRENT_JOBS, config["slurm"]["max_concurrent_jobs"])
     # None when unknown: squeue failed, or no array is known yet (one submitted by hand shows once it runs)
     queued = queued_tasks(study, tasks)
     workers = None if tasks is None or not jobs else queued + counts["RUNNING"]
@@ -39,7 +40,7 @@ def show_status(study, config):
     print_running(study, trials)
     failed = [t for t in trials if t.state.name == "FAIL"]
     for t in failed[-10:]:
-        reason = t.user_attrs.get("fail_reason", "no heartbeat within grace_period (worker died)")
+        reason = t.user_attrs.get(attr.FAIL_REASON, "no heartbeat within grace_period (worker died)")
         print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
     if jobs:
         print_slurm_tasks(study, trials, tasks)
@@ -57,7 +58,7 @@ def show_status(study, config):
 def print_judged_dead(trials, numbers):
     """Status writes one thing: the trials whose worker is gone are failed, and retried. It says which, and why."""
     for number in numbers:
-        retry = next((t.number for t in trials if t.user_attrs.get("retry_of") == number), None)
+        retry = next((t.number for t in trials if t.user_attrs.get(attr.RETRY_OF) == number), None)
         then = f"its retry is trial {retry}" if retry is not None else "no retry left (study.max_retries)"
         print(
             f"marked trial {number} FAIL ({trials[number].user_attrs.get('fail_reason', 'its worker is gone')}); {then}"
@@ -82,9 +83,9 @@ def print_running(study, trials):
         print("running:")
     for t in running:
         a = t.user_attrs
-        where = f"  task {a['slurm_task']}" if a.get("slurm_task") else ""
+        where = f"  task {a['slurm_task']}" if a.get(attr.SLURM_TASK) else ""
         age = duration(trial_seconds(t))
-        step = study_control.last_step(a["log_path"]) if a.get("log_path") else None
+        step = study_control.last_step(a[attr.LOG_PATH]) if a.get(attr.LOG_PATH) else None
         last = f"  step {step[0]} ({step[1]}) {duration(time.time() - step[2].timestamp())} ago" if step else ""
         if not step and t.intermediate_values:  # a plain objective's trial.report: no log line, the storage has it
             reported = max(t.intermediate_values)
@@ -135,8 +136,8 @@ def print_slurm_tasks(study, trials, tasks):
     states = {**slurm.sacct_states(job_ids), **queued}
     by_task = {}
     for t in trials:
-        if t.user_attrs.get("slurm_task", "").split("_")[0] in job_ids:
-            by_task.setdefault(t.user_attrs["slurm_task"], []).append(t)
+        if t.user_attrs.get(attr.SLURM_TASK, "").split("_")[0] in job_ids:
+            by_task.setdefault(t.user_attrs[attr.SLURM_TASK], []).append(t)
     rows = [(key, t) for key in sorted(set(states) | set(by_task), key=task_order) for t in by_task.get(key) or [None]]
     # A large array: the tasks that ended with their trial finished are the many and the dull; the last few show.
     dull = [i for i, (key, t) in enumerate(rows) if t and t.state in FINISHED and states.get(key, "ended") != "RUNNING"]
@@ -159,9 +160,9 @@ def trial_seconds(trial):
     """Training time of a finished trial; time since the start of a running one."""
     if trial.state == liveness.RUNNING and trial.datetime_start:
         return (datetime.now() - trial.datetime_start).total_seconds()
-    if "train_seconds" not in trial.user_attrs and trial.datetime_start and trial.datetime_complete:
+    if attr.TRAIN_SECONDS not in trial.user_attrs and trial.datetime_start and trial.datetime_complete:
         return (trial.datetime_complete - trial.datetime_start).total_seconds()  # failed before it counted
-    return trial.user_attrs.get("train_seconds", 0)
+    return trial.user_attrs.get(attr.TRAIN_SECONDS, 0)
 
 
 def task_order(key):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 
+from parallel_optuna import attributes as attr
 from parallel_optuna.config import directions
 from parallel_optuna.optimizer import build_pruner, build_sampler
 from parallel_optuna.options import ConfigError
@@ -132,7 +133,7 @@ def study_budget(study, config):
     last submission's, which the study remembers (a budget raised by the flag stays). A study never
     submitted has the YAML's.
     """
-    last, last_in_yaml = study.user_attrs.get("n_trials"), study.user_attrs.get("n_trials_in_yaml")
+    last, last_in_yaml = study.user_attrs.get(attr.N_TRIALS), study.user_attrs.get(attr.N_TRIALS_IN_YAML)
     if "n_trials" in config.overrides or last is None:
         return config["study"]["n_trials"]
     if last_in_yaml is not None and yaml_budget(config) != last_in_yaml:

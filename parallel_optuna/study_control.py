@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 
+from parallel_optuna import attributes as attr
 from parallel_optuna import liveness, retries, slurm
 from parallel_optuna.study import FINISHED, still_to_run
 
@@ -45,7 +46,7 @@ def submit_job_name(study_name):
 
 def queued_arrays(study):
     """{array job id: [(task, state, reason)]} of the study's arrays that SLURM still holds."""
-    recorded = {j["job_id"] for j in study.user_attrs.get("array_jobs", [])}
+    recorded = {j["job_id"] for j in study.user_attrs.get(attr.ARRAY_JOBS, [])}
     recorded |= liveness.running_jobs(study.get_trials(deepcopy=False))
     rows = slurm.squeue(f"--name={job_name(study.study_name)}", "--me")
     if recorded:
@@ -58,7 +59,7 @@ def queued_arrays(study):
 
 def pause(study):
     """Hold the queued tasks; running trials finish, and workers claim no new trial until resume."""
-    study.set_user_attr("control", PAUSED)
+    study.set_user_attr(attr.CONTROL, PAUSED)
     arrays = queued_arrays(study)
     pending = tasks_where(arrays, lambda state, reason: state == "PENDING")
     if pending:
@@ -72,7 +73,7 @@ def pause(study):
 
 
 def resume(study):
-    study.set_user_attr("control", None)
+    study.set_user_attr(attr.CONTROL, None)
     arrays = queued_arrays(study)
     held = tasks_where(arrays, lambda state, reason: state == "PENDING" and "held" in reason.lower())
     if held:
@@ -90,7 +91,7 @@ def cancel(study):
     second cancel does that: for a worker that does not come to a stop.
     """
     again = mark(study) == CANCELLED
-    study.set_user_attr("control", CANCELLED)
+    study.set_user_attr(attr.CONTROL, CANCELLED)
     arrays = queued_arrays(study)
     if arrays and again:
         slurm.run(["scancel", *sorted(arrays)])  # SIGTERM, SIGKILL after KillWait
@@ -129,7 +130,7 @@ def describe(arrays):
 
 
 def mark(study):
-    return study.user_attrs.get("control")
+    return study.user_attrs.get(attr.CONTROL)
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -164,7 +165,7 @@ def resume_stopped(study, n_trials):
     Returns the numbers of the trials retried. A stop is not the trial's fault: its retry count stays.
     """
     if mark(study) == CANCELLED:
-        study.set_user_attr("control", None)
+        study.set_user_attr(attr.CONTROL, None)
     trials = study.get_trials(deepcopy=False)
     retried = {retries.replaced(t) for t in trials}
     stopped = [
@@ -172,12 +173,12 @@ def resume_stopped(study, n_trials):
         for t in trials
         if t.state == FAIL
         and t.number not in retried
-        and t.user_attrs.get("fail_reason", "").startswith(STOPPED_REASONS)
+        and t.user_attrs.get(attr.FAIL_REASON, "").startswith(STOPPED_REASONS)
     ]
     waiting = sum(t.state == WAITING for t in trials)
     chosen = stopped[: max(0, still_to_run(trials, n_trials) - waiting)]
     for trial in chosen:
-        retries.enqueue(study, trial, trial.user_attrs.get("retry_attempt", 0))
+        retries.enqueue(study, trial, trial.user_attrs.get(attr.RETRY_ATTEMPT, 0))
     return [t.number for t in chosen]
 
 
@@ -207,7 +208,7 @@ def eta_seconds(trials, budget, concurrency, now=None):
     None until a trial has finished.
     """
     finished = [t for t in trials if t.state in FINISHED]
-    durations = [t.user_attrs["train_seconds"] for t in finished if "train_seconds" in t.user_attrs]
+    durations = [t.user_attrs[attr.TRAIN_SECONDS] for t in finished if attr.TRAIN_SECONDS in t.user_attrs]
     if not durations:
         return None
     mean = sum(durations) / len(durations)
@@ -220,11 +221,11 @@ def eta_seconds(trials, budget, concurrency, now=None):
 
 def study_jobs(study):
     """The study's array jobs: those it submitted and those of trials still RUNNING (hand-submitted ones)."""
-    submitted = {j["job_id"] for j in study.user_attrs.get("array_jobs", [])}
+    submitted = {j["job_id"] for j in study.user_attrs.get(attr.ARRAY_JOBS, [])}
     return submitted | liveness.running_jobs(study.get_trials(deepcopy=False))
 
 
 def queued_tasks(study, tasks):
     """The study's array tasks that SLURM still holds but that have not taken a trial yet."""
-    taken = {t.user_attrs.get("slurm_task") for t in study.get_trials(deepcopy=False) if t.state == liveness.RUNNING}
+    taken = {t.user_attrs.get(attr.SLURM_TASK) for t in study.get_trials(deepcopy=False) if t.state == liveness.RUNNING}
     return sum(1 for key in tasks or {} if key not in taken)

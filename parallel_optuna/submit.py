@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 
 from parallel_optuna import PROJECT, checkpoints, config_versions, failures, liveness, slurm, study_control
+from parallel_optuna import attributes as attr
 from parallel_optuna.array_file import (
     DEPENDENCY,
     sbatch_commands,
@@ -137,12 +138,12 @@ def take_stock(study, config, url):
         print("note: the trainer failed every trial since the last submit; trials start again now", file=sys.stderr)
     study.set_user_attr(failures.RESET, now())
     if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
-        study.enqueue_trial(base_params(config, config.path), user_attrs={"baseline": True})
+        study.enqueue_trial(base_params(config, config.path), user_attrs={attr.BASELINE: True})
         print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
     budget = study_budget(study, config)
-    study.set_user_attr("n_trials", budget)  # what study_budget remembers for workers, status and later submits
-    study.set_user_attr("n_trials_in_yaml", yaml_budget(config))
-    study.set_user_attr("optimization_metric", config["study"]["optimization_metric"])
+    study.set_user_attr(attr.N_TRIALS, budget)  # what study_budget remembers for workers, status and later submits
+    study.set_user_attr(attr.N_TRIALS_IN_YAML, yaml_budget(config))
+    study.set_user_attr(attr.OPTIMIZATION_METRIC, config["study"]["optimization_metric"])
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
@@ -188,7 +189,7 @@ def exists(config, storage):
 
 def use_budget(study, config):
     """Say the budget in force (study.study_budget) when it is not the YAML's; take_stock records it."""
-    before, budget, in_yaml = study.user_attrs.get("n_trials"), study_budget(study, config), yaml_budget(config)
+    before, budget, in_yaml = study.user_attrs.get(attr.N_TRIALS), study_budget(study, config), yaml_budget(config)
     if budget == before and budget != in_yaml and "n_trials" not in config.overrides:
         print(f"budget: {budget} finished trials, the last --n_trials (the YAML says {in_yaml})")
     if before is not None and before != budget:
@@ -199,13 +200,13 @@ def use_throttle(study, config):
     """The throttle in force: --max_concurrent_jobs, else the last --throttle, else the YAML's."""
     slurm = config["slurm"]
     if "max_concurrent_jobs" not in config.overrides:
-        slurm["max_concurrent_jobs"] = study.user_attrs.get("max_concurrent_jobs", slurm["max_concurrent_jobs"])
+        slurm["max_concurrent_jobs"] = study.user_attrs.get(attr.MAX_CONCURRENT_JOBS, slurm["max_concurrent_jobs"])
 
 
 def take_controls(study, config):
     """At a (re)submission: the throttle in force and the trials stopped by hand (study_control.py)."""
     if "max_concurrent_jobs" in config.overrides:
-        study.set_user_attr("max_concurrent_jobs", config["slurm"]["max_concurrent_jobs"])
+        study.set_user_attr(attr.MAX_CONCURRENT_JOBS, config["slurm"]["max_concurrent_jobs"])
     use_throttle(study, config)
     retried = study_control.resume_stopped(study, study_budget(study, config))
     if retried:

@@ -12,10 +12,8 @@ import threading
 
 import optuna
 
-from parallel_optuna import (
-    checkpoints,
-    trial_control,
-)
+from parallel_optuna import attributes as attr
+from parallel_optuna import checkpoints, trial_control
 
 log = logging.getLogger("worker")
 
@@ -32,13 +30,6 @@ class Outcome(enum.Enum):
 
 # Raised from save_checkpoint() (or by a plain objective) once a stop signal arrived and the state is on disk.
 Interrupted = trial_control.Stop
-# What the tool records on a trial: liveness, status and retries trust them, so an objective may not set them.
-TOOL_ATTRS = {
-    *("host", "pid", "pid_start", "started_at", "finished_at", "config_path", "config_version", "log_path"),
-    *("slurm_task", "slurm_array_job_id", "slurm_array_task_id", "slurm_job_id", "slurm_restart_count"),
-    *("slurm_out", "slurm_err", "node", "cuda_visible_devices", "metrics", "train_seconds", "fail_reason"),
-    *("retry_of", "retry_attempt", "requeues"),
-}
 
 
 class StopSignal:
@@ -107,10 +98,10 @@ class ObjectiveTrial(optuna.trial.Trial):
         return super().suggest_categorical(*args, **kwargs)
 
     def set_user_attr(self, key, value):
-        if key in TOOL_ATTRS:
+        if key in attr.TOOL_ATTRS:
             raise ValueError(
                 f"user attribute {key!r} is the tool's own (liveness and status use it); use another name, "
-                f"not one of {', '.join(sorted(TOOL_ATTRS))}"
+                f"not one of {', '.join(sorted(attr.TOOL_ATTRS))}"
             )
         super().set_user_attr(key, value)
 

@@ -92,14 +92,16 @@ def test_a_yaml_cut_short_is_not_adopted(tmp_path):
     full = path.read_text()
     settled(path, full[: full.index("search_space:")])  # still valid YAML: the search space and more are gone
     out = worker(path)
-    assert (
-        "lacks search_space" in out.stdout and "restore search_space: submit refuses the file without it" in out.stdout
-    )
+    assert "study.trainer: names no code to run" in out.stdout and "using the version of" in out.stdout, out.stdout
     trial = load_study(path, "tiny").trials[0]
     assert set(trial.params) == {"model.d_pos", "training.lr"}, "the version in force still had the search space"
     # A save that lost search_space but kept the study's name: a submit refuses it too, as the study samples
     # params this file no longer has (adopted, every later trial would train one config).
     settled(path, full[: full.index("search_space:")] + full[full.index("slurm:") :])
+    out = worker(path)
+    assert (
+        "lacks search_space" in out.stdout and "restore search_space: submit refuses the file without it" in out.stdout
+    )
     refused = submit_dry(path)
     assert refused.returncode == 2 and "search_space: is missing" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
