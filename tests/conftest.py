@@ -13,9 +13,9 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from parallel_optuna.storage import journal
+
 PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
-from parallel_optuna.storage import journal  # noqa: E402  (the project, on the path above)
 
 TINY = {
     "study": {
