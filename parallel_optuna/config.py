@@ -1,5 +1,8 @@
 """Loading an experiment YAML: parse, fill the defaults from OPTIONS, check every key, resolve paths."""
 
+from __future__ import annotations
+
+import argparse
 import copy
 import difflib
 import os
@@ -48,7 +51,7 @@ def read_yaml(text):
     return yaml.load(text, Loader=YamlLoader)
 
 
-def experiment_yaml(exp_id=None, config=None, experiments_dir="experiments"):
+def experiment_yaml(exp_id: str | None = None, config: str | None = None, experiments_dir: str = "experiments") -> Path:
     """The YAML file named by --config, or experiments/<exp_id>/config.yaml for --exp_id."""
     if config:
         return Path(config)
@@ -71,7 +74,7 @@ class Config(dict):
       version    the config_versions version it is, once known
     """
 
-    def __init__(self, settings, path, overrides=None):
+    def __init__(self, settings: dict, path: str | Path, overrides: dict | None = None) -> None:
         super().__init__(settings)
         self.path = str(Path(path).resolve())
         self.dir = str(Path(self.path).parent)
@@ -81,7 +84,7 @@ class Config(dict):
         self.version = None
 
 
-def load_config(path, overrides=None, text=None):
+def load_config(path: str | Path, overrides: dict | None = None, text: str | None = None) -> Config:
     """Read and validate the experiment YAML, fresh from disk (or `text`, a saved version of it), with CLI overrides.
 
     Returns the whole config (a Config) with `study` and `slurm` filled with defaults and paths made
@@ -214,13 +217,13 @@ def _resolve_paths(config, base, source):
         data["dir"] = str(base / os.path.expandvars(os.path.expanduser(data["dir"])))
 
 
-def metric_names(config):
+def metric_names(config: Config) -> list[str]:
     """The study's metrics, one per objective."""
     metric = config["study"]["optimization_metric"]
     return metric if isinstance(metric, list) else [metric]
 
 
-def directions(config):
+def directions(config: Config) -> list[str]:
     direction = config["study"]["optimization_direction"]
     return direction if isinstance(direction, list) else [direction]
 
@@ -273,7 +276,7 @@ def _check_slurm(config, source):
         )
 
 
-def walltime_seconds(text):
+def walltime_seconds(text: str) -> int:
     """SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
     days, _, rest = text.rpartition("-")
     parts = [int(p) for p in rest.split(":")]
@@ -286,10 +289,10 @@ def walltime_seconds(text):
     return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
 
 
-def config_from_args(args):
+def config_from_args(args: argparse.Namespace) -> Config:
     """The experiment YAML that --config/--exp_id name, fresh from disk, with the given flags applied."""
     return load_config(yaml_from_args(args), flag_overrides(args))
 
 
-def yaml_from_args(args):
+def yaml_from_args(args: argparse.Namespace) -> Path:
     return experiment_yaml(args.exp_id, args.config, args.experiments_dir)

@@ -11,17 +11,24 @@ racing processes can, so a dead trial is retried once. Optuna's SQLite storage l
 which is why worker.py also drops a second retry of the same trial when it is asked.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from parallel_optuna import attributes as attr
 from parallel_optuna import retries, slurm
 from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.study import still_to_run, study_budget
+
+if TYPE_CHECKING:  # names for the hints only: importing them would make a cycle
+    from parallel_optuna.config import Config
 
 log = logging.getLogger("liveness")
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -31,7 +38,7 @@ UNOWNED_GRACE_S = 600
 GONE = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
-def slurm_task_key():
+def slurm_task_key() -> str | None:
     """This process's array task, as squeue's %i prints it; None outside a job array.
 
     Only array tasks own one trial each: processes sharing an salloc or a plain job are told apart by pid.
@@ -40,7 +47,7 @@ def slurm_task_key():
     return f"{array_job}_{task}" if array_job and task else None
 
 
-def running_jobs(trials):
+def running_jobs(trials: list[FrozenTrial]) -> set[str]:
     """The array jobs of the RUNNING trials: the only jobs liveness needs to ask SLURM about."""
     return {
         t.user_attrs[attr.SLURM_TASK].split("_")[0]
@@ -67,7 +74,7 @@ class Tasks(dict):
         return task not in self or self[task][0] in GONE
 
 
-def squeue_tasks(job_ids):
+def squeue_tasks(job_ids: set[str]) -> Tasks | None:
     """The Tasks of these jobs, from one squeue call.
 
     Asked by job id, not by user, so a teammate's status sees your tasks too.
@@ -86,7 +93,7 @@ def squeue_tasks(job_ids):
     return tasks
 
 
-def process_start(pid):
+def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks, so a recycled pid is not mistaken for our worker.
 
     None when the process is gone, or a zombie (killed, not yet reaped by its parent).
@@ -101,7 +108,7 @@ def process_start(pid):
     return int(fields[19])
 
 
-def is_dead(trial, tasks, now=None):
+def is_dead(trial: FrozenTrial, tasks: Tasks | None, now: float | None = None) -> bool:
     attrs = trial.user_attrs
     task = attrs.get(attr.SLURM_TASK)
     if task:
@@ -114,7 +121,7 @@ def is_dead(trial, tasks, now=None):
     return process_start(attrs[attr.PID]) != attrs.get(attr.PID_START)  # None = no /proc: cannot tell
 
 
-def fail_and_retry(study, trial, reason, max_retries, n_trials):
+def fail_and_retry(study: optuna.Study, trial: FrozenTrial, reason: str, max_retries: int, n_trials: int) -> bool:
     """Mark the trial FAIL with its reason; if we were the one to do so, enqueue one retry."""
     try:
         optuna_internals.live_trial(study, trial).set_user_attr(attr.FAIL_REASON, reason)
@@ -134,7 +141,7 @@ def fail_and_retry(study, trial, reason, max_retries, n_trials):
     return True
 
 
-def reconcile(study, config, tasks="ask"):
+def reconcile(study: optuna.Study, config: Config, tasks: Tasks | None | str = "ask") -> list[int]:
     """Fail and retry every RUNNING trial whose worker is gone. Returns the numbers it failed."""
     running = study.get_trials(deepcopy=False, states=(RUNNING,))
     if tasks == "ask":
@@ -150,7 +157,7 @@ def reconcile(study, config, tasks="ask"):
     return failed
 
 
-def fail_stale(study, config):
+def fail_stale(study: optuna.Study, config: Config) -> list[int]:
     """RDB storages: fail and retry every RUNNING trial whose heartbeat stopped. Returns the numbers it failed.
 
     Optuna finds the stale trials; failing and retrying goes through fail_and_retry, as for a task gone

@@ -12,6 +12,7 @@ the same name, its check, and the #SBATCH line it renders to all come from that 
 
 import argparse
 import difflib
+import os
 import re
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ OWN_DIRECTIVES = {"--wrap", "--array", "--output", "--error", "--open-mode", "--
 class ConfigError(Exception):
     """A bad input: rendered as one line naming the file, the key and the fix; exit status 2."""
 
-    def __init__(self, source, key, problem, fix):
+    def __init__(self, source: str | os.PathLike, key: str, problem: str, fix: str) -> None:
         super().__init__(f"{source}: {key}: {problem}; fix: {fix}")
 
 

@@ -10,32 +10,35 @@ retries spent on the study.max_retries). Unlike the callback it copies none of t
 attributes: its worker, its task and its fail reason are not the retry's.
 """
 
+from __future__ import annotations
+
 import optuna
+from optuna.trial import FrozenTrial
 
 from parallel_optuna import attributes as attr
 
 WAITING = optuna.trial.TrialState.WAITING
 
 
-def history(trial):
+def history(trial: FrozenTrial) -> list[int]:
     """The chain a trial continues, oldest first ([] for a trial that is no retry)."""
     return list(trial.system_attrs.get(attr.RETRY_HISTORY) or [])
 
 
-def chain(trial):
+def chain(trial: FrozenTrial) -> list[int]:
     """history(), or for a retry linked by `retry_of` alone (enqueued by hand or by an older version) that one."""
     return history(trial) or (
         [trial.user_attrs[attr.RETRY_OF]] if trial.user_attrs.get(attr.RETRY_OF) is not None else []
     )
 
 
-def replaced(trial):
+def replaced(trial: FrozenTrial) -> int | None:
     """The trial this one replaces (retry_history[-1]), or None."""
     chain = history(trial)
     return chain[-1] if chain else trial.user_attrs.get(attr.RETRY_OF)
 
 
-def enqueue(study, trial, attempt, user_attrs=None):
+def enqueue(study: optuna.Study, trial: FrozenTrial, attempt: int, user_attrs: dict | None = None) -> None:
     """Enqueue one retry of `trial` (a FrozenTrial), linked to its chain; returns nothing."""
     chain = [*history(trial), trial.number]
     system_attrs = {"fixed_params": trial.params, attr.FAILED_TRIAL: chain[0], attr.RETRY_HISTORY: chain}
@@ -45,7 +48,7 @@ def enqueue(study, trial, attempt, user_attrs=None):
     study.add_trial(optuna.trial.create_trial(state=WAITING, system_attrs=system_attrs, user_attrs=attrs))
 
 
-def add_result(study, trial, values, user_attrs):
+def add_result(study: optuna.Study, trial: FrozenTrial, values: list[float], user_attrs: dict) -> None:
     """A COMPLETE trial holding the result of `trial`, which was failed while its worker lived, linked to it
     as a retry is. Its curve and params are the trial's own."""
     chain = [*history(trial), trial.number]
@@ -62,6 +65,6 @@ def add_result(study, trial, values, user_attrs):
     )
 
 
-def result_of(trials, number):
+def result_of(trials: list[FrozenTrial], number: int) -> FrozenTrial | None:
     """The trial that holds the result of trial `number`, recorded by its own worker after it was failed; or None."""
     return next((t for t in trials if t.user_attrs.get(attr.RESULT_OF) == number), None)

@@ -1,20 +1,28 @@
 """The run directory runs/<study>: where it is, whether it can be trusted, and the folders made in it."""
 
+from __future__ import annotations
+
 import errno
 import os
 import pwd
 import stat
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from parallel_optuna.options import ConfigError
 
+if TYPE_CHECKING:  # names for the hints only: importing them would make a cycle
+    from parallel_optuna.config import Config
 
-def run_dir(config):
+
+def run_dir(config: Config) -> Path:
     return Path(config["study"]["runs_dir"]) / config["study"]["study_name"]
 
 
-def trusted_run_dir(config, group_access=None, reading=False, create=True):
+def trusted_run_dir(
+    config: Config, group_access: bool | None = None, reading: bool = False, create: bool = True
+) -> Path:
     """The run directory, checked before anything in it is trusted; every opener of it calls this.
 
     It holds the storage (a journal snapshot is a pickle), the checkpoints and the array file, and
@@ -102,7 +110,7 @@ def make_private_dirs(folder, mode, config=None):
         os.chmod(path, mode)
 
 
-def run_subdir(config, *parts):
+def run_subdir(config: Config, *parts: str | int) -> Path:
     """A folder inside the run directory (trials/<n>, slurm_logs, report, ...): 0700, or 0750 where
     --group_access opened the run directory to the group; one left wider (older versions, a umask of
     002) is closed, since a teammate who can write there could swap a checkpoint."""
@@ -121,11 +129,11 @@ def run_subdir(config, *parts):
 FULL = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
 
 
-def full_filesystem(error):
+def full_filesystem(error: BaseException) -> bool:
     """A full disk or an exceeded quota: the filesystem's fault, neither the trial's nor the input's."""
     return isinstance(error, OSError) and error.errno in FULL
 
 
-def full_filesystem_error(error, where, consequence):
+def full_filesystem_error(error: OSError, where: str | Path, consequence: str) -> str:
     """The one line a script exits with on a full filesystem: which file, what, the fix, what happens next."""
     return f"error: {error.filename or where}: {FULL[error.errno]}; fix: free space or raise the quota; {consequence}"

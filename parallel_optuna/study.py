@@ -1,13 +1,18 @@
 """The study: its storage, its budget, and what its trials add up to."""
 
+from __future__ import annotations
+
 import copy
 import os
 import re
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial
 
 from parallel_optuna import attributes as attr
 from parallel_optuna.config import directions
@@ -16,6 +21,9 @@ from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import run_dir, trusted_run_dir
 from parallel_optuna.storage import journal
 
+if TYPE_CHECKING:  # names for the hints only: importing them would make a cycle
+    from parallel_optuna.config import Config
+
 # Heartbeats and fail_stale_trials are marked experimental; they are what Optuna offers for dead workers.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -23,7 +31,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def storage_url(config, storage_file=None):
+def storage_url(config: Config, storage_file: str | None = None) -> str | None:
     """Where the study lives; None means the journal file in the run directory.
 
     A --storage_file (written by submit_study.py for a URL given by flag or environment) comes first,
@@ -50,7 +58,7 @@ DRIVERS = {
 }
 
 
-def open_storage(config, url=None, source="config", reading=False):
+def open_storage(config: Config, url: str | None = None, source: str = "config", reading: bool = False) -> BaseStorage:
     if not url:
         return journal.open_journal(trusted_run_dir(config, reading=reading) / "journal.log")
     if url.startswith("sqlite:///") and "timeout=" not in url:
@@ -78,7 +86,7 @@ def open_storage(config, url=None, source="config", reading=False):
         ) from None
 
 
-def open_study(config, storage, seed_offset=0, source="config"):
+def open_study(config: Config, storage: BaseStorage, seed_offset: int = 0, source: str = "config") -> optuna.Study:
     return optuna.create_study(
         storage=storage,
         study_name=config["study"]["study_name"],
@@ -93,7 +101,7 @@ URL = re.compile(r"[A-Za-z][\w+.-]*://[^\s'\"<>]*")
 SECRET_QUERY = re.compile(r"([?&;](?:password|passwd)=)[^&;#]*", re.IGNORECASE)
 
 
-def mask_password(text):
+def mask_password(text: str | None) -> str:
     """Every URL in text (a URL, or an error message holding one) with its credentials hidden.
 
     The one mask for whatever prints or logs a storage URL. Everything between '://' and the last '@'
@@ -112,7 +120,7 @@ def _mask_url(url):
     return f"{scheme}://{SECRET_QUERY.sub(lambda m: m.group(1) + '***', rest)}"
 
 
-def without_credentials(settings):
+def without_credentials(settings: dict) -> dict:
     """A copy of the settings to write beside the trial (config.yaml): study.storage masked."""
     copied = copy.deepcopy(dict(settings))
     study = copied.get("study")
@@ -121,12 +129,12 @@ def without_credentials(settings):
     return copied
 
 
-def yaml_budget(config):
+def yaml_budget(config: Config) -> int:
     """The YAML's own n_trials, whatever --n_trials says."""
     return config.in_yaml.get("n_trials", config["study"]["n_trials"])
 
 
-def study_budget(study, config):
+def study_budget(study: optuna.Study, config: Config) -> int:
     """The study's budget: the one number every "enough trials?" asks (claims, retries, cleaning, status, submit).
 
     --n_trials when given; else the YAML's n_trials if it was edited since the last submission; else the
@@ -141,27 +149,27 @@ def study_budget(study, config):
     return last
 
 
-def still_to_run(trials, budget):
+def still_to_run(trials: list[FrozenTrial], budget: int) -> int:
     """The budget less the trials finished or running: what workers still have to do (WAITING retries included)."""
     return max(0, budget - sum(t.state in FINISHED or t.state == optuna.trial.TrialState.RUNNING for t in trials))
 
 
-def count_states(trials):
+def count_states(trials: list[FrozenTrial]) -> dict[str, int]:
     counts = {state.name: 0 for state in optuna.trial.TrialState}
     for trial in trials:
         counts[trial.state.name] += 1
     return counts
 
 
-def now():
+def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def remaining(study, config):
+def remaining(study: optuna.Study, config: Config) -> int:
     return still_to_run(study.get_trials(deepcopy=False), study_budget(study, config))
 
 
-def open_existing_study(config, reading=True):
+def open_existing_study(config: Config, reading: bool = True) -> optuna.Study:
     """The submitted study, for status and export; creates nothing. `reading`: a teammate's run directory will do."""
     trusted_run_dir(config, reading=reading, create=False)
     name, saved_url = config["study"]["study_name"], run_dir(config) / "storage_url"
@@ -184,7 +192,7 @@ def open_existing_study(config, reading=True):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def best_trial(study):
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best trial of a single-objective study; None before the first COMPLETE or with several objectives."""
     if len(study.directions) > 1:
         return None

@@ -28,6 +28,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import optuna
+
 
 class Stop(BaseException):
     """Raise it once the trial's state is saved: the trial goes on after the requeue.
@@ -43,14 +45,14 @@ class Running:
     stop = None  # worker.StopSignal
 
 
-def trial_dir(trial):
+def trial_dir(trial: optuna.trial.BaseTrial) -> Path:
     """The trial's own folder (created): runs/<study>/trials/<number>/; outside the tool, a temporary one."""
     folder = Running.folder or Path(tempfile.gettempdir()) / f"optuna-trial-{os.getpid()}-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def stop_requested():
+def stop_requested() -> bool:
     """True once the walltime or a preemption is near: save your state and raise Stop."""
     if Running.stop is None:
         return False

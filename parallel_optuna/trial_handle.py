@@ -9,6 +9,10 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import optuna
 
@@ -35,7 +39,7 @@ Interrupted = trial_control.Stop
 class StopSignal:
     """Remembers SIGUSR2/SIGTERM/SIGINT so the trainer can finish its step and checkpoint first."""
 
-    def __init__(self, safe_point="save_checkpoint()", early_signals=()):
+    def __init__(self, safe_point: str = "save_checkpoint()", early_signals: Sequence[int] = ()) -> None:
         self.safe_point = safe_point  # where the trainer (or objective) checkpoints and stops
         self.received = signal.Signals(early_signals[-1]).name if early_signals else None
         if self.received:
@@ -46,7 +50,7 @@ class StopSignal:
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
 
-    def handle(self, signum, frame):
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         again = self.received == signal.Signals(signum).name  # SLURM signals the batch shell, which forwards it
         self.received = signal.Signals(signum).name
         if again:
@@ -127,7 +131,7 @@ PROGRESS = "progress.jsonl"  # the curve of a trial with several objectives, one
 class TrialHandle:
     """What a trainer gets besides its config: report, and checkpoints that survive a requeue."""
 
-    def __init__(self, trial, folder, stop, trusted=False):
+    def __init__(self, trial: optuna.Trial, folder: Path, stop: StopSignal, trusted: bool = False) -> None:
         self.trial, self.folder, self.stop = trial, folder, stop
         self.trusted = trusted  # study.trusted_checkpoints: unpickle anything (the trainer's own objects)
         self.checkpoint = folder / checkpoints.CHECKPOINT
@@ -136,10 +140,11 @@ class TrialHandle:
         self.failed_elsewhere = False  # a status judged this worker dead: reports are not stored, the result is
 
     @property
-    def number(self):
+    def number(self) -> int:
         return self.trial.number
 
-    def report(self, value, step):
+    def report(self, value: float, step: int) -> None:
+        """Record the step's metric (Optuna's curve), prune if the pruner says so, stop after a signal."""
         if not math.isfinite(value):
             raise ValueError(f"metric is {value} at step {step}")
         if len(self.trial.study.directions) > 1:  # Optuna keeps no curve for several objectives, nor prunes them
@@ -161,7 +166,7 @@ class TrialHandle:
             if not self.saves and self.reports_since_stop > 1:
                 raise Interrupted(self.stop.received)
 
-    def load_checkpoint(self):
+    def load_checkpoint(self) -> Any:
         """The state save_checkpoint() stored, loaded as data (tensors, numbers, strings, lists, dicts).
 
         Whoever can write a checkpoint.pt must not get to run code in the next trial that loads it;
@@ -172,13 +177,14 @@ class TrialHandle:
         log.info("trial %d resumes from %s", self.trial.number, self.checkpoint)
         return load_state(self.checkpoint, self.trusted)
 
-    def save_checkpoint(self, state):
+    def save_checkpoint(self, state: Any) -> None:
+        """Save the state atomically; after a walltime or preemption signal, stop here (the trial goes on)."""
         save_atomically(state, self.checkpoint)  # a kill mid-write never corrupts the last checkpoint
         self.saves += 1
         if self.stop.received:
             raise Interrupted(self.stop.received)
 
-    def save_weights(self, state):
+    def save_weights(self, state: Any) -> None:
         """The trained model (e.g. model.state_dict()): `make best` exports the best trial's as best_trial.pt."""
         save_atomically(state, self.folder / checkpoints.WEIGHTS)
 
@@ -187,7 +193,7 @@ class UntrustedCheckpoint(Exception):
     """A checkpoint that holds more than data, loaded without study.trusted_checkpoints: the trial fails."""
 
 
-def load_state(path, trusted=False):
+def load_state(path: Path, trusted: bool = False) -> Any:
     import pickle
 
     import torch  # only trainers that checkpoint need it; the worker's start-up stays light
@@ -205,7 +211,7 @@ def load_state(path, trusted=False):
         ) from None
 
 
-def save_atomically(state, path):
+def save_atomically(state: Any, path: Path) -> None:
     import torch  # only trainers that save need it; the worker's start-up stays light
 
     partial = path.with_suffix(".partial")

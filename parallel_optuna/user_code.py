@@ -1,17 +1,24 @@
 """The user's code: the trainer or the plain objective that study.trainer / study.objective names."""
 
+from __future__ import annotations
+
 import copy
 import importlib
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 
 from parallel_optuna.config import metric_names
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import full_filesystem
+
+if TYPE_CHECKING:  # names for the hints only: importing them would make a cycle
+    from parallel_optuna.config import Config
 
 # The tool's own top-level names: a user module named so would shadow them (any other name is the user's).
 TOOL_MODULES = {"parallel_optuna", "trial_control"}
@@ -55,7 +62,7 @@ def _optimize_on_import(*args, **kwargs):
     raise OptimizeOnImport
 
 
-def load_trainer(config, source="config"):
+def load_trainer(config: Config, source: str = "config") -> Callable:
     """The trainer function; its METRICS, if it declares them, must name the study's metric."""
     function, module = load_function(config, "trainer", source)
     metrics = getattr(module, "METRICS", None)
@@ -70,7 +77,7 @@ def load_trainer(config, source="config"):
     return function
 
 
-def load_objective(config, source="config"):
+def load_objective(config: Config, source: str = "config") -> Callable:
     """The plain Optuna objective(trial) of study.objective (or --objective)."""
     return load_function(config, "objective", source)[0]
 
@@ -122,7 +129,7 @@ def load_function(config, key, source):
     return function, module
 
 
-def prepare_data(config, source="config"):
+def prepare_data(config: Config, source: str = "config") -> None:
     """Let the trainer write its data once (optional `prepare(config)` in its module), then check it is there."""
     prepare = None if config["study"]["objective"] else getattr(trainer_module(config), "prepare", None)
     try:
@@ -139,7 +146,7 @@ def prepare_data(config, source="config"):
         raise ConfigError(source, "data.dir", f"{data_dir} does not exist", "point data.dir at the experiment's data")
 
 
-def resolve_config(config, params):
+def resolve_config(config: Config, params: dict) -> dict:
     """A plain-dict copy of the settings with the sampled params written in and derived dimensions recomputed."""
     resolved = copy.deepcopy(dict(config))
     for dotted, value in params.items():
