@@ -39,7 +39,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from parallel_optuna.storage import journal  # noqa: E402
+from parallel_optuna.storage import journal, journal_lock  # noqa: E402
 
 SERVER = Path(__file__).resolve().parent.parent / "scripts" / "local_postgres.sh"
 
@@ -91,7 +91,7 @@ def storage_for(kind, folder, postgres=None):
     if kind == "journal-flush-every-op":
         return optuna.storages.JournalStorage(FlushEveryOp(path))
     if kind == "journal-queued":  # the same, its lock queued behind a fcntl lock (JOURNAL_LOCK=queued)
-        return optuna.storages.JournalStorage(journal.JournalFile(path, journal.JournalLock(str(path))))
+        return optuna.storages.JournalStorage(journal.JournalFile(path, journal_lock.JournalLock(str(path))))
     if kind == "optuna-journal":  # Optuna's own backend and open lock: fsync under the lock (the seed's)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     timeout = {"sqlite": 60, "sqlite-5s": 5}[kind]

@@ -29,13 +29,13 @@ from parallel_optuna import attributes as attr
 from parallel_optuna.config import directions, load_config, parse_yaml, read_text
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import run_dir, run_subdir, trusted_run_dir
+from parallel_optuna.storage.journal_lock import MAX_CLOCK_SKEW_S
 from parallel_optuna.study import mask_password
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"
 SETTLE_S = 1.0  # a file modified more recently than this may still be being written
 SETTLE_TIMEOUT_S = 15.0
-MAX_CLOCK_SKEW_S = 120  # a file server's clock may be this far from ours: a recent mtime is watched, not trusted
 # What a study already running cannot change: its trials and storage were made with these.
 # (study_name and runs_dir: the array command passes them as flags, so an edit cannot move a running array.)
 FIXED = ("optimization_metric", "optimization_direction", "storage")

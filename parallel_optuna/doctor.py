@@ -5,7 +5,7 @@ from parallel_optuna import liveness
 from parallel_optuna.array_file import this_script
 from parallel_optuna.run_dir import run_dir
 from parallel_optuna.slurm import quote_command
-from parallel_optuna.storage import journal
+from parallel_optuna.storage import journal, journal_lock
 from parallel_optuna.study import (
     open_existing_study,
     storage_url,
@@ -24,9 +24,9 @@ def check_storage(config, repair):
     """
     path = journal_file(config)
     bad = report_journal(path) if path else []
-    lock_age = path and journal.stale_lock(path)
+    lock_age = path and journal_lock.stale_lock(path)
     if lock_age:
-        print(f"stale lock {journal.lock_path(path)}: held {lock_age:.0f} s by nobody, its holder died mid-append")
+        print(f"stale lock {journal_lock.lock_path(path)}: held {lock_age:.0f} s by nobody, its holder died mid-append")
     study = open_existing_study(config, reading=not repair)
     tasks = liveness.squeue_tasks(study_jobs(study))
     stuck = stuck_trials(study, tasks)
@@ -35,7 +35,7 @@ def check_storage(config, repair):
     if path and (bad or lock_age or stuck):
         print(f"backup: {journal.backup(path)}")
     if lock_age:
-        journal.break_lock(path)  # before the reconcile below, whose writes would wait for it
+        journal_lock.break_lock(path)  # before the reconcile below, whose writes would wait for it
         print("removed the stale lock")
     if stuck:
         print(f"failed and re-enqueued: trials {liveness.reconcile(study, config, tasks)}")

@@ -17,17 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from optuna.storages.journal import JournalFileOpenLock  # noqa: E402
 
-from parallel_optuna.storage import journal  # noqa: E402
+from parallel_optuna.storage import journal, journal_lock  # noqa: E402
 
 
 def append_ops(path, worker_id, count):
-    backend = journal.JournalFile(path, journal.JournalLock(path))
+    backend = journal.JournalFile(path, journal_lock.JournalLock(path))
     for i in range(int(count)):
         backend.append_logs([{"op_code": 8, "worker_id": worker_id, "trial_id": 0, "user_attr": {"i": i}}])
 
 
 def hold_lock(path, kind):
-    lock = journal.JournalLock(path) if kind == "queued" else JournalFileOpenLock(path)
+    lock = journal_lock.JournalLock(path) if kind == "queued" else JournalFileOpenLock(path)
     lock.acquire()
     print("locked", flush=True)
     sys.stdin.readline()

@@ -20,7 +20,7 @@ from conftest import PROJECT, finished, load_study, plugin_experiment, run_scrip
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.storages.journal._file import get_lock_file
 
-from parallel_optuna.storage import journal, optuna_internals
+from parallel_optuna.storage import journal, journal_lock, optuna_internals
 
 TORN = b'{"op_code":8,"worker_id":"killed-mid-append","trial_id":0,"user_attr":{"no'
 QUICK = {"training.sleep": 0.05, "training.epochs": 2}
@@ -76,8 +76,8 @@ def test_torn_line_study_goes_on_then_check_and_repair(tmp_path):
     with pytest.raises(json.JSONDecodeError):
         strict_load(log)  # what the sealed line does to Optuna's own reader: the reason for --repair
 
-    journal.lock_path(log).touch()
-    os.utime(journal.lock_path(log), (time.time() - 300,) * 2)  # a lock left by a process killed mid-append
+    journal_lock.lock_path(log).touch()
+    os.utime(journal_lock.lock_path(log), (time.time() - 300,) * 2)  # a lock left by a process killed mid-append
     cache = log.with_name("journal.log.snapshot")
     cache.write_bytes(b"derived from the old bytes")
     check = run_script("submit_study.py", "--config", path, "--check_storage")
@@ -92,7 +92,7 @@ def test_torn_line_study_goes_on_then_check_and_repair(tmp_path):
     assert "storage OK after the repair" in repair.stdout and "Optuna's own reader reads it: 3 trials" in repair.stdout
     backups = list(log.parent.glob("journal.log.bak-*"))
     assert len(backups) == 1 and backups[0].read_bytes().count(TORN) == 1
-    assert not cache.exists() and not journal.lock_path(log).exists()
+    assert not cache.exists() and not journal_lock.lock_path(log).exists()
     assert [t.state.name for t in strict_load(log).trials] == ["COMPLETE"] * 3
     assert [t["state"] for t in optuna_cli_trials(log)] == ["COMPLETE"] * 3
     assert run_script("submit_study.py", "--config", path, "--check_storage").stdout.endswith("storage OK\n")
@@ -268,7 +268,7 @@ def test_kill_9_while_holding_the_journal_lock(tmp_path):
     waited = time.time() - started
     print(f"a worker waited {waited:.1f} s for the lock of a process killed with kill -9")
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert journal.LOCK_GRACE_S <= waited < journal.LOCK_GRACE_S + 60, waited
+    assert journal_lock.LOCK_GRACE_S <= waited < journal_lock.LOCK_GRACE_S + 60, waited
     assert len(finished(load_study(path))) == 1
 
 

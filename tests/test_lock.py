@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import PROJECT
 
-from parallel_optuna.storage import journal
+from parallel_optuna.storage import journal, journal_lock
 
 
 def start(program, *args):
@@ -34,8 +34,8 @@ def test_writers_contending_for_the_lock_all_complete_with_whole_lines(tmp_path)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     for k in range(3):
         assert [op["user_attr"]["i"] for op in lines if op["worker_id"] == f"w{k}"] == list(range(150))
-    assert not journal.lock_path(path).exists(), "released"
-    assert journal.stale_lock(path) is None
+    assert not journal_lock.lock_path(path).exists(), "released"
+    assert journal_lock.stale_lock(path) is None
 
 
 def test_a_holder_killed_with_kill_9_does_not_stop_the_next_writer_for_the_grace(tmp_path, capfd):
@@ -45,13 +45,13 @@ def test_a_holder_killed_with_kill_9_does_not_stop_the_next_writer_for_the_grace
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    assert journal.lock_path(path).exists(), "the lock file stays; the kernel released the fcntl lock"
+    assert journal_lock.lock_path(path).exists(), "the lock file stays; the kernel released the fcntl lock"
     # Waiting Optuna's grace would take LOCK_GRACE_S; the queued writer breaks a dead holder's lock at once.
     writer = start("append_ops", path, "next", 1)
-    assert writer.wait(timeout=journal.LOCK_GRACE_S / 2) == 0
+    assert writer.wait(timeout=journal_lock.LOCK_GRACE_S / 2) == 0
     assert "died holding it" in writer.stderr.read()
     assert journal.scan(path) == (1, [])
-    assert not journal.lock_path(path).exists()
+    assert not journal_lock.lock_path(path).exists()
 
 
 def test_a_holder_stopped_by_scontrol_suspend_does_not_stop_the_queue_for_good(tmp_path):
@@ -65,10 +65,10 @@ def test_a_holder_stopped_by_scontrol_suspend_does_not_stop_the_queue_for_good(t
         writer = start("append_ops", path, "next", 1)
         started = time.monotonic()
         # The queue is left after the grace with no progress, then Optuna's own grace breaks the lock file.
-        assert writer.wait(timeout=3 * journal.LOCK_GRACE_S + 30) == 0, writer.stderr.read()
+        assert writer.wait(timeout=3 * journal_lock.LOCK_GRACE_S + 30) == 0, writer.stderr.read()
         waited = time.monotonic() - started
         print(f"a queued writer waited {waited:.1f} s behind a stopped holder")
-        assert waited > journal.LOCK_GRACE_S, "a stopped holder is not taken for a dead one"
+        assert waited > journal_lock.LOCK_GRACE_S, "a stopped holder is not taken for a dead one"
         assert "made no progress" in writer.stderr.read()
         assert journal.scan(path) == (1, [])
     finally:
@@ -95,10 +95,10 @@ def test_without_fcntl_locks_the_lock_file_alone_serializes(tmp_path, monkeypatc
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(journal.fcntl, "lockf", no_locks)
-    monkeypatch.setattr(journal.JournalLock, "warned", False)
+    monkeypatch.setattr(journal_lock.fcntl, "lockf", no_locks)
+    monkeypatch.setattr(journal_lock.JournalLock, "warned", False)
     path = tmp_path / "journal.log"
-    backend = journal.JournalFile(path, journal.JournalLock(str(path)))
+    backend = journal.JournalFile(path, journal_lock.JournalLock(str(path)))
     with caplog.at_level(logging.WARNING, logger="journal"):
         for i in range(3):
             backend.append_logs([{"op_code": 8, "worker_id": "w", "trial_id": 0, "user_attr": {"i": i}}])
@@ -109,6 +109,6 @@ def test_without_fcntl_locks_the_lock_file_alone_serializes(tmp_path, monkeypatc
 def test_the_default_lock_is_optunas_open_lock_and_queued_is_opt_in(tmp_path, monkeypatch):
     path = str(tmp_path / "journal.log")
     monkeypatch.delenv("JOURNAL_LOCK", raising=False)
-    assert type(journal.default_lock(path)).__name__ == "JournalFileOpenLock"
+    assert type(journal_lock.default_lock(path)).__name__ == "JournalFileOpenLock"
     monkeypatch.setenv("JOURNAL_LOCK", "queued")
-    assert isinstance(journal.default_lock(path), journal.JournalLock)
+    assert isinstance(journal_lock.default_lock(path), journal_lock.JournalLock)

@@ -252,13 +252,13 @@ def test_a_lock_stamped_by_a_clock_behind_ours_is_not_stale_while_its_holder_let
     """A login node 40 s ahead of the file server sees a fresh lock as 40 s old: the lock is watched, not dated."""
     import threading
 
-    from parallel_optuna.storage import journal
+    from parallel_optuna.storage import journal_lock
 
     path = tmp_path / "journal.log"
-    journal.lock_path(path).touch()
+    journal_lock.lock_path(path).touch()
     past = time.time() - 40
-    os.utime(journal.lock_path(path), (past, past))
-    threading.Timer(1.0, journal.lock_path(path).unlink).start()  # the live holder's append ends
-    assert journal.stale_lock(path) is None
-    journal.lock_path(path).touch()
-    assert journal.stale_lock(path, watch=1.0) is not None, "a lock nobody lets go of is stale after the watch"
+    os.utime(journal_lock.lock_path(path), (past, past))
+    threading.Timer(1.0, journal_lock.lock_path(path).unlink).start()  # the live holder's append ends
+    assert journal_lock.stale_lock(path) is None
+    journal_lock.lock_path(path).touch()
+    assert journal_lock.stale_lock(path, watch=1.0) is not None, "a lock nobody lets go of is stale after the watch"
