@@ -1,11 +1,14 @@
 """The sampler and the pruner that the YAML names, built and described."""
 
+import inspect
+
 import optuna
 
 from parallel_optuna import samplers
 from parallel_optuna.config import directions, metric_names
 from parallel_optuna.options import ConfigError
 from parallel_optuna.search_space import get_dotted, sampled_space
+from parallel_optuna.user_code import import_class
 
 
 def build_sampler(config, seed_offset=0, source="config"):
@@ -38,7 +41,7 @@ def values_text(config, values):
 
 def build_pruner(config, source="config"):
     spec = config["study"]["pruner"] or {"name": "NopPruner" if len(directions(config)) > 1 else "MedianPruner"}
-    return _build(optuna.pruners, dict(spec), "study.pruner", source)
+    return _build(optuna.pruners, dict(spec), "study.pruner", source, config)
 
 
 def _build(namespace, spec, key, source, config=None):
@@ -48,6 +51,8 @@ def _build(namespace, spec, key, source, config=None):
     PartialFixedSampler's base_sampler); GridSampler's grid comes from the YAML's search space.
     """
     name = spec.pop("name")
+    if ":" in name:  # the user's own class, module:Class, found as their trainer is
+        return _build_users(namespace, name, spec, key, source, config)
     cls = getattr(namespace, name, None)
     if not isinstance(cls, type):
         raise ConfigError(source, f"{key}.name", f"unknown {name!r}", f"use an optuna.{namespace.__name__[7:]} class")
@@ -65,6 +70,17 @@ def _build(namespace, spec, key, source, config=None):
         return cls(**spec)
     except (TypeError, ValueError) as e:
         raise ConfigError(source, key, f"bad option ({e})", f"see the options of optuna {name}") from None
+
+
+def _build_users(namespace, name, spec, key, source, config):
+    base = optuna.samplers.BaseSampler if namespace is optuna.samplers else optuna.pruners.BasePruner
+    cls = import_class(config, name, f"{key}.name", source, base)
+    if "seed" in spec and "seed" not in inspect.signature(cls).parameters:
+        spec.pop("seed")  # the per-worker seed goes only to a class that takes one
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(source, key, f"bad option ({e})", f"see the options of {name}") from None
 
 
 def grid_of(config, source):

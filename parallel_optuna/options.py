@@ -95,12 +95,12 @@ def _one_or_list(check):
 
 def _mapping_with_name(value):
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return "must be a mapping with a 'name' (an Optuna class) and its options"
+        return "must be a mapping with a 'name' (an Optuna class, or module:Class of your own) and its options"
 
 
 def _sampler(value):
     if not isinstance(value, dict) or not isinstance(value.get("name", ""), str):
-        return "must be a mapping: {seed: 0} for the default, or {name: <Optuna sampler>, options}"
+        return "must be a mapping: {seed: 0} for the default, or {name: <Optuna sampler or module:Class>, options}"
 
 
 def _directives(value):

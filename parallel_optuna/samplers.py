@@ -38,9 +38,9 @@ def default_spec(space, n_trials):
     return {"name": "TPESampler"}
 
 
-def worker_seed(name, seed, offset):
+def worker_seed(name, seed, offset, shared=False):
     """The seed this worker gives its sampler: a different one per worker, or one shared by all."""
-    if name in SHARED_SEED:
+    if name in SHARED_SEED or shared:
         return 0 if seed is None else seed % SEEDS  # never unseeded: each worker would draw its own
     return None if seed is None else (seed + offset) % SEEDS  # the same seed everywhere repeats the same configs
 
@@ -49,10 +49,11 @@ def resolve(spec, space, n_trials, offset):
     """The sampler's class name and its options for this worker, the default filled in."""
     spec = dict(spec)
     seed = spec.pop("seed", None)
+    shared = spec.pop("shared_seed", False)  # samplers that walk one sequence (a QMC of your own, say)
     if "name" not in spec:
         spec.update(default_spec(space, n_trials))
     name = spec.pop("name")
-    seed = worker_seed(name, seed, offset)
+    seed = worker_seed(name, seed, offset, shared)
     return name, ({**spec, "seed": seed} if seed is not None else spec)
 
 

@@ -35,11 +35,15 @@ def trainer_module(config, key="trainer"):
     It is looked up in the experiment's folder, then in the folder the study was submitted from
     (the array file runs there), then on PYTHONPATH as it was at submit time (the array file sets it).
     """
-    name = config["study"][key].partition(":")[0]
+    return import_user_module(config, config["study"][key].partition(":")[0], f"study.{key}")
+
+
+def import_user_module(config: Config, name: str, key: str):
+    """A module of the user's (a trainer's, an objective's, a sampler's), found by the rule trainer_module says."""
     if name.split(".")[0] in TOOL_MODULES:
         raise ConfigError(
             config.path,
-            f"study.{key}",
+            key,
             f"module {name.split('.')[0]!r} has the name of one of Parallel Optuna's own top-level names",
             f"rename your module (not {', '.join(sorted(TOOL_MODULES))})",
         )
@@ -52,6 +56,23 @@ def trainer_module(config, key="trainer"):
         return importlib.import_module(name)
     finally:
         optuna.study.Study.optimize = optimize
+
+
+def import_class(config: Config, spec: str, key: str, source: str, base: type) -> type:
+    """`module:Class` of the user's, a subclass of `base` (optuna's BaseSampler or BasePruner)."""
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = import_user_module(config, module_name, key)
+    except ConfigError:
+        raise
+    except Exception as e:  # ImportError, or an error inside the user's module
+        fix = "put the module in the experiment's folder, the submit folder or on PYTHONPATH"
+        raise ConfigError(source, key, f"cannot import {spec!r} ({type(e).__name__}: {e})", fix) from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        problem = f"{spec!r} is not a subclass of optuna's {base.__name__}"
+        raise ConfigError(source, key, problem, f"name a class derived from {base.__module__}.{base.__name__}")
+    return cls
 
 
 class OptimizeOnImport(Exception):

@@ -1,5 +1,7 @@
 """Every Optuna sampler and pruner by name from the YAML, objects in their YAML form, the baseline first."""
 
+import json
+
 import optuna
 import pytest
 from conftest import load_study, run_script, run_script_without, write_experiment
@@ -107,3 +109,73 @@ def test_a_worker_goes_on_past_an_exhausted_grid(tmp_path):
     trials = load_study(path).trials
     assert sorted(t.params["model.d_pos"] for t in trials[:2]) == [2, 4], "both grid points trained"
     assert trials[2].state.name == "COMPLETE" and "duplicate_of" in trials[2].user_attrs, "the third is answered"
+
+
+OWN = '''import json, os
+import json
+
+import optuna
+
+
+class Recorded(optuna.samplers.RandomSampler):
+    """A sampler of the user's: it writes down the seed each worker gave it."""
+
+    def __init__(self, seed=None, note="plain"):
+        super().__init__(seed=seed)
+        with open(os.path.join(os.path.dirname(__file__), "seeds.jsonl"), "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "seed": seed, "note": note}) + "\\n")
+
+
+class NeverPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return False
+
+
+class NotASampler:
+    pass
+'''
+
+
+def own_classes_experiment(tmp_path, sampler, pruner=None):
+    changes = {"study.sampler": sampler, "study.n_trials": 4, "training.epochs": 1}
+    path = write_experiment(tmp_path / "exp", {**SPACE, **changes, **({"study.pruner": pruner} if pruner else {})})
+    (path.parent / "my_optuna.py").write_text(OWN)
+    return path
+
+
+def seeds(path):
+    return [json.loads(line) for line in (path.parent / "seeds.jsonl").read_text().splitlines()]
+
+
+def test_a_sampler_and_a_pruner_of_your_own_by_import_path(tmp_path):
+    sampler = {"name": "my_optuna:Recorded", "seed": 7, "note": "mine"}
+    path = own_classes_experiment(tmp_path, sampler, {"name": "my_optuna:NeverPrune"})
+    out = run_script("submit_study.py", "--config", path, "--local", 2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = load_study(path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    workers = {t.user_attrs["pid"] for t in trials}
+    by_worker = {s["pid"]: s["seed"] for s in seeds(path) if s["pid"] in workers and s["note"] == "mine"}
+    assert len(by_worker) == 2 and len(set(by_worker.values())) == 2, "each worker seeds its sampler its own way"
+    assert type(build_pruner(load_config(path))).__name__ == "NeverPrune"
+
+
+def test_shared_seed_gives_every_worker_the_same_seed(tmp_path):
+    path = own_classes_experiment(tmp_path, {"name": "my_optuna:Recorded", "seed": 7, "shared_seed": True})
+    assert run_script("submit_study.py", "--config", path, "--local", 2).returncode == 0
+    assert {s["seed"] for s in seeds(path)} == {7}
+
+
+@pytest.mark.parametrize(
+    "sampler, problem",
+    [
+        ({"name": "my_optuna:NotASampler"}, "'my_optuna:NotASampler' is not a subclass of optuna's BaseSampler"),
+        ({"name": "nowhere:Sampler"}, "cannot import 'nowhere:Sampler' (ModuleNotFoundError"),
+    ],
+)
+def test_a_class_that_is_no_sampler_or_a_missing_module_is_refused_at_submit(tmp_path, sampler, problem):
+    path = own_classes_experiment(tmp_path, sampler)
+    out = run_script("submit_study.py", "--config", path, "--no-submit_jobs")
+    assert out.returncode == 2 and problem in out.stderr and "study.sampler.name" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (path.parent / "runs").exists()
