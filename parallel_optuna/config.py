@@ -218,8 +218,15 @@ def _resolve_paths(config, base, source):
 
 
 def metric_names(config: Config) -> list[str]:
-    """The study's metrics, one per objective."""
-    metric = config["study"]["optimization_metric"]
+    """The study's metrics, one per objective.
+
+    A plain objective that names none gets the names Optuna shows: `value`, or `values_0`, `values_1`, ...
+    """
+    study = config["study"]
+    if study["objective"] and "optimization_metric" in getattr(config, "defaulted", ()):
+        count = len(directions(config))
+        return ["value"] if count == 1 else [f"values_{i}" for i in range(count)]
+    metric = study["optimization_metric"]
     return metric if isinstance(metric, list) else [metric]
 
 

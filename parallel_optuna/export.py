@@ -8,7 +8,7 @@ import yaml
 
 from parallel_optuna import attributes as attr
 from parallel_optuna import checkpoints
-from parallel_optuna.config import read_yaml
+from parallel_optuna.config import metric_names, read_yaml
 from parallel_optuna.optimizer import values_text
 from parallel_optuna.options import (
     ConfigError,
@@ -64,6 +64,8 @@ def retrainable(study, config, trial, weights_target):
         study_name=f"{study.study_name}_best{trial.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}
     )
     if config["study"]["objective"]:  # the objective suggests its own params; the export names no trainer
+        names = metric_names(config)
+        resolved["study"]["optimization_metric"] = names[0] if len(names) == 1 else list(names)  # a copy: no anchors
         resolved["study"].pop("trainer", None)
         resolved.pop("search_space", None)
     else:
@@ -71,7 +73,7 @@ def retrainable(study, config, trial, weights_target):
     results = {
         "study_name": study.study_name,
         "number": trial.number,
-        "metric": config["study"]["optimization_metric"],
+        "metric": names[0] if len(names := metric_names(config)) == 1 else names,
         "direction": config["study"]["optimization_direction"],
         "value": trial.values if len(trial.values) > 1 else trial.value,
         "params": trial.params,

@@ -17,7 +17,7 @@ from parallel_optuna.array_file import (
     submit_arrays,
     write_array_file,
 )
-from parallel_optuna.config import read_text
+from parallel_optuna.config import directions, metric_names, read_text
 from parallel_optuna.jobs import SUBMIT_TEMPLATE, job_arguments, python_in_jobs, render_job, submit_finish_job
 from parallel_optuna.local import run_local
 from parallel_optuna.optimizer import base_params, build_pruner, build_sampler
@@ -167,8 +167,8 @@ def say_where_it_stands(study, config, url):
             print(f"note: study.objective {objective} runs; the YAML's trainer and search_space are not used")
     unset = [f"study.{key}" for key in ("optimization_metric", "optimization_direction") if key in config.defaulted]
     if unset and config["study"]["objective"] or "optimization_direction" in config.defaulted:
-        metric, direction = config["study"]["optimization_metric"], config["study"]["optimization_direction"]
-        print(f"note: {config.path}: no {' nor '.join(unset)}: the study will {direction} {metric}", file=sys.stderr)
+        goals = ", ".join(f"{d} {m}" for d, m in zip(directions(config), metric_names(config), strict=True))
+        print(f"note: {config.path}: no {' nor '.join(unset)}: the study will {goals}", file=sys.stderr)
     if not config["study"]["objective"] and not config.get("search_space"):
         once = "" if config["study"]["allow_repeats"] else ", trained once, the other trials answered from it"
         print(f"warning: {config.path}: search_space is empty: one config{once}", file=sys.stderr)

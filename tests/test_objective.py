@@ -27,7 +27,7 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "note: study.objective objectives:quick runs; the YAML's trainer and search_space are not used" in out.stdout
     assert "no study.trainer" not in out.stderr, "a plain objective needs no trainer"
-    unset = "no study.optimization_metric nor study.optimization_direction: the study will minimize val_mae_mean"
+    unset = "no study.optimization_metric nor study.optimization_direction: the study will minimize value"
     assert unset in out.stderr, "the defaults are the example's: said, as they may not be the objective's"
     study = load_study(path)
     assert len(finished(study)) == 6
@@ -43,7 +43,7 @@ def test_a_plain_objective_runs_locally_and_its_best_trial_retrains(tmp_path):
     assert "trainer" not in exported["study"] and "search_space" not in exported, "the objective chooses its params"
     retrained = run_script("worker.py", "--config", best)
     assert retrained.returncode == 0, retrained.stdout + retrained.stderr
-    assert f"the exported trial {study.best_trial.number} of study tiny measured val_mae_mean = " in retrained.stdout
+    assert f"the exported trial {study.best_trial.number} of study tiny measured value = " in retrained.stdout
     again = load_study(best, f"tiny_best{study.best_trial.number}")
     assert again.trials[0].params == study.best_trial.params and again.trials[0].value == study.best_value
     twice = run_script("worker.py", "--config", best)
@@ -157,3 +157,16 @@ def test_a_plain_objective_through_the_walltime(slurm, tmp_path):
     assert oblivious.user_attrs["requeues"] == oblivious.user_attrs["slurm_restart_count"] >= 1
     log = Path(oblivious.user_attrs["log_path"]).read_text()
     assert "the objective stops at its next report, should_prune or suggest call" in log
+
+
+def test_a_plain_objective_with_two_values_needs_no_metric_names(tmp_path):
+    """As in Optuna: the directions alone; the values are shown as Optuna names them, values_0 and values_1."""
+    path = objective_experiment(tmp_path, "two", {"study.optimization_direction": ["minimize", "minimize"]})
+    out = run_script("submit_study.py", "--config", path, "--local", 2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "no study.optimization_metric: the study will minimize values_0, minimize values_1" in out.stderr
+    assert len(finished(load_study(path))) == 4
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    assert "Pareto front:" in status and "values_0 = " in status and "values_1 = " in status, status
+    front = yaml.safe_load((path.parent / "best_trial.yaml").read_text())["pareto_front"]
+    assert front and all(member["best_trial"]["metric"] == ["values_0", "values_1"] for member in front)
