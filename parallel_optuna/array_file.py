@@ -15,12 +15,18 @@ from parallel_optuna.study import now
 TEMPLATE = PROJECT / "array_job.sbatch"
 
 
-def sbatch_directives(slurm):
-    lines = [f"#SBATCH {o.sbatch.format(slurm[o.key])}" for o in OPTIONS if o.sbatch and slurm.get(o.key) is not None]
-    if slurm["gpus_per_task"]:
-        gpus = f"{slurm['gpu_type']}:{slurm['gpus_per_task']}" if slurm["gpu_type"] else slurm["gpus_per_task"]
+def sbatch_directives(slurm_keys):
+    lines = [
+        f"#SBATCH {o.sbatch.format(slurm[o.key])}" for o in OPTIONS if o.sbatch and slurm_keys.get(o.key) is not None
+    ]
+    if slurm_keys["gpus_per_task"]:
+        gpus = (
+            f"{slurm_keys['gpu_type']}:{slurm_keys['gpus_per_task']}"
+            if slurm_keys["gpu_type"]
+            else slurm_keys["gpus_per_task"]
+        )
         lines.append(f"#SBATCH --gpus={gpus}")
-    lines += [f"#SBATCH {d}" for d in slurm["extra_directives"]]
+    lines += [f"#SBATCH {d}" for d in slurm_keys["extra_directives"]]
     return "\n".join(lines)
 
 
@@ -53,9 +59,9 @@ def storage_reference(config, url):
 
 
 def write_array_file(config, n_tasks, data_dir, storage_file):
-    folder, slurm = run_dir(config), config["slurm"]
+    folder, slurm_keys = run_dir(config), config["slurm"]
     run_subdir(config, "slurm_logs")
-    python = "python" if slurm["setup"] else sys.executable  # setup lines bring their own environment
+    python = "python" if slurm_keys["setup"] else sys.executable  # setup lines bring their own environment
     command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", "1"]
     script = folder / "array_job.sbatch"
     script.write_text(
@@ -63,11 +69,11 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
             study_name=config["study"]["study_name"],
             script=script,
             job_name=study_control.job_name(config["study"]["study_name"]),
-            array=f"0-{n_tasks - 1}%{slurm['max_concurrent_jobs']}",
+            array=f"0-{n_tasks - 1}%{slurm_keys['max_concurrent_jobs']}",
             log_dir=folder / "slurm_logs",
-            signal_grace=slurm["signal_grace"],
-            directives=sbatch_directives(slurm),
-            setup="\n".join(slurm["setup"]) or "# (none)",
+            signal_grace=slurm_keys["signal_grace"],
+            directives=sbatch_directives(slurm_keys),
+            setup="\n".join(slurm_keys["setup"]) or "# (none)",
             pythonpath=pythonpath_line(),
             workdir=quote_command([os.getcwd()]),
             worker_command=quote_command(command + (["--data_dir", data_dir] if data_dir else [])),

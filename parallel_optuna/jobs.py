@@ -3,7 +3,7 @@
 import os
 import sys
 
-from parallel_optuna import PROJECT, study_control
+from parallel_optuna import PROJECT, slurm, study_control
 from parallel_optuna.array_file import DEPENDENCY
 from parallel_optuna.run_dir import run_subdir, trusted_run_dir
 from parallel_optuna.slurm import quote_command
@@ -16,9 +16,9 @@ FINISH_STEPS = [["--status"], ["--export_best"]]  # what the finish job runs; ad
 
 def render_job(template, config, filename, **fields):
     """A small job file in the run directory, from one of templates/."""
-    slurm, folder = config["slurm"], trusted_run_dir(config)
+    slurm_keys, folder = config["slurm"], trusted_run_dir(config)
     run_subdir(config, "slurm_logs")
-    directives = [f"#SBATCH --{key}={slurm[key]}" for key in ("partition", "account", "qos") if slurm[key]]
+    directives = [f"#SBATCH --{key}={slurm_keys[key]}" for key in ("partition", "account", "qos") if slurm_keys[key]]
     script = folder / filename
     script.write_text(
         template.read_text().format(
@@ -26,7 +26,7 @@ def render_job(template, config, filename, **fields):
             log_dir=folder / "slurm_logs",
             workdir=quote_command([os.getcwd()]),
             directives="\n".join(directives + fields.pop("directives", [])),
-            setup="\n".join(slurm["setup"]) or "# (none)",
+            setup="\n".join(slurm_keys["setup"]) or "# (none)",
             **fields,
         )
     )
@@ -52,12 +52,16 @@ def job_arguments(argv, storage_file):
 
 def submit_finish_job(study, config):
     """--notify_on_finish: one small job once every array task of the study has ended."""
-    name, slurm = f"optuna_finish_{study.study_name}", config["slurm"]
+    name, slurm_keys = f"optuna_finish_{study.study_name}", config["slurm"]
     slurm.run(["scancel", "--me", f"--name={name}", "--state=PENDING"])  # it replaces an earlier one
     which = ["--config", config.path, "--study_name", study.study_name]
     which += ["--runs_dir", config["study"]["runs_dir"]]
     steps = [quote_command([python_in_jobs(config), PROJECT / "submit_study.py", *which, *s]) for s in FINISH_STEPS]
-    mail = ["#SBATCH --mail-type=END,FAIL", f"#SBATCH --mail-user={slurm['mail_user']}"] if slurm["mail_user"] else []
+    mail = (
+        ["#SBATCH --mail-type=END,FAIL", f"#SBATCH --mail-user={slurm_keys['mail_user']}"]
+        if slurm_keys["mail_user"]
+        else []
+    )
     script = render_job(
         FINISH_TEMPLATE, config, "finish_job.sbatch", job_name=name, directives=mail, commands="\n".join(steps)
     )

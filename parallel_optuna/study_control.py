@@ -57,6 +57,16 @@ def queued_arrays(study):
     return arrays
 
 
+def throttle(study, k):
+    """At most k tasks of each array at once, from now on; the study records k for later submissions."""
+    study.set_user_attr(attr.MAX_CONCURRENT_JOBS, k)
+    arrays = queued_arrays(study)
+    for array in sorted(arrays):
+        slurm.run(["scontrol", "update", f"JobId={array}", f"ArrayTaskThrottle={k}"])
+    print(f"study {study.study_name}: at most {k} tasks at once ({describe(arrays)})")
+    return 0
+
+
 def pause(study):
     """Hold the queued tasks; running trials finish, and workers claim no new trial until resume."""
     study.set_user_attr(attr.CONTROL, PAUSED)

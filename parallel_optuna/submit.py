@@ -198,9 +198,11 @@ def use_budget(study, config):
 
 def use_throttle(study, config):
     """The throttle in force: --max_concurrent_jobs, else the last --throttle, else the YAML's."""
-    slurm = config["slurm"]
+    slurm_keys = config["slurm"]
     if "max_concurrent_jobs" not in config.overrides:
-        slurm["max_concurrent_jobs"] = study.user_attrs.get(attr.MAX_CONCURRENT_JOBS, slurm["max_concurrent_jobs"])
+        slurm_keys["max_concurrent_jobs"] = study.user_attrs.get(
+            attr.MAX_CONCURRENT_JOBS, slurm_keys["max_concurrent_jobs"]
+        )
 
 
 def take_controls(study, config):
