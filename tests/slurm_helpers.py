@@ -36,7 +36,7 @@ def wait_for_jobs(job_ids, timeout=300):
         left = squeue(f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r")
         for line in left:
             task, state, reason = line.split("|", 2)
-            if state == "PENDING" and "held" in reason:  # a launch that failed while the node was down
+            if state == "PENDING" and "held" in reason.lower():  # JobHeldAdmin: a launch that failed (node down)
                 subprocess.run(["scontrol", "release", task], capture_output=True)
         return not left
 
