@@ -17,7 +17,9 @@ TEMPLATE = PROJECT / "array_job.sbatch"
 
 def sbatch_directives(slurm_keys):
     lines = [
-        f"#SBATCH {o.sbatch.format(slurm_keys[o.key])}" for o in OPTIONS if o.sbatch and slurm_keys.get(o.key) is not None
+        f"#SBATCH {o.sbatch.format(slurm_keys[o.key])}"
+        for o in OPTIONS
+        if o.sbatch and slurm_keys.get(o.key) is not None
     ]
     if slurm_keys["gpus_per_task"]:
         gpus = (
