@@ -16,6 +16,7 @@ still missing (n_trials - finished - running), so a re-submission tops up what w
 """
 
 import argparse
+import os
 import signal
 import sys
 
@@ -98,6 +99,7 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
+    os.umask(os.umask(0) | 0o022)  # no file of the run directory writable by the group or others
     controls = args.throttle is not None or args.pause or args.resume or args.cancel
     config = None
     try:

@@ -348,6 +348,7 @@ def main(argv=None):
     # We send the heartbeats ourselves (heartbeat() below), so ask/tell with them is by design.
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
     args = parse_args(argv)
+    os.umask(os.umask(0) | 0o022)  # no file of the run directory writable by the group or others
     try:
         return work(args)
     except ConfigError as e:

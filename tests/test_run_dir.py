@@ -95,6 +95,10 @@ def test_with_group_access_and_umask_002_no_folder_is_group_writable(tmp_path):
     made = [folder.parent, folder, *(p for p in folder.rglob("*") if p.is_dir())]
     assert {folder / "slurm_logs", folder / "trials", folder / "trials" / "0"} <= set(made)
     assert {str(p.relative_to(path.parent)): oct(mode(p)) for p in made if mode(p) != 0o750} == {}
+    # Nor any file: a group-writable trials/<n>/config.yaml could name other code for the retrain of make best.
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert folder / "trials" / "0" / "config.yaml" in files and folder / "journal.log" in files
+    assert {str(p.relative_to(folder)): oct(mode(p)) for p in files if mode(p) & 0o022} == {}
 
 
 def test_without_group_access_the_folders_are_private_whatever_the_umask(tmp_path):
