@@ -9,6 +9,7 @@ import sys
 import time
 
 import optuna
+import pytest
 import yaml
 from conftest import PROJECT, enqueue, finished, load_study, plugin_experiment, run_script, write_experiment
 
@@ -329,3 +330,17 @@ def test_status_of_a_large_array_lists_what_needs_a_look_not_every_task(tmp_path
     assert "990001_7" in listed, "a task whose trial failed is always listed"
     assert listed[-20:] == [f"990001_{t}" for t in range(40, 60)], "the last tasks show"
     assert len(listed) == 21 and "  (39 earlier array tasks ended with their trial finished: not listed)" in lines
+
+
+@pytest.mark.parametrize(
+    "shipped", ["config.example.yaml", "examples/trainer_api/config.yaml", "examples/plain_objective/config.yaml"]
+)
+def test_every_shipped_config_dry_runs_from_any_folder(tmp_path, shipped):
+    """The configs a new user copies first: their code is found, their keys pass, the array file is written."""
+    runs = tmp_path / "runs"
+    out = run_script(
+        "submit_study.py", "--config", PROJECT / shipped, "--no-submit_jobs", "--runs_dir", runs, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "dry run, nothing submitted" in out.stdout
+    assert list(runs.glob("*/array_job.sbatch")), "the array file is written"
