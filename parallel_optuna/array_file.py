@@ -1,5 +1,6 @@
 """The array file: array_job.sbatch rendered for a study, and the sbatch commands that submit it."""
 
+import math
 import os
 import sys
 
@@ -64,7 +65,8 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
     folder, slurm_keys = run_dir(config), config["slurm"]
     run_subdir(config, "slurm_logs")
     python = "python" if slurm_keys["setup"] else sys.executable  # setup lines bring their own environment
-    command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", "1"]
+    trials = slurm_keys["trials_per_task"]
+    command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", str(trials)]
     script = folder / "array_job.sbatch"
     script.write_text(
         TEMPLATE.read_text().format(
@@ -91,6 +93,11 @@ def pythonpath_line():
 
 
 DEPENDENCY = "--dependency=afterany:"
+
+
+def array_size(missing, trials_per_task, throttle):
+    """Tasks for `missing` trials, packed `trials_per_task` to a task, but never fewer than %K can run at once."""
+    return max(math.ceil(missing / trials_per_task), min(missing, throttle))
 
 
 def sbatch_commands(script, n_tasks, max_size, throttle, after=()):

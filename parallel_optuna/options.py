@@ -197,6 +197,7 @@ OPTIONS = [
         "a plain Optuna objective(trial), package.module:function; replaces trainer and search_space",
     ),
     Option("slurm", "max_concurrent_jobs", 4, _int_at_least(1), "array tasks running at once (%K)"),
+    Option("slurm", "trials_per_task", 1, _int_at_least(1), "trials one array task runs in turn: fewer, longer jobs"),
     Option(
         "slurm",
         "walltime",

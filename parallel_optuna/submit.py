@@ -11,13 +11,14 @@ from parallel_optuna import PROJECT, checkpoints, config_versions, failures, liv
 from parallel_optuna import attributes as attr
 from parallel_optuna.array_file import (
     DEPENDENCY,
+    array_size,
     sbatch_commands,
     sbatch_directives,
     storage_reference,
     submit_arrays,
     write_array_file,
 )
-from parallel_optuna.config import directions, metric_names, read_text
+from parallel_optuna.config import directions, metric_names, read_text, walltime_seconds
 from parallel_optuna.jobs import SUBMIT_TEMPLATE, job_arguments, python_in_jobs, render_job, submit_finish_job
 from parallel_optuna.local import run_local
 from parallel_optuna.optimizer import base_params, build_pruner, build_sampler
@@ -218,9 +219,11 @@ def take_controls(study, config):
 def submit_array(args, config, study, data_dir, storage_file):
     """Render the array file for the trials still missing and submit it (or print it: dry run)."""
     tasks = liveness.squeue_tasks(study_jobs(study))
+    per_task, throttle = config["slurm"]["trials_per_task"], config["slurm"]["max_concurrent_jobs"]
     queued = queued_tasks(study, tasks)
-    missing = remaining(study, config) - queued
-    script = write_array_file(config, max(missing, 1), data_dir, storage_file)
+    missing = remaining(study, config) - queued * per_task  # a queued task will run up to per_task trials
+    n_tasks = array_size(missing, per_task, throttle) if missing > 0 else 0
+    script = write_array_file(config, max(n_tasks, 1), data_dir, storage_file)
     if missing <= 0:
         print(
             f"budget met: {study_budget(study, config)} trials finished, running or queued ({queued} tasks "
@@ -233,7 +236,8 @@ def submit_array(args, config, study, data_dir, storage_file):
     active = sorted({key.split("_")[0] for key in tasks or {}})
     if active:
         print(f"the study's array(s) {', '.join(active)} still run: the new array waits for them (%K is per array)")
-    commands = sbatch_commands(script, missing, max_size, config["slurm"]["max_concurrent_jobs"], active)
+    warn_if_the_walltime_cannot_hold(study, config)
+    commands = sbatch_commands(script, n_tasks, max_size, throttle, active)
     if study_control.mark(study) == study_control.PAUSED:
         commands = [(n, [c[0], "--hold", *c[1:]]) for n, c in commands]
         print("the study is paused: the new tasks wait, held, until --resume")
@@ -246,6 +250,24 @@ def submit_array(args, config, study, data_dir, storage_file):
     if code == 0 and config["slurm"]["notify_on_finish"]:
         submit_finish_job(study, config)
     return code
+
+
+def warn_if_the_walltime_cannot_hold(study, config):
+    """slurm.trials_per_task N: say so when N trials of the study's mean duration outlast a task's walltime."""
+    per_task, slurm_keys = config["slurm"]["trials_per_task"], config["slurm"]
+    took = [
+        t.user_attrs[attr.TRAIN_SECONDS] for t in study.get_trials(deepcopy=False) if attr.TRAIN_SECONDS in t.user_attrs
+    ]
+    if per_task == 1 or not took:
+        return
+    mean, usable = sum(took) / len(took), walltime_seconds(slurm_keys["walltime"]) - slurm_keys["signal_grace"]
+    if per_task * mean > usable:
+        print(
+            f"warning: {config.path}: slurm.trials_per_task {per_task} trials of the study's mean {mean:.0f} s "
+            f"outlast the walltime less signal_grace ({usable} s): a task's last trials are requeued; "
+            f"lower trials_per_task to {max(1, int(usable // mean))} or raise slurm.walltime",
+            file=sys.stderr,
+        )
 
 
 def stage_data(config):

@@ -293,3 +293,34 @@ def test_array_file_forwards_a_walltime_signal_that_comes_before_the_worker(tmp_
     # outside SLURM there is no task to requeue: the trial stops at its first checkpoint, reason stated
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted by SIGUSR2", err[-2000:]
     assert len(trial.intermediate_values) == 1
+
+
+@pytest.mark.parametrize(
+    "n_trials, per_task, k, tasks",
+    [(40, 10, 4, 4), (7, 2, 2, 4), (7, 10, 4, 4), (3, 10, 4, 3), (200, 10, 4, 20), (5, 1, 2, 5)],
+)
+def test_packed_trials_make_fewer_tasks_but_never_fewer_than_k(experiment, fake_slurm, n_trials, per_task, k, tasks):
+    env, _ = fake_slurm
+    flags = ("--n_trials", n_trials, "--trials_per_task", per_task, "--max_concurrent_jobs", k)
+    out = run_script("submit_study.py", "--config", experiment, "--no-submit_jobs", *flags, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"--array=0-{tasks - 1}%{k} " in out.stdout
+    assert f"--trials {per_task}" in rendered(experiment)
+
+
+def test_packing_more_trials_than_the_walltime_holds_is_said_with_the_fix(experiment, fake_slurm):
+    env, _ = fake_slurm
+    assert run_script("submit_study.py", "--config", experiment, "--no-submit_jobs", env=env).returncode == 0
+    study = load_study(experiment)
+    for seconds in (90.0, 110.0):  # a mean of 100 s; the walltime is 600 s, less 60 s of signal_grace
+        trial = study.ask()
+        trial.set_user_attr("train_seconds", seconds)
+        study.tell(trial, 0.5)
+    flags = ("--n_trials", 20, "--trials_per_task", 10, "--no-submit_jobs")
+    out = run_script("submit_study.py", "--config", experiment, *flags, env=env)
+    assert out.returncode == 0, out.stderr
+    assert (
+        "slurm.trials_per_task 10 trials of the study's mean 100 s outlast the walltime less signal_grace (540 s)"
+        in out.stderr
+    )
+    assert "lower trials_per_task to 5 or raise slurm.walltime" in out.stderr

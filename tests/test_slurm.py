@@ -1,6 +1,7 @@
 """End to end on a real single-node SLURM cluster: real sbatch, real storage, real training."""
 
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,20 @@ def test_cpu_only_array(slurm, tmp_path):
     study = load_study(path)
     assert len(finished(study)) == 2
     assert all(t.user_attrs.get("cuda_visible_devices") is None for t in study.trials)
+
+
+@pytest.mark.slurm
+def test_packed_trials_meet_the_budget_exactly_in_fewer_tasks(slurm, tmp_path):
+    """slurm.trials_per_task 2: 5 trials in max(ceil(5 / 2), K=2) = 3 tasks, each running at most 2."""
+    changes = {"study.n_trials": 5, "slurm.trials_per_task": 2, "slurm.max_concurrent_jobs": 2, "training.epochs": 1}
+    path = write_experiment(tmp_path / "exp", changes)
+    out = run_script("submit_study.py", "--config", path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    jobs = submitted_jobs(out.stdout)
+    assert f"submitted array job {jobs[0]}: 3 tasks" in out.stdout
+    wait_for_jobs(jobs)
+    trials = load_study(path).trials
+    assert [t.state.name for t in trials].count("COMPLETE") + [t.state.name for t in trials].count("PRUNED") == 5
+    assert len(trials) == 5, "the budget is exact: no task starts a sixth trial"
+    per_task = Counter(t.user_attrs["slurm_task"] for t in trials)
+    assert max(per_task.values()) == 2 and sum(per_task.values()) == 5 and len(per_task) <= 3, per_task
