@@ -7,4 +7,4 @@ METRICS = ("loss",)
 
 def train(config, trial):
     time.sleep(config["training"]["seconds"])
-    return {"loss": trial.params["model.x"]}
+    return {"loss": config["model"]["x"]}  # the sampled value, resolved into the config
