@@ -64,7 +64,15 @@ from parallel_optuna.run_dir import full_filesystem, full_filesystem_error, run_
 from parallel_optuna.search_space import sample_params
 from parallel_optuna.slurm import requeue_task
 from parallel_optuna.storage import optuna_internals
-from parallel_optuna.study import open_storage, open_study, still_to_run, storage_url, study_budget, without_credentials
+from parallel_optuna.study import (
+    now,
+    open_storage,
+    open_study,
+    still_to_run,
+    storage_url,
+    study_budget,
+    without_credentials,
+)
 from parallel_optuna.trial_handle import Interrupted, ObjectiveTrial, Outcome, StopSignal, TrialHandle
 from parallel_optuna.user_code import load_objective, load_trainer, prepare_data, resolve_config
 
@@ -177,7 +185,7 @@ def train_and_tell(study, trial, config, handle):
     try:
         add_train_seconds(trial, started)
         trial.set_user_attr(attr.METRICS, metrics)
-        trial.set_user_attr(attr.FINISHED_AT, time.strftime("%Y-%m-%dT%H:%M:%S"))
+        trial.set_user_attr(attr.FINISHED_AT, now())
         study.tell(trial, values if len(values) > 1 else values[0])
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         if not finished_elsewhere(study, trial):
@@ -205,7 +213,7 @@ def keep_result(study, trial, config, metrics, values):
     frozen = optuna_internals.frozen(study, trial)
     left_behind = (attr.FAIL_REASON, attr.RETRY_OF, attr.RETRY_ATTEMPT)  # the failed trial's, not the result's
     attrs = {k: v for k, v in frozen.user_attrs.items() if k not in left_behind}
-    attrs.update({attr.METRICS: metrics, attr.FINISHED_AT: time.strftime("%Y-%m-%dT%H:%M:%S")})
+    attrs.update({attr.METRICS: metrics, attr.FINISHED_AT: now()})
     retries.add_result(study, frozen, values, attrs)
     number = retries.result_of(study.get_trials(deepcopy=False), frozen.number).number
     old, new = run_dir(config) / "trials" / str(frozen.number), run_subdir(config, "trials", number)

@@ -21,7 +21,7 @@ from parallel_optuna import (
 from parallel_optuna.run_dir import run_dir
 from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
-from parallel_optuna.study import still_to_run, study_budget
+from parallel_optuna.study import now, still_to_run, study_budget
 from parallel_optuna.trial_handle import PROGRESS
 
 log = logging.getLogger("worker")
@@ -149,7 +149,7 @@ def record_owner(trial, folder, config):
     attrs = {
         attr.PID: os.getpid(),
         attr.PID_START: liveness.process_start(os.getpid()),
-        attr.STARTED_AT: trial.user_attrs.get(attr.STARTED_AT) or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        attr.STARTED_AT: trial.user_attrs.get(attr.STARTED_AT) or now(),
         attr.CONFIG_PATH: str(folder / "config.yaml"),
         attr.CONFIG_VERSION: config.version,
         attr.LOG_PATH: str(folder / "worker.log"),

@@ -30,7 +30,7 @@ from parallel_optuna.config import directions, load_config, parse_yaml, read_tex
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import run_dir, run_subdir, trusted_run_dir
 from parallel_optuna.storage.journal_lock import MAX_CLOCK_SKEW_S
-from parallel_optuna.study import mask_password
+from parallel_optuna.study import mask_password, now
 
 log = logging.getLogger("config")
 FOLDER = "config_versions"
@@ -198,10 +198,6 @@ def write_atomic(path, text):
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-
-
-def now():
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 # ---------------------------------------------------------------- what may change

@@ -12,7 +12,6 @@ trial when `study.allow_repeats` is true (noisy objectives, where a repeat measu
 """
 
 import logging
-import time
 
 import optuna
 
@@ -21,6 +20,7 @@ from parallel_optuna.config_versions import compact
 from parallel_optuna.options import ConfigError
 from parallel_optuna.search_space import sample_params
 from parallel_optuna.storage import optuna_internals
+from parallel_optuna.study import now
 
 log = logging.getLogger("worker")
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -61,7 +61,7 @@ def answer(study, trial, twin):
     """Tell the repeat what its COMPLETE twin measured: no training."""
     trial.set_user_attr(attr.DUPLICATE_OF, twin.number)
     trial.set_user_attr(attr.METRICS, twin.user_attrs.get(attr.METRICS, {}))
-    trial.set_user_attr(attr.FINISHED_AT, time.strftime("%Y-%m-%dT%H:%M:%S"))
+    trial.set_user_attr(attr.FINISHED_AT, now())
     study.tell(trial, twin.values if len(twin.values) > 1 else twin.value)
     log.info("trial %d repeats trial %d: answered with %s, not trained", trial.number, twin.number, twin.values)
 
