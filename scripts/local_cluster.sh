@@ -3,7 +3,7 @@
 # tests and for trying the tool without access to a real cluster.
 #
 #   bash scripts/local_cluster.sh [up]   # install (if needed), configure, start, wait until ready
-#   bash scripts/local_cluster.sh down   # stop slurmd and slurmctld (munged is left running)
+#   bash scripts/local_cluster.sh down   # stop slurmd, slurmctld, slurmdbd and MariaDB (munged is left running)
 #   bash scripts/local_cluster.sh status # print sinfo/squeue; exit 0 iff the node responds
 #
 # Targets Debian 12 (slurm-wlm 22.05) and must run as root. `up` is idempotent:
@@ -11,6 +11,10 @@
 # The node advertises 8 CPUs, 16000 MB and four fake "rtx_4090" GPUs backed by
 # dummy device nodes, so GPU-per-task scheduling (CUDA_VISIBLE_DEVICES) works
 # without real hardware.
+# As at a real site: accounting (slurmdbd on a local MariaDB, so sacct and sacctmgr
+# work), limits enforced through associations and QOS, and memory enforced with
+# task/cgroup where cgroup v1 is writable (otherwise one line says why, and the
+# cluster runs without it).
 set -euo pipefail
 
 ACTION="${1:-up}"
@@ -24,6 +28,19 @@ CTLD_PID="$STATE_DIR/run/slurmctld.pid"
 SLURMD_PID="$STATE_DIR/run/slurmd.pid"
 CTLD_LOG="$STATE_DIR/log/slurmctld.log"
 SLURMD_LOG="$STATE_DIR/log/slurmd.log"
+DBD_CONF="$CONF_DIR/slurmdbd.conf"
+CGROUP_CONF="$CONF_DIR/cgroup.conf"
+DBD_PID="$STATE_DIR/run/slurmdbd.pid"
+DBD_LOG="$STATE_DIR/log/slurmdbd.log"
+# MariaDB of our own on a port of its own: a MariaDB of the machine's (port 3306) is left alone.
+DB_DIR="$STATE_DIR/mysql"
+DB_RUN="$STATE_DIR/mysqlrun"
+DB_SOCKET="$DB_RUN/mysqld.sock"
+DB_PID="$DB_RUN/mariadbd.pid"
+DB_LOG="$STATE_DIR/log/mariadb.log"
+DB_PORT="${SLURM_LOCAL_DB_PORT:-3307}"
+DB_PASS_FILE="$STATE_DIR/db.pass"
+DBD_STAMP="$STATE_DIR/run/slurmdbd.sha256"
 # Hash of the config the running daemons were started with (see start_daemons).
 STAMP="$STATE_DIR/run/config.sha256"
 READY_TIMEOUT="${SLURM_LOCAL_TIMEOUT:-60}"
@@ -38,20 +55,24 @@ require_root() {
 
 # ---------------------------------------------------------------- install ---
 install_packages() {
-    command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 && return 0
-    log "installing slurm-wlm and munge with apt-get ..."
+    local cmd missing=0
+    for cmd in slurmctld munged slurmdbd mariadbd; do command -v "$cmd" >/dev/null 2>&1 || missing=1; done
+    ((missing)) || return 0
+    log "installing slurm-wlm, slurmdbd, munge and mariadb-server with apt-get ..."
     # Another apt/dpkg may be running (e.g. a provisioning step): wait for its lock.
     local apt=(apt-get -qq -o DPkg::Lock::Timeout=300) apt_log
     apt_log="$(mktemp /tmp/local_cluster_apt.XXXXXX)"
     # Keep apt's chatter in a log; show it only if something fails.
     if ! { DEBIAN_FRONTEND=noninteractive "${apt[@]}" update \
         && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends \
-            slurm-wlm munge; } >"$apt_log" 2>&1; then
+            slurm-wlm slurmdbd munge mariadb-server; } >"$apt_log" 2>&1; then
         cat "$apt_log" >&2
-        die "apt-get install slurm-wlm munge failed (log: $apt_log)"
+        die "apt-get install slurm-wlm slurmdbd munge mariadb-server failed (log: $apt_log)"
     fi
     rm -f "$apt_log"
-    command -v slurmctld >/dev/null 2>&1 || die "slurmctld still missing after apt-get install"
+    for cmd in slurmctld slurmdbd mariadbd; do
+        command -v "$cmd" >/dev/null 2>&1 || die "$cmd still missing after apt-get install"
+    done
 }
 
 # ----------------------------------------------------------------- config ---
@@ -70,15 +91,15 @@ MpiDefault=none
 # No mail on a test box; avoids "Configured MailProg is invalid" in the log.
 MailProg=/bin/true
 
-# No cgroups needed (works in containers/VMs): plain /proc process tracking, no binding.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+$(task_plugins)
 
-# No slurmdbd: sacct does not work; finished jobs are logged to a text file instead.
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=${STATE_DIR}/jobcomp.txt
+# Accounting through slurmdbd (sacct, sacctmgr); limits of associations and QOS are enforced,
+# so a job of a user without an association, or past a submit limit, is refused at sbatch.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStorageEnforce=associations,limits,qos
+# MaxRSS is sampled every 2 s (default 30 s), so that short test jobs record it.
+JobAcctGatherFrequency=task=2
 
 # Scheduling: cons_tres is needed for --gpus; track cores and memory.
 SchedulerType=sched/backfill
@@ -100,7 +121,7 @@ SlurmdParameters=config_overrides
 GresTypes=gpu
 
 # Timers: SIGKILL 5 s after SIGTERM on cancel/timeout; keep finished jobs visible
-# to squeue/scontrol for 5 min (there is no sacct); never kill idle srun/salloc.
+# to squeue/scontrol for 5 min (sacct has them after that); never kill idle srun/salloc.
 MessageTimeout=10
 KillWait=5
 MinJobAge=300
@@ -118,6 +139,65 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
+# Memory enforcement needs cgroup v1 with a writable memory controller (SLURM 22.05's cgroup/v2
+# wants systemd, which this kind of machine does not run). Prints why not, or nothing.
+cgroup_problem() {
+    local mem=/sys/fs/cgroup/memory probe
+    [[ "$(stat -f -c %T "$mem" 2>/dev/null)" == cgroupfs ]] || { echo "no cgroup v1 memory controller at $mem"; return; }
+    probe="$mem/local_cluster_probe.$$"
+    if ! mkdir "$probe" 2>/dev/null; then echo "$mem is not writable"; return; fi
+    rmdir "$probe"
+}
+
+task_plugins() {
+    local why
+    why="$(cgroup_problem)"
+    if [[ -z "$why" ]]; then
+        cat <<EOF
+# Memory is enforced per job with cgroups, and MaxRSS is recorded from them.
+ProctrackType=proctrack/cgroup
+TaskPlugin=task/cgroup
+JobAcctGatherType=jobacct_gather/cgroup
+EOF
+    else
+        log "running without memory enforcement: $why"
+        cat <<EOF
+# No cgroups here ($why): plain /proc process tracking, memory is not enforced.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+EOF
+    fi
+}
+
+cgroup_conf() {
+    cat <<EOF
+# Generated by scripts/local_cluster.sh. A job is killed (OUT_OF_MEMORY) past the memory it asked for.
+CgroupPlugin=cgroup/v1
+ConstrainRAMSpace=yes
+ConstrainCores=no
+ConstrainDevices=no
+EOF
+}
+
+slurmdbd_conf() {
+    cat <<EOF
+# Generated by scripts/local_cluster.sh -- accounting for the single-node test cluster.
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+SlurmUser=root
+LogFile=${DBD_LOG}
+PidFile=${DBD_PID}
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=${DB_PORT}
+StorageUser=slurm
+StoragePass=$(cat "$DB_PASS_FILE")
+StorageLoc=slurm_acct_db
+EOF
+}
+
 gres_conf() {
     cat <<EOF
 # Generated by scripts/local_cluster.sh -- four fake GPUs backed by dummy device nodes.
@@ -126,15 +206,15 @@ NodeName=${HOST} Name=gpu Type=rtx_4090 File=/dev/fakegpu[0-3]
 EOF
 }
 
-# Write $2 (content) to $1 only if it differs, so the file's hash stays stable.
+# Write $2 (content) to $1 with mode $3 (644) only if it differs, so the file's hash stays stable.
 write_if_changed() {
-    local path="$1" content="$2"
+    local path="$1" content="$2" mode="${3:-644}"
     if [[ -f "$path" ]] && [[ "$(cat "$path")" == "$content" ]]; then
         return 0
     fi
     log "writing $path"
-    printf '%s\n' "$content" >"$path.tmp"
-    chmod 644 "$path.tmp"
+    (umask 077 && printf '%s\n' "$content" >"$path.tmp")
+    chmod "$mode" "$path.tmp"
     mv -f "$path.tmp" "$path"
 }
 
@@ -142,6 +222,10 @@ write_config() {
     mkdir -p "$CONF_DIR" "$STATE_DIR"/{ctld,spool,run,log}
     write_if_changed "$SLURM_CONF" "$(slurm_conf)"
     write_if_changed "$GRES_CONF" "$(gres_conf)"
+    write_if_changed "$CGROUP_CONF" "$(cgroup_conf)"
+    [[ -s "$DB_PASS_FILE" ]] || (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$DB_PASS_FILE")
+    # slurmdbd refuses a config that others can read: it holds the database password.
+    write_if_changed "$DBD_CONF" "$(slurmdbd_conf)" 600
     # gres.conf File= entries must exist, otherwise the node is marked INVAL.
     # Major 195 is the NVIDIA character device; nothing opens these files.
     local i
@@ -150,7 +234,7 @@ write_config() {
     done
 }
 
-config_hash() { cat "$SLURM_CONF" "$GRES_CONF" | sha256sum | cut -d' ' -f1; }
+config_hash() { cat "$SLURM_CONF" "$GRES_CONF" "$CGROUP_CONF" | sha256sum | cut -d' ' -f1; }
 
 # ------------------------------------------------------------------ munge ---
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -175,6 +259,60 @@ start_munge() {
     local _
     for _ in $(seq 50); do munge_ok && return 0; sleep 0.1; done
     die "munged is not working ('munge -n | unmunge' fails); see /var/log/munge/munged.log"
+}
+
+# ------------------------------------------------------------- accounting ---
+db_sql() { mariadb --no-defaults --socket="$DB_SOCKET" --user=root -e "$1"; }
+
+start_mariadb() {
+    daemon_pid "$DB_PID" mariadbd >/dev/null || launch_mariadb
+    local pass
+    pass="$(cat "$DB_PASS_FILE")"
+    db_sql "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+        ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || die "cannot create the database user slurm"
+}
+
+launch_mariadb() {
+    mkdir -p "$DB_DIR" "$DB_RUN"
+    chown mysql:mysql "$DB_DIR" "$DB_RUN"
+    if [[ ! -d "$DB_DIR/mysql" ]]; then
+        log "creating the accounting database in $DB_DIR"
+        mariadb-install-db --no-defaults --user=mysql --datadir="$DB_DIR" --skip-test-db \
+            --auth-root-authentication-method=socket >"$DB_LOG" 2>&1 || die "mariadb-install-db failed; see $DB_LOG"
+    fi
+    log "starting mariadbd (127.0.0.1:$DB_PORT)"
+    # innodb_lock_wait_timeout=900 is what slurmdbd asks for; a small buffer pool suits a test box.
+    setsid mariadbd --no-defaults --user=mysql --datadir="$DB_DIR" --socket="$DB_SOCKET" --pid-file="$DB_PID" \
+        --bind-address=127.0.0.1 --port="$DB_PORT" --log-error="$DB_LOG" --skip-name-resolve \
+        --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 </dev/null >/dev/null 2>&1 &
+    local _
+    for _ in $(seq 300); do db_sql "SELECT 1" >/dev/null 2>&1 && break; sleep 0.1; done
+    db_sql "SELECT 1" >/dev/null 2>&1 || { tail -n 20 "$DB_LOG" >&2; die "mariadbd does not answer on $DB_SOCKET"; }
+}
+
+dbd_responds() { sacctmgr -n list cluster format=cluster >/dev/null 2>&1; }
+
+start_slurmdbd() {
+    local want pid _
+    want="$(sha256sum <"$DBD_CONF" | cut -d' ' -f1)"
+    pid="$(daemon_pid "$DBD_PID" slurmdbd || true)"
+    if [[ -n "$pid" && "$(cat "$DBD_STAMP" 2>/dev/null)" != "$want" ]]; then
+        stop_daemon "$DBD_PID" slurmdbd
+        pid=""
+    fi
+    if [[ -z "$pid" ]]; then
+        log "starting slurmdbd"
+        slurmdbd || die "slurmdbd failed to start; see $DBD_LOG"
+    fi
+    for _ in $(seq 300); do dbd_responds && break; sleep 0.1; done
+    dbd_responds || { tail -n 20 "$DBD_LOG" >&2; die "slurmdbd does not answer sacctmgr"; }
+    echo "$want" >"$DBD_STAMP"
+    # The cluster's root association (and root's own) come with it; QOS "normal" is slurmdbd's default.
+    if [[ -z "$(sacctmgr -n list cluster local format=cluster)" ]]; then
+        log "registering cluster local with slurmdbd"
+        sacctmgr -i add cluster local >/dev/null || die "sacctmgr add cluster local failed"
+    fi
 }
 
 # ---------------------------------------------------------------- daemons ---
@@ -303,17 +441,21 @@ cmd_up() {
     refuse_foreign_daemons
     write_config
     start_munge
+    start_mariadb
+    start_slurmdbd
     start_daemons
     wait_ready
-    log "ready: node $HOST is $(node_state) (partition debug, 8 CPUs, 4x gpu:rtx_4090)"
+    log "ready: node $HOST is $(node_state) (partition debug, 8 CPUs, 4x gpu:rtx_4090, accounting on)"
 }
 
 cmd_down() {
     require_root
     stop_daemon "$SLURMD_PID" slurmd
     stop_daemon "$CTLD_PID" slurmctld
-    rm -f "$STAMP"
-    log "stopped slurmd and slurmctld (munged left running)"
+    stop_daemon "$DBD_PID" slurmdbd
+    stop_daemon "$DB_PID" mariadbd
+    rm -f "$STAMP" "$DBD_STAMP"
+    log "stopped slurmd, slurmctld, slurmdbd and mariadbd (munged left running)"
 }
 
 cmd_status() {
