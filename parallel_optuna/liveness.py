@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from parallel_optuna import attributes as attr
-from parallel_optuna import retries, slurm
+from parallel_optuna import retries, slurm, task_ends
 from parallel_optuna.slurm import hostname
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.study import still_to_run, study_budget
@@ -147,14 +147,27 @@ def reconcile(study: optuna.Study, config: Config, tasks: Tasks | None | str = "
     if tasks == "ask":
         tasks = squeue_tasks(running_jobs(running))
     settings = config["study"]
+    dead = [trial for trial in running if is_dead(trial, tasks)]
+    ends = task_ends.latest(sorted(running_jobs(dead))) if dead else {}  # one sacct call, only for a death
     failed = []
-    for trial in running:
-        if is_dead(trial, tasks):
-            where = trial.user_attrs.get(attr.SLURM_TASK) or f"pid {trial.user_attrs.get('pid')}"
-            reason = f"worker died: {where} on {trial.user_attrs.get('host', '?')} is gone"
-            if fail_and_retry(study, trial, reason, settings["max_retries"], study_budget(study, config)):
-                failed.append(trial.number)
+    for trial in dead:
+        reason = death_reason(trial, ends, tasks, config)
+        if fail_and_retry(study, trial, reason, settings["max_retries"], study_budget(study, config)):
+            failed.append(trial.number)
     return failed
+
+
+def death_reason(trial: FrozenTrial, ends: dict[str, task_ends.TaskEnd], tasks: Tasks | None, config: Config) -> str:
+    """Why the worker is gone: accounting's word on its task where SLURM killed it (OOM, walltime, node)."""
+    task = trial.user_attrs.get(attr.SLURM_TASK)
+    gone = f"{task or 'pid ' + str(trial.user_attrs.get(attr.PID))} on {trial.user_attrs.get(attr.HOST, '?')} is gone"
+    end = ends.get(task) if task else None
+    if end is None and task and tasks and task in tasks:  # no accounting: squeue's state, for a few minutes
+        end = task_ends.TaskEnd(task, tasks[task][0])
+    if end is None or not end.bad:
+        return f"worker died: {gone}"
+    retry_left = trial.user_attrs.get(attr.RETRY_ATTEMPT, 0) < config["study"]["max_retries"]
+    return f"worker died: task {task}: {task_ends.why(end, trial, config, retry=retry_left)}"
 
 
 def fail_stale(study: optuna.Study, config: Config) -> list[int]:

@@ -68,19 +68,32 @@ def squeue_jobs(job_ids: set[str], fields: str) -> list[list[str]] | None:
         return None
 
 
-def sacct_states(job_ids: list[str]) -> dict[str, str]:
-    """{task: State} of ended tasks, from one sacct call; {} where accounting is off or does not answer."""
-    if not available("sacct"):
-        return {}
-    command = ["sacct", "--noheader", "--parsable2", "--allocations", f"--jobs={','.join(job_ids)}"]
+def sacct(job_ids: list[str], fields: tuple[str, ...], steps: bool = False) -> list[dict[str, str]]:
+    """Accounting records of these jobs, in sacct's order; [] where accounting is off or does not answer.
+
+    With steps, every run of a requeued task is listed (--duplicates), each followed by its steps.
+    """
+    if not available("sacct") or not job_ids:
+        return []
+    command = ["sacct", "--noheader", "--parsable2", f"--jobs={','.join(job_ids)}", f"--format={','.join(fields)}"]
+    command.append("--duplicates" if steps else "--allocations")
     try:
-        out = call([*command, "--format=JobID,State"])
+        out = call(command)
     except SlurmError:
         print(f"note: sacct did not answer within {TIMEOUT_S} s: ended tasks show as 'ended'")
-        return {}
-    if out.returncode != 0:
-        return {}
-    return dict(line.split("|")[:2] for line in out.stdout.splitlines() if "|" in line)
+        return []
+    if out.returncode != 0:  # "Slurm accounting storage is disabled"
+        return []
+    return [
+        dict(zip(fields, line.split("|"), strict=True))
+        for line in out.stdout.splitlines()
+        if line.count("|") == len(fields) - 1
+    ]
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """{task: State} of ended tasks, from one sacct call; {} where accounting is off or does not answer."""
+    return {row["JobID"]: row["State"] for row in sacct(job_ids, ("JobID", "State"))}
 
 
 def sbatch(command: list[str]) -> subprocess.CompletedProcess:

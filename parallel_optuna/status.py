@@ -4,7 +4,7 @@ import time
 from datetime import datetime
 
 from parallel_optuna import attributes as attr
-from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, slurm, study_control
+from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, study_control, task_ends
 from parallel_optuna.optimizer import describe_sampler, values_text
 from parallel_optuna.run_dir import run_dir
 from parallel_optuna.study import (
@@ -43,7 +43,7 @@ def show_status(study, config):
         reason = t.user_attrs.get(attr.FAIL_REASON, "no heartbeat within grace_period (worker died)")
         print(f"  trial {t.number} FAIL: {' '.join(reason.split())}")
     if jobs:
-        print_slurm_tasks(study, trials, tasks)
+        print_slurm_tasks(study, config, trials, tasks)
     streak = failures.stopping(study, config, trials)
     if streak:
         print(
@@ -126,14 +126,15 @@ def eta_line(trials, budget, concurrency, mark, workers):
     return f"ETA: ~{duration(seconds)} ({concurrency} at once)"
 
 
-def print_slurm_tasks(study, trials, tasks):
+def print_slurm_tasks(study, config, trials, tasks):
     """One line per array task and trial: SLURM's view (one squeue, at most one sacct) joined with the study."""
     job_ids = sorted(study_jobs(study))
     queued = {
         k: "HELD" if state == "PENDING" and "held" in reason.lower() else state
         for k, (state, _, reason) in (tasks or {}).items()
     }
-    states = {**slurm.sacct_states(job_ids), **queued}
+    ended, died = task_ends.status_lines(job_ids, trials, config)
+    states = {**ended, **queued}
     by_task = {}
     for t in trials:
         if t.user_attrs.get(attr.SLURM_TASK, "").split("_")[0] in job_ids:
@@ -145,15 +146,20 @@ def print_slurm_tasks(study, trials, tasks):
     shown = [(key, t) for i, (key, t) in enumerate(rows) if i not in hidden]
     values = [", ".join(f"{v:.6g}" for v in t.values) if t and t.values else "-" for _, t in shown]  # several too
     width = max([12, *map(len, values)])
-    print(f"{'array task':<14}{'slurm':<12}{'trial':>6}  {'state':<9}{'value':>{width}}  {'elapsed':>9}  log")
+    print(f"{'array task':<14}{'slurm':<15}{'trial':>6}  {'state':<9}{'value':>{width}}  {'elapsed':>9}  log")
     if hidden:
         print(f"  ({len(hidden)} earlier array tasks ended with their trial finished: not listed)")
     for (key, t), value in zip(shown, values, strict=True):
         elapsed = duration(trial_seconds(t)) if t else "-"
         print(
-            f"{key:<14}{states.get(key, 'ended'):<12}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
+            f"{key:<14}{states.get(key, 'ended'):<15}{t.number if t else '-':>6}  {t.state.name if t else '-':<9}"
             f"{value:>{width}}  {elapsed:>9}  {t.user_attrs.get('slurm_out', '-') if t else '-'}"
         )
+    if died:
+        more = f" (the last {MAX_TASK_LINES} of {len(died)})" if len(died) > MAX_TASK_LINES else ""
+        print(f"tasks that ended badly{more}:")
+    for line in died[-MAX_TASK_LINES:]:
+        print(f"  {line}")
 
 
 def trial_seconds(trial):

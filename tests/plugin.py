@@ -1,7 +1,8 @@
 """Test trainer: the example, or a slow stand-in (training.sleep per epoch).
 
 With training.misbehave, the enqueued lr 0.01 (never sampled exactly) with d_pos 2 raises, with 4 reports NaN;
-with training.broken, every trial raises.
+with training.broken, every trial raises; training.grow_mb allocates that much memory, 50 MB at a time;
+training.hang sleeps that many seconds and never reports nor checkpoints.
 """
 
 import os
@@ -17,6 +18,7 @@ from examples.ishigami_lstm import METRICS, prepare, update_config  # noqa: F401
 def train(config, trial):
     if config["training"].get("broken"):  # every config fails the same way, as with a bug in the trainer
         raise KeyError("no column 'target' in the data")
+    misuse_resources(config["training"])
     d_pos = config["model"]["d_pos"]
     misbehave = config["training"].get("misbehave") and config["training"]["lr"] == 0.01
     if misbehave and d_pos == 2:
@@ -41,3 +43,12 @@ def train(config, trial):
             trial.save_checkpoint({"epoch": epoch + 1})
         return {"val_mae_mean": 0.5, "val_rmse_mean": 0.5, "val_r2_mean": 0.5}
     return ishigami_lstm.train(config, trial)
+
+
+def misuse_resources(training):
+    """What SLURM kills a task for: memory past its request, time past its walltime."""
+    chunks = []
+    while len(chunks) * 50 < training.get("grow_mb", 0):  # the cgroup kills the task on the way
+        chunks.append(b"\1" * (50 << 20))  # bytes that are written, so they count in the RSS
+        time.sleep(0.5)  # slow enough for accounting to sample the RSS on the way up
+    time.sleep(training.get("hang", 0))

@@ -147,6 +147,10 @@ def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):
     assert resumed, "the tasks killed with the node ran again and finished their trials"
     assert all(sorted(t.intermediate_values) == list(range(6)) for t in resumed)
     assert any("resumes from" in Path(t.user_attrs["log_path"]).read_text() for t in resumed)
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    for t in resumed:
+        line = f"task {t.user_attrs['slurm_task']}: NODE_FAIL after "
+        assert line in status and f"SLURM requeued the task, and trial {t.number} resumed" in status, status
 
 
 def test_nan_and_exception_fail_their_trials_and_the_rest_finish(slurm, tmp_path):
