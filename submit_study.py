@@ -115,7 +115,7 @@ def main(argv=None):
         if args.as_job:
             return submit_as_job(args, config_from_args(args), argv)
         config = config_from_args(args)  # bound for the full-filesystem message below
-        return submit(args, config)
+        return submit(args, config, argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

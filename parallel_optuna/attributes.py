@@ -53,4 +53,5 @@ MAX_CONCURRENT_JOBS = "max_concurrent_jobs"  # the throttle in force (--throttle
 OPTIMIZATION_METRIC = "optimization_metric"
 ARRAY_JOBS = "array_jobs"  # [{job_id, tasks, submitted_at}] of every array the submit made
 CONTROL = "control"  # paused, cancelled or None
+NEXT_PART = "next_part"  # {tasks, limit, job_id, recorded_at}: what a submit limit held back, and who submits it
 FAILURES_RESET_AT = "failures_reset_at"  # a submit's time, which lets trials start again after a failing streak

@@ -1,4 +1,5 @@
-"""The small jobs around an array: the submitter of --as_job and the finish job that exports the best trial."""
+"""The small jobs around an array: the submitter (--as_job, and the next part under a submit limit), and the
+finish job that exports the best trial."""
 
 import os
 import sys
@@ -31,6 +32,28 @@ def render_job(template, config, filename, **fields):
         )
     )
     return script
+
+
+def submit_job(config, argv, storage_file, filename="submit_job.sbatch"):
+    """A job file that runs this same submit (without --as_job), its storage URL by reference."""
+    command = [python_in_jobs(config), PROJECT / "submit_study.py", *job_arguments(argv, storage_file)]
+    return render_job(
+        SUBMIT_TEMPLATE,
+        config,
+        filename,
+        job_name=study_control.submit_job_name(config["study"]["study_name"]),
+        command=quote_command(command),
+    )
+
+
+def submit_next_part(config, argv, storage_file, after):
+    """The job that submits the rest of the study once the arrays `after` have ended; its id, or None."""
+    script = submit_job(config, argv, storage_file, "next_part_job.sbatch")
+    result = slurm.sbatch(["sbatch", "--parsable", f"{DEPENDENCY}{':'.join(after)}", str(script)])
+    if result.returncode != 0:
+        print(f"error: sbatch {script} failed: {' '.join(result.stderr.split())}", file=sys.stderr)
+        return None
+    return result.stdout.strip().split(";")[0]
 
 
 def python_in_jobs(config):

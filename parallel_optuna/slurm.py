@@ -114,14 +114,40 @@ def test_request(flags: list[str]) -> str | None:
     return " ".join(result.stderr.split())[:300] if result.returncode != 0 else None
 
 
-def max_array_size() -> int:
-    """Array indexes must stay below the cluster's MaxArraySize."""
+def config_value(name: str) -> str | None:
+    """One value of `scontrol show config`; None when SLURM does not answer or does not set it."""
     try:
         out = call(["scontrol", "show", "config"]).stdout
     except SlurmError:
-        return DEFAULT_MAX_ARRAY_SIZE
-    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
-    return int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
+        return None
+    match = re.search(rf"^{name}\s*=\s*(\S+)", out, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def max_array_size() -> int:
+    """Array indexes must stay below the cluster's MaxArraySize."""
+    value = config_value("MaxArraySize")
+    return int(value) if value and value.isdigit() else DEFAULT_MAX_ARRAY_SIZE
+
+
+def sacctmgr(*words: str) -> list[list[str]] | None:
+    """Rows of one `sacctmgr show ...`, split on '|'; None where there is no accounting or it does not answer."""
+    if not available("sacctmgr"):
+        return None
+    try:
+        result = call(["sacctmgr", "--noheader", "--parsable2", "show", *words])
+    except SlurmError:
+        return None
+    return [line.split("|") for line in result.stdout.splitlines()] if result.returncode == 0 else None
+
+
+def my_queued_jobs() -> int | None:
+    """How many jobs of this user SLURM holds now, each array task one (what submit limits count)."""
+    try:
+        out = run(["squeue", "--me", "--array", "--noheader", "--format=%i", "--states=PD,R,S,CF,CG,RQ,RS"])
+    except SlurmError:
+        return None
+    return len(out.split())
 
 
 def requeue_task(task: str) -> str | None:

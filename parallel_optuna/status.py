@@ -4,7 +4,16 @@ import time
 from datetime import datetime
 
 from parallel_optuna import attributes as attr
-from parallel_optuna import checkpoints, config_versions, failures, liveness, repeats, study_control, task_ends
+from parallel_optuna import (
+    checkpoints,
+    config_versions,
+    failures,
+    liveness,
+    repeats,
+    study_control,
+    submit_limits,
+    task_ends,
+)
 from parallel_optuna.optimizer import describe_sampler, values_text
 from parallel_optuna.run_dir import run_dir
 from parallel_optuna.study import (
@@ -50,7 +59,7 @@ def show_status(study, config):
             f"{failures.describe(streak)}: array tasks start no new trial until a submit or an edit of the YAML "
             "or the trainer's file"
         )
-    print_top_up(remaining(study, config) - queued, failed, streak)
+    print_top_up(remaining(study, config) - queued, failed, streak, submit_limits.status_line(study))
     print(disk_line(study, config))
     return 0
 
@@ -93,9 +102,12 @@ def print_running(study, trials):
         print(f"  trial {t.number}  host {a.get('host', '?')}  pid {a.get('pid', '?')}  age {age}{where}{last}")
 
 
-def print_top_up(missing, failed, streak):
+def print_top_up(missing, failed, streak, next_part=None):
     """What to do when the budget is not covered by queued or running tasks."""
     if missing <= 0:
+        return
+    if next_part and not streak:  # a submit limit held tasks back, and a chained job submits them
+        print(next_part)
         return
     crashed = [t for t in failed if failures.in_the_trainer(t)]
     if crashed:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import optuna
 
-from parallel_optuna import PROJECT, checkpoints, config_versions, failures, liveness, slurm, study_control
 from parallel_optuna import attributes as attr
+from parallel_optuna import checkpoints, config_versions, failures, liveness, slurm, study_control, submit_limits
 from parallel_optuna.array_file import (
     DEPENDENCY,
     array_size,
@@ -19,7 +19,7 @@ from parallel_optuna.array_file import (
     write_array_file,
 )
 from parallel_optuna.config import directions, metric_names, read_text, walltime_seconds
-from parallel_optuna.jobs import SUBMIT_TEMPLATE, job_arguments, python_in_jobs, render_job, submit_finish_job
+from parallel_optuna.jobs import submit_finish_job, submit_job, submit_next_part
 from parallel_optuna.local import run_local
 from parallel_optuna.optimizer import base_params, build_pruner, build_sampler
 from parallel_optuna.options import (
@@ -42,7 +42,7 @@ from parallel_optuna.study_control import queued_tasks, study_jobs
 from parallel_optuna.user_code import load_objective, load_trainer, prepare_data
 
 
-def submit(args, config):
+def submit(args, config, argv=()):
     storage, url, data_dir = check_and_prepare(args, config)
     # A dry run creates a new study (the printed array can then be submitted with sbatch as it is), but
     # leaves an existing one as it is: no version adopted, no budget recorded, no trial retried.
@@ -64,7 +64,7 @@ def submit(args, config):
     storage_file = storage_reference(config, url)
     if args.local is not None:
         return run_local(args, config, study, storage_file)
-    return submit_array(args, config, study, data_dir, storage_file)
+    return submit_array(args, config, study, data_dir, storage_file, argv)
 
 
 def check_and_prepare(args, config):
@@ -216,7 +216,7 @@ def take_controls(study, config):
         print(f"trials {retried} were stopped by hand: they continue from their checkpoints as linked retries")
 
 
-def submit_array(args, config, study, data_dir, storage_file):
+def submit_array(args, config, study, data_dir, storage_file, argv=()):
     """Render the array file for the trials still missing and submit it (or print it: dry run)."""
     tasks = liveness.squeue_tasks(study_jobs(study))
     per_task, throttle = config["slurm"]["trials_per_task"], config["slurm"]["max_concurrent_jobs"]
@@ -230,26 +230,42 @@ def submit_array(args, config, study, data_dir, storage_file):
             f"waiting); nothing to submit (raise --n_trials to extend the study)"
         )
         return 0
-    max_size = slurm.max_array_size() if args.submit_jobs else slurm.DEFAULT_MAX_ARRAY_SIZE
     # %K holds per array: a top-up starts once the study's arrays still in the queue have ended, so that
     # the study never runs more than K tasks at once.
     active = sorted({key.split("_")[0] for key in tasks or {}})
     if active:
         print(f"the study's array(s) {', '.join(active)} still run: the new array waits for them (%K is per array)")
     warn_if_the_walltime_cannot_hold(study, config)
-    commands = sbatch_commands(script, n_tasks, max_size, throttle, active)
+    if not args.submit_jobs:
+        return dry_run(script, sbatch_commands(script, n_tasks, slurm.DEFAULT_MAX_ARRAY_SIZE, throttle, active))
+    room = submit_limits.tightest(config)
+    now_tasks = submit_limits.tasks_now(n_tasks, room, extra_jobs=int(config["slurm"]["notify_on_finish"]))
+    commands = sbatch_commands(script, now_tasks, slurm.max_array_size(), throttle, active)
     if study_control.mark(study) == study_control.PAUSED:
         commands = [(n, [c[0], "--hold", *c[1:]]) for n, c in commands]
         print("the study is paused: the new tasks wait, held, until --resume")
-    if not args.submit_jobs:
-        print(script.read_text())
-        shown = [quote_command([w + "<previous job id>" if w == DEPENDENCY else w for w in c]) for _, c in commands]
-        print("dry run, nothing submitted; to submit:\n  " + "\n  ".join(shown))
-        return 0
     code = submit_arrays(study, config, commands)
+    if code == 0 and now_tasks < n_tasks:
+        return chain_the_rest(study, config, argv, storage_file, n_tasks - now_tasks, room.limit)
+    submit_limits.record(study, 0, None, None)
     if code == 0 and config["slurm"]["notify_on_finish"]:
         submit_finish_job(study, config)
     return code
+
+
+def dry_run(script, commands):
+    print(script.read_text())
+    shown = [quote_command([w + "<previous job id>" if w == DEPENDENCY else w for w in c]) for _, c in commands]
+    print("dry run, nothing submitted; to submit:\n  " + "\n  ".join(shown))
+    return 0
+
+
+def chain_the_rest(study, config, argv, storage_file, rest, limit):
+    """A submit limit held `rest` tasks back: a job submits them once this study's arrays have ended."""
+    job = submit_next_part(config, argv, storage_file, sorted(study_control.queued_arrays(study)))
+    submit_limits.record(study, rest, limit, job)
+    print(submit_limits.status_line(study))
+    return 0 if job else 1
 
 
 def warn_if_the_walltime_cannot_hold(study, config):
@@ -302,15 +318,7 @@ def submit_as_job(args, config, argv):
     """--as_job: check everything here, then a small job runs this same command without --as_job."""
     check_inputs(args, config)
     name = config["study"]["study_name"]
-    reference = storage_reference(config, storage_url(config))
-    command = [python_in_jobs(config), PROJECT / "submit_study.py", *job_arguments(argv, reference)]
-    script = render_job(
-        SUBMIT_TEMPLATE,
-        config,
-        "submit_job.sbatch",
-        job_name=study_control.submit_job_name(name),
-        command=quote_command(command),
-    )
+    script = submit_job(config, argv, storage_reference(config, storage_url(config)))
     if not args.submit_jobs:
         print(script.read_text() + f"dry run, nothing submitted; to submit:\n  sbatch {script}")
         return 0

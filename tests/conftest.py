@@ -146,6 +146,25 @@ def slurm():
     return subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
 
 
+@pytest.fixture(scope="session")
+def site(slurm):
+    """The local cluster as a real site has it: accounting on, memory enforced (scripts/local_cluster.sh)."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    problems = [
+        what
+        for what, ok in (
+            ("no accounting (AccountingStorageType)", "accounting_storage/slurmdbd" in config),
+            ("no memory enforcement (TaskPlugin)", re.search(r"TaskPlugin\s*=.*task/cgroup", config)),
+        )
+        if not ok
+    ]
+    if problems:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the local cluster has {' and '.join(problems)}: run local_cluster.sh up")
+        pytest.skip(f"the local cluster has {' and '.join(problems)}; `bash scripts/local_cluster.sh up` sets them")
+    return slurm
+
+
 # ---------------------------------------------------------------- the local PostgreSQL server
 def _postgres_up():
     """(URL, None) from scripts/local_postgres.sh, or (None, why it cannot run here)."""

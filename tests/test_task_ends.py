@@ -1,34 +1,12 @@
 """Why a task died: accounting's one line in status, and the same words on the trial it killed."""
 
-import os
 import re
-import subprocess
 
-import pytest
 from conftest import load_study, plugin_experiment, run_script
 from slurm_helpers import submitted_jobs, wait_for_jobs
 
 from parallel_optuna import task_ends
 from parallel_optuna.config import load_config
-
-
-@pytest.fixture(scope="session")
-def site(slurm):
-    """The local cluster as a real site has it: accounting on, memory enforced (scripts/local_cluster.sh)."""
-    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
-    problems = [
-        what
-        for what, ok in (
-            ("no accounting (AccountingStorageType)", "accounting_storage/slurmdbd" in config),
-            ("no memory enforcement (TaskPlugin)", re.search(r"TaskPlugin\s*=.*task/cgroup", config)),
-        )
-        if not ok
-    ]
-    if problems:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the local cluster has {' and '.join(problems)}: run local_cluster.sh up")
-        pytest.skip(f"the local cluster has {' and '.join(problems)}; `bash scripts/local_cluster.sh up` sets them")
-    return slurm
 
 
 def test_a_task_killed_for_memory_or_walltime_says_why_in_status_and_on_its_trial(site, tmp_path):
