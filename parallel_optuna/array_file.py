@@ -127,7 +127,7 @@ def submit_arrays(study, config, commands):
             command = [word for word in command if not word.startswith(DEPENDENCY)]  # those arrays just ended
             result = slurm.sbatch(command)
         if result.returncode != 0:
-            print(f"error: {quote_command(command)} failed: {result.stderr.strip()}", file=sys.stderr)
+            print(f"error: {quote_command(command)} failed: {refusal(result.stderr)}", file=sys.stderr)
             return 1
         previous = result.stdout.strip().split(";")[0]
         jobs.append({"job_id": previous, "tasks": tasks, "submitted_at": now()})
@@ -142,6 +142,25 @@ def submit_arrays(study, config, commands):
         f"  tail -f {folder}/slurm_logs/optuna_{previous}_*.out"
     )
     return 0
+
+
+# What sbatch names a submit limit by, and the limit's name in sacctmgr.
+SUBMIT_LIMITS = {
+    "AssocMaxSubmitJobLimit": "your association's MaxSubmitJobs",
+    "AssocGrpSubmitJobsLimit": "your account's GrpSubmitJobs",
+    "QOSMaxSubmitJobPerUserLimit": "the QOS's MaxSubmitJobsPerUser",
+    "QOSMaxSubmitJobPerAccountLimit": "the QOS's MaxSubmitJobsPerAccount",
+    "QOSGrpSubmitJobsLimit": "the QOS's GrpSubmitJobs",
+}
+
+
+def refusal(stderr):
+    """sbatch's refusal in one line; a submit limit by its name, with the fix."""
+    said = " ".join(line.removeprefix("sbatch: error: ") for line in stderr.strip().splitlines())
+    limit = next((name for reason, name in SUBMIT_LIMITS.items() if reason in stderr), None)
+    if limit:
+        return f"{limit} is full ({said}); fix: submit again once some of your jobs have ended, or ask for fewer"
+    return said
 
 
 def this_script():

@@ -66,3 +66,18 @@ def test_no_room_under_the_limit_is_one_line_and_submits_nothing(qos_limit, tmp_
     finally:
         subprocess.run(["scancel", blocker.stdout.strip()], check=True)
     wait_until(lambda: not squeue("--me"), what="the blocker to leave")
+
+
+def test_a_limit_the_submit_cannot_read_is_one_line_naming_it(qos_limit, tmp_path):
+    wait_until(lambda: not squeue("--me"), what="an empty queue: the limit counts every job of the user")
+    path = plugin_experiment(tmp_path, {"study.n_trials": 4})
+    modify = ["sacctmgr", "-i", "modify", "qos", "normal", "set"]
+    subprocess.run([*modify, "GrpSubmitJobs=2"], check=True)  # a limit of the whole QOS: not read before
+    try:
+        out = run_script("submit_study.py", "--config", path)
+    finally:
+        subprocess.run([*modify, "GrpSubmitJobs=-1"], check=True)
+    assert out.returncode == 1 and "submitted array job" not in out.stdout, out.stdout + out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert "the QOS's GrpSubmitJobs is full (QOSGrpSubmitJobsLimit" in line and "fix: submit again" in line, line
+    assert not load_study(path).user_attrs.get(attr.ARRAY_JOBS), "nothing recorded as submitted"
