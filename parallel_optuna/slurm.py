@@ -1,6 +1,6 @@
 """SLURM: every command the tool runs against the scheduler, each with a timeout and a checked status.
 
-The rest of the tool asks this module; none of it runs sbatch, squeue, sacct, scontrol or scancel itself.
+The rest of the tool asks this module; none of it runs sbatch, squeue, sacct, sacctmgr, scontrol or scancel itself.
 A command that fails or does not answer raises SlurmError (the scheduler's answer, not bad input), or,
 where the caller can go on without the answer, returns what "unknown" means there (None, {}, a default).
 """
