@@ -29,6 +29,7 @@ from parallel_optuna.storage import optuna_internals
 
 TRIAL_FILES = (checkpoints.WEIGHTS, checkpoints.CHECKPOINT)
 UPLOADS = "artifacts"  # runs/<study>/artifacts/: the files objectives upload, under Optuna's uuid ids
+TORCH_FILE = "application/octet-stream"  # what mimetypes guesses for .pt is a SNES format
 IN_PLACE = re.compile(r"(trials/\d+|report)/[\w-][\w.-]*")  # the run directory's files an id may name
 
 
@@ -109,7 +110,7 @@ def register_trial_files(trial: optuna.Trial, folder: Path) -> list[str]:
     for name in TRIAL_FILES:
         if (folder / name).is_file():
             artifact_id = file_id(f"trials/{folder.name}/{name}")
-            optuna_internals.add_artifact(trial, artifact_id, name)
+            optuna_internals.add_artifact(trial, artifact_id, name, TORCH_FILE)
             ids.append(artifact_id)
     return ids
 

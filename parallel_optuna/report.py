@@ -60,7 +60,8 @@ def write_report(study, config):
 
     folder = run_subdir(config, "report")
     names = metric_names(config, study)
-    named = {"target_name": names[0]} if len(names) == 1 else {}  # several: each plot needs a target of its own
+    known = len(names) == len(study.directions)  # a study made by hand may have other objectives than the YAML
+    named = {"target_name": names[0]} if known and len(names) == 1 else {}  # several: each plot needs a target
     plots = {
         "optimization_history": lambda s: vis.plot_optimization_history(s, **named),
         "param_importances": lambda s: vis.plot_param_importances(s, **named),  # PED-ANOVA (default): numpy only
@@ -69,7 +70,7 @@ def write_report(study, config):
         "timeline": lambda s: timeline(s, config),
     }
     if len(study.directions) > 1:
-        plots["pareto_front"] = lambda s: vis.plot_pareto_front(s, target_names=names)
+        plots["pareto_front"] = lambda s: vis.plot_pareto_front(s, **({"target_names": names} if known else {}))
     print(f"report of study {study.study_name} ({len(study.trials)} trials): {folder}/")
     for name, plot in plots.items():
         try:

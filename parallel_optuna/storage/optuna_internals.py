@@ -77,12 +77,12 @@ def journal_backend(storage):
     return storage._backend
 
 
-def add_artifact(study_or_trial, artifact_id, filename):
+def add_artifact(study_or_trial, artifact_id, filename, mimetype=None):
     """Register a file as an artifact of a live Trial or a Study under an id of our choosing, as
     optuna.artifacts.upload_artifact records one (same attribute, same ArtifactMeta), with no upload:
     artifacts.RunArtifactStore opens the file where it lies."""
-    mimetype, encoding = mimetypes.guess_type(filename)
-    meta = ArtifactMeta(artifact_id, filename, mimetype or DEFAULT_MIME_TYPE, encoding)
+    guessed, encoding = mimetypes.guess_type(filename)
+    meta = ArtifactMeta(artifact_id, filename, mimetype or guessed or DEFAULT_MIME_TYPE, encoding)
     key, value = ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(dataclasses.asdict(meta))
     if isinstance(study_or_trial, optuna.Study):
         study_or_trial._storage.set_study_system_attr(study_or_trial._study_id, key, value)
