@@ -136,3 +136,24 @@ def upload_here(trial):
         artifact_store=trial_control.artifact_store(), file_path=str(note), study_or_trial=trial
     )
     return 0.0
+
+
+def test_an_id_names_a_file_of_the_run_directory_or_an_upload(tmp_path):
+    store = artifacts.RunArtifactStore(tmp_path)
+    (tmp_path / "trials/3").mkdir(parents=True)
+    (tmp_path / "trials/3/weights.pt").write_bytes(b"w")
+    weights = artifacts.file_id("trials/3/weights.pt")
+    assert bytes.fromhex(weights).decode() == "trials/3/weights.pt"
+    with store.open_reader(weights) as f:
+        assert f.read() == b"w"
+    for outside in ("trials/3/../../secret", "journal.log", "trials/3/.hidden"):
+        assert artifacts.in_place(artifacts.file_id(outside)) is None, outside
+    with pytest.raises(optuna.artifacts.exceptions.ArtifactNotFound):
+        store.open_reader(artifacts.file_id("journal.log"))  # looked up among the uploads: not there
+    upload = optuna.artifacts.upload_artifact  # an upload's uuid lands in runs/<study>/artifacts/
+    study = optuna.create_study()
+    (tmp_path / "note.txt").write_text("n")
+    note = upload(artifact_store=store, file_path=str(tmp_path / "note.txt"), study_or_trial=study)
+    assert (tmp_path / "artifacts" / note).read_text() == "n" and store.exists(note)
+    with open(tmp_path / "note.txt", "rb") as body, pytest.raises(ValueError, match="not writable"):
+        store.write(weights, body)
