@@ -6,7 +6,8 @@ Optuna and optuna-dashboard list a trial's files as artifacts (optuna.artifacts)
 in place: the artifact id is the file's path in the run directory, hex-encoded (optuna-dashboard takes
 ids of hex digits and dashes only), and RunArtifactStore opens the file where it lies, so no byte is
 copied. A file the checkpoint clean deleted later stays registered (Optuna cannot unregister an
-artifact): reading it raises ArtifactNotFound, saying that it was deleted and why.
+artifact): reading it raises ArtifactNotFound, saying that it was deleted and why. A result kept after
+its trial was failed under a live worker (worker.keep_result) has none: Optuna adds it finished.
 
 What an objective uploads itself (optuna.artifacts.upload_artifact with trial_control.artifact_store())
 is copied, as Optuna does, into runs/<study>/artifacts/<uuid>.
