@@ -56,6 +56,7 @@ from parallel_optuna import (
     study_control,
     trial_control,
 )
+from parallel_optuna.artifacts import register_trial_files
 from parallel_optuna.claim import adopt_origin_checkpoint, claim_trial, find_own_trial, heartbeat, record_owner
 from parallel_optuna.config import metric_names, yaml_from_args
 from parallel_optuna.optimizer import describe_sampler, values_text
@@ -157,11 +158,11 @@ def prepare_trial(study, trial, config, handle):
 
 
 def train_and_tell(study, trial, config, handle):
-    names = metric_names(config)
     started = time.time()
     try:  # anything that goes wrong from here on fails this trial only, with the reason on it
         run = run_objective if config["study"]["objective"] else run_trainer
         metrics = run(study, trial, config, handle)
+        names = metric_names(config, study)  # after the run: a plain objective may name them (set_metric_names)
         values = [metrics[name] for name in names]
         for name, value in zip(names, values, strict=True):
             if not isinstance(value, float) or not math.isfinite(value):
@@ -186,6 +187,7 @@ def train_and_tell(study, trial, config, handle):
         add_train_seconds(trial, started)
         trial.set_user_attr(attr.METRICS, metrics)
         trial.set_user_attr(attr.FINISHED_AT, now())
+        register_trial_files(trial, handle.folder)  # before the tell: a told trial takes no artifact
         study.tell(trial, values if len(values) > 1 else values[0])
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         if not finished_elsewhere(study, trial):
@@ -255,7 +257,7 @@ def run_objective(study, trial, config, handle):
         handle.stop.interrupt_now, handle.stop.deadline = False, None
         trial_control.Running.folder = trial_control.Running.stop = None
     log.info("trial %d params: %s", trial.number, optuna_internals.live_trial(study, trial).params)
-    names, values = metric_names(config), list(value) if isinstance(value, (list, tuple)) else [value]
+    names, values = metric_names(config, study), list(value) if isinstance(value, (list, tuple)) else [value]
     if len(values) != len(names):
         raise TypeError(f"the objective returned {len(values)} value(s) for {len(names)} objective(s) ({names})")
     return plain_metrics(dict(zip(names, values, strict=True)))

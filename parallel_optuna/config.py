@@ -8,12 +8,16 @@ import difflib
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from parallel_optuna.options import NAME, OPTIONS, SAFE_NAME, SECTION_KEYS, ConfigError, flag_overrides
 from parallel_optuna.run_dir import run_dir
 from parallel_optuna.search_space import check_search_space
+
+if TYPE_CHECKING:  # for the hints only: loading a config needs no optuna
+    import optuna
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -217,16 +221,21 @@ def _resolve_paths(config, base, source):
         data["dir"] = str(base / os.path.expandvars(os.path.expanduser(data["dir"])))
 
 
-def metric_names(config: Config) -> list[str]:
+def metric_names(config: Config, study: optuna.Study | None = None) -> list[str]:
     """The study's metrics, one per objective.
 
-    A plain objective that names none gets the names Optuna shows: `value`, or `values_0`, `values_1`, ...
+    A plain objective whose YAML names none gets the names it gave with `study.set_metric_names`
+    (Optuna's `study.metric_names`, which the dashboard shows too), else the names Optuna shows:
+    `value`, or `values_0`, `values_1`, ...
     """
-    study = config["study"]
-    if study["objective"] and "optimization_metric" in getattr(config, "defaulted", ()):
+    settings = config["study"]
+    if settings["objective"] and "optimization_metric" in getattr(config, "defaulted", ()):
         count = len(directions(config))
+        named = study.metric_names if study is not None else None
+        if named and len(named) == count:
+            return list(named)
         return ["value"] if count == 1 else [f"values_{i}" for i in range(count)]
-    metric = study["optimization_metric"]
+    metric = settings["optimization_metric"]
     return metric if isinstance(metric, list) else [metric]
 
 

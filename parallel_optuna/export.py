@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from parallel_optuna import artifacts, checkpoints
 from parallel_optuna import attributes as attr
-from parallel_optuna import checkpoints
 from parallel_optuna.config import metric_names, read_yaml
 from parallel_optuna.optimizer import values_text
 from parallel_optuna.options import (
@@ -44,7 +44,7 @@ def export_best(study, config, path, number=None):
         f"# derived dimensions). Retrain: {retrain.format(target=target)}\n"
     )
     write_export(target, header + yaml.safe_dump(exported, sort_keys=False))
-    shown = ", ".join(f"{t.number} ({values_text(config, t.values)})" for t in members[:5])
+    shown = ", ".join(f"{t.number} ({values_text(config, t.values, study)})" for t in members[:5])
     what = "best trial" if number is None else "trial"
     print(f"{what if len(members) == 1 else f'{len(members)} Pareto-optimal trials'} {shown} -> {target}")
     checkpoints.clean_and_say(study, config)
@@ -63,8 +63,8 @@ def retrainable(study, config, trial, weights_target):
     resolved["study"].update(
         study_name=f"{study.study_name}_best{trial.number}", n_trials=1, storage=None, pruner={"name": "NopPruner"}
     )
+    names = metric_names(config, study)
     if config["study"]["objective"]:  # the objective suggests its own params; the export names no trainer
-        names = metric_names(config)
         resolved["study"]["optimization_metric"] = names[0] if len(names) == 1 else list(names)  # a copy: no anchors
         resolved["study"].pop("trainer", None)
         resolved.pop("search_space", None)
@@ -73,12 +73,13 @@ def retrainable(study, config, trial, weights_target):
     results = {
         "study_name": study.study_name,
         "number": trial.number,
-        "metric": names[0] if len(names := metric_names(config)) == 1 else names,
+        "metric": names[0] if len(names) == 1 else names,
         "direction": config["study"]["optimization_direction"],
         "value": trial.values if len(trial.values) > 1 else trial.value,
         "params": trial.params,
         "metrics": trial.user_attrs.get(attr.METRICS, {}),
         "weights": export_weights(config, trial, weights_target),
+        "artifacts": artifacts.readable_artifacts(study, config, trial),  # {id: file name}, in the run's store
         "exported_at": now(),
     }
     return {"best_trial": copy.deepcopy(results), **resolved}  # copies: the front's members share no YAML anchors

@@ -8,7 +8,7 @@ from parallel_optuna import samplers
 from parallel_optuna.config import directions, metric_names
 from parallel_optuna.options import ConfigError
 from parallel_optuna.search_space import get_dotted, sampled_space
-from parallel_optuna.user_code import import_class
+from parallel_optuna.user_code import HUB, import_class, import_hub_class
 
 
 def build_sampler(config, seed_offset=0, source="config"):
@@ -33,10 +33,11 @@ def describe_sampler(config):
     return samplers.describe(study["sampler"], sampled_space(config), study["n_trials"], bool(study["objective"]))
 
 
-def values_text(config, values):
-    """'val_loss = 0.123, val_acc = 0.9': a trial's values named by the study's metrics."""
+def values_text(config, values, study=None):
+    """'val_loss = 0.123, val_acc = 0.9': a trial's values named by the study's metrics (config.metric_names)."""
     values = values if isinstance(values, (list, tuple)) else [values]
-    return ", ".join(f"{name} = {value:.6g}" for name, value in zip(metric_names(config), values, strict=False))
+    names = metric_names(config, study)
+    return ", ".join(f"{name} = {value:.6g}" for name, value in zip(names, values, strict=False))
 
 
 def build_pruner(config, source="config"):
@@ -51,7 +52,7 @@ def _build(namespace, spec, key, source, config=None):
     PartialFixedSampler's base_sampler); GridSampler's grid comes from the YAML's search space.
     """
     name = spec.pop("name")
-    if ":" in name:  # the user's own class, module:Class, found as their trainer is
+    if ":" in name:  # the user's own class, module:Class, found as their trainer is; or hub:<folder>:Class
         return _build_users(namespace, name, spec, key, source, config)
     cls = getattr(namespace, name, None)
     if not isinstance(cls, type):
@@ -74,7 +75,8 @@ def _build(namespace, spec, key, source, config=None):
 
 def _build_users(namespace, name, spec, key, source, config):
     base = optuna.samplers.BaseSampler if namespace is optuna.samplers else optuna.pruners.BasePruner
-    cls = import_class(config, name, f"{key}.name", source, base)
+    load = import_hub_class if name.startswith(HUB) else import_class
+    cls = load(config, name, f"{key}.name", source, base)
     if "seed" in spec and "seed" not in inspect.signature(cls).parameters:
         spec.pop("seed")  # the per-worker seed goes only to a class that takes one
     try:

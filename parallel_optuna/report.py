@@ -1,6 +1,6 @@
 """Look at a study: static plots (`make report`) and the live dashboard (`make dashboard`).
 
-    python submit_study.py --config X --report            # PNGs in runs/<study>/report/
+    python submit_study.py --config X --report            # PNGs in runs/<study>/report/, the study's artifacts
     python submit_study.py --config X --dashboard [PORT]  # optuna-dashboard on 127.0.0.1, read-only
 
 Both need an optional extra (requirements-extras.txt): matplotlib for the report, optuna-dashboard
@@ -22,7 +22,9 @@ from datetime import datetime
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+from parallel_optuna import artifacts
 from parallel_optuna import attributes as attr
+from parallel_optuna.config import metric_names
 from parallel_optuna.options import ConfigError
 from parallel_optuna.run_dir import run_dir, run_subdir
 from parallel_optuna.storage import optuna_internals
@@ -49,22 +51,26 @@ def extra(module, flag):
 
 # ---------------------------------------------------------------- the report
 def write_report(study, config):
-    """One PNG per plot in runs/<study>/report/; a plot that cannot be drawn yet is skipped with the reason."""
+    """One PNG per plot in runs/<study>/report/, each registered as a study artifact (in place: no copy);
+    a plot that cannot be drawn yet is skipped with the reason. Axes are named by the study's metrics."""
     matplotlib = extra("matplotlib", "--report")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
     folder = run_subdir(config, "report")
+    names = metric_names(config, study)
+    known = len(names) == len(study.directions)  # a study made by hand may have other objectives than the YAML
+    named = {"target_name": names[0]} if known and len(names) == 1 else {}  # several: each plot needs a target
     plots = {
-        "optimization_history": vis.plot_optimization_history,
-        "param_importances": vis.plot_param_importances,  # PED-ANOVA, Optuna's default: numpy only
-        "parallel_coordinate": vis.plot_parallel_coordinate,
+        "optimization_history": lambda s: vis.plot_optimization_history(s, **named),
+        "param_importances": lambda s: vis.plot_param_importances(s, **named),  # PED-ANOVA (default): numpy only
+        "parallel_coordinate": lambda s: vis.plot_parallel_coordinate(s, **named),
         "intermediate_values": vis.plot_intermediate_values,  # the learning curves the pruner saw
         "timeline": lambda s: timeline(s, config),
     }
     if len(study.directions) > 1:
-        plots["pareto_front"] = vis.plot_pareto_front
+        plots["pareto_front"] = lambda s: vis.plot_pareto_front(s, **({"target_names": names} if known else {}))
     print(f"report of study {study.study_name} ({len(study.trials)} trials): {folder}/")
     for name, plot in plots.items():
         try:
@@ -77,6 +83,7 @@ def write_report(study, config):
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         figure.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
         plt.close(figure)
+        artifacts.register_report_file(study, folder / f"{name}.png")
         print(f"  {name}.png")
     return 0
 
@@ -161,10 +168,34 @@ def read_only(app):
     return guarded
 
 
+class GoneAsHttp:
+    """The study's artifact store for the dashboard: a registered file that is gone (deleted by the checkpoint
+    clean) answers 410 Gone with the reason, where the dashboard would answer an error page (500)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def open_reader(self, artifact_id):
+        from bottle import HTTPResponse  # optuna-dashboard's web framework: a raised response is sent as it is
+
+        try:
+            return self.store.open_reader(artifact_id)
+        except artifacts.ArtifactNotFound as e:
+            raise HTTPResponse(f"{e}\n", status=410, headers={"Content-Type": "text/plain"}) from None
+
+    def write(self, artifact_id, content_body):
+        self.store.write(artifact_id, content_body)
+
+    def remove(self, artifact_id):
+        self.store.remove(artifact_id)
+
+
 def serve_dashboard(study, config, port):
-    """optuna-dashboard on 127.0.0.1 over the study's own storage object (the journal's own lock), until Ctrl-C."""
+    """optuna-dashboard on 127.0.0.1 over the study's own storage object (the journal's own lock), until Ctrl-C;
+    its artifact tab lists the trials' weights and checkpoints and the report's plots (artifacts.py)."""
     dashboard = extra("optuna_dashboard", "--dashboard")
-    app = read_only(dashboard.wsgi(optuna_internals.storage_of(study)))
+    store = GoneAsHttp(artifacts.store(config))
+    app = read_only(dashboard.wsgi(optuna_internals.storage_of(study), artifact_store=store))
     try:
         server = make_server("127.0.0.1", port, app, handler_class=QuietHandler)
     except OSError as e:

@@ -77,12 +77,12 @@ def print_judged_dead(trials, numbers):
 def print_best(study, config, counts):
     best = best_trial(study)
     if best:
-        print(f"best: trial {best.number}  {values_text(config, best.values)}  params {best.params}")
+        print(f"best: trial {best.number}  {values_text(config, best.values, study)}  params {best.params}")
     elif len(study.directions) > 1 and counts["COMPLETE"]:
         front = study.best_trials
         print(f"Pareto front: {len(front)} trial(s)")
         for t in front[:10]:
-            print(f"  trial {t.number}  {values_text(config, t.values)}  params {t.params}")
+            print(f"  trial {t.number}  {values_text(config, t.values, study)}  params {t.params}")
 
 
 def print_running(study, trials):

@@ -145,6 +145,8 @@ def take_stock(study, config, url):
     study.set_user_attr(attr.N_TRIALS, budget)  # what study_budget remembers for workers, status and later submits
     study.set_user_attr(attr.N_TRIALS_IN_YAML, yaml_budget(config))
     study.set_user_attr(attr.OPTIMIZATION_METRIC, config["study"]["optimization_metric"])
+    if not (config["study"]["objective"] and "optimization_metric" in config.defaulted):  # else the objective's own
+        study.set_metric_names(metric_names(config))  # Optuna's names: the dashboard and Optuna's plots show them
     failed = liveness.reconcile(study, config)
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")

@@ -1,5 +1,5 @@
 """What a plain Optuna objective may ask while it runs as an array task: where its trial's files go,
-and whether to stop. The same objective still runs unchanged under `study.optimize`.
+where its artifacts go, and whether to stop. The same objective still runs unchanged under `study.optimize`.
 
     from parallel_optuna import trial_control
     def objective(trial):
@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import optuna
+import optuna.artifacts
 
 
 class Stop(BaseException):
@@ -50,6 +51,20 @@ def trial_dir(trial: optuna.trial.BaseTrial) -> Path:
     folder = Running.folder or Path(tempfile.gettempdir()) / f"optuna-trial-{os.getpid()}-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def artifact_store() -> optuna.artifacts.FileSystemArtifactStore:
+    """The study's artifact store, for optuna.artifacts.upload_artifact(artifact_store=..., file_path=...,
+    study_or_trial=trial): the dashboard and `make best` list what it holds. An upload is a copy, in
+    runs/<study>/artifacts/; save big files as weights.pt or checkpoint.pt in trial_dir(trial) instead: the
+    tool registers those in place. Outside the tool, a store in a temporary folder."""
+    if Running.folder is None:
+        folder = Path(tempfile.gettempdir()) / f"optuna-artifacts-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return optuna.artifacts.FileSystemArtifactStore(folder)
+    from parallel_optuna.artifacts import RunArtifactStore  # here: outside the tool an objective needs none of it
+
+    return RunArtifactStore(Running.folder.parent.parent)  # runs/<study>/trials/<n> -> runs/<study>
 
 
 def stop_requested() -> bool:

@@ -68,6 +68,38 @@ def import_class(config: Config, spec: str, key: str, source: str, base: type) -
     except Exception as e:  # ImportError, or an error inside the user's module
         fix = "put the module in the experiment's folder, the submit folder or on PYTHONPATH"
         raise ConfigError(source, key, f"cannot import {spec!r} ({type(e).__name__}: {e})", fix) from None
+    return checked_class(module, class_name, spec, key, source, base)
+
+
+HUB = "hub:"  # study.sampler.name (or pruner) hub:<package folder>:<Class>, an OptunaHub package on disk
+
+
+def import_hub_class(config: Config, spec: str, key: str, source: str, base: type) -> type:
+    """`hub:<package folder>:<Class>`: a class of an OptunaHub package on disk, loaded as OptunaHub loads one
+    (optunahub.load_local_module). The folder is found in the experiment's folder, then the submit folder."""
+    folder, _, class_name = spec.removeprefix(HUB).rpartition(":")
+    if not folder or not class_name:
+        fix = "write hub:<package folder>:<Class>, as hub:my_registry/samplers/my_sampler:MySampler"
+        raise ConfigError(source, key, f"{spec!r} names no package folder and class", fix)
+    try:
+        import optunahub
+    except ImportError:
+        fix = "pip install -r requirements-extras.txt (or pip install optunahub)"
+        problem = f"{spec} needs optunahub, which is not installed (an optional extra)"
+        raise ConfigError(source, key, problem, fix) from None
+    found = [Path(where, folder).expanduser() for where in (config.dir, os.getcwd())]
+    package = next((path for path in found if (path / "__init__.py").is_file()), None)
+    if package is None:
+        fix = "name the folder that holds the package's __init__.py, from the experiment's folder or an absolute path"
+        raise ConfigError(source, key, f"no OptunaHub package (an __init__.py) in {found[0]}", fix)
+    try:
+        module = optunahub.load_local_module(package=package.name, registry_root=str(package.parent))
+    except Exception as e:  # an error inside the package
+        raise ConfigError(source, key, f"cannot load {package} ({type(e).__name__}: {e})", "fix the package") from None
+    return checked_class(module, class_name, spec, key, source, base)
+
+
+def checked_class(module, class_name: str, spec: str, key: str, source: str, base: type) -> type:
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, base)):
         problem = f"{spec!r} is not a subclass of optuna's {base.__name__}"

@@ -179,3 +179,53 @@ def test_a_class_that_is_no_sampler_or_a_missing_module_is_refused_at_submit(tmp
     assert out.returncode == 2 and problem in out.stderr and "study.sampler.name" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (path.parent / "runs").exists()
+
+
+HUB_INIT = (
+    "from .sampler import LowestSampler\n\n__all__ = ['LowestSampler']\n"  # a relative import, as hub packages do
+)
+HUB_SAMPLER = """import optuna
+
+
+class LowestSampler(optuna.samplers.RandomSampler):
+    def sample_independent(self, study, trial, name, distribution):
+        return distribution.choices[0] if hasattr(distribution, "choices") else distribution.low
+"""
+
+
+def hub_experiment(tmp_path, name):
+    changes = {"study.sampler": {"name": name, "seed": 3}, "study.n_trials": 2, "training.epochs": 1}
+    path = write_experiment(tmp_path / "exp", {**SPACE, **changes})
+    package = path.parent / "registry/samplers/lowest"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(HUB_INIT)
+    (package / "sampler.py").write_text(HUB_SAMPLER)
+    return path
+
+
+def test_an_optunahub_package_on_disk_samples_the_study(tmp_path):
+    path = hub_experiment(tmp_path, "hub:registry/samplers/lowest:LowestSampler")
+    out = run_script("submit_study.py", "--config", path, "--local", 1)
+    assert out.returncode == 0, out.stdout + out.stderr
+    trials = load_study(path).trials
+    assert [t.params for t in trials] == [{"model.d_pos": 2, "model.d_hidden": 8, "training.lr": 0.005}] * 2
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("hub:registry/samplers/nothing:LowestSampler", "no OptunaHub package (an __init__.py) in "),
+        ("hub:registry/samplers/lowest:Missing", "'hub:registry/samplers/lowest:Missing' is not a subclass of"),
+        ("hub:registry/samplers/lowest", "names no package folder and class"),
+    ],
+)
+def test_a_bad_optunahub_name_is_refused_at_submit(tmp_path, name, problem):
+    out = run_script("submit_study.py", "--config", hub_experiment(tmp_path, name), "--no-submit_jobs")
+    assert out.returncode == 2 and problem in out.stderr and "study.sampler.name" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_optunahub_is_named_with_its_pip_command(tmp_path):
+    path = hub_experiment(tmp_path, "hub:registry/samplers/lowest:LowestSampler")
+    out = run_script_without("optunahub", "submit_study.py", "--config", str(path), "--no-submit_jobs")
+    assert out.returncode == 2 and "pip install optunahub" in out.stderr and out.stderr.count("\n") == 1, out.stderr

@@ -4,13 +4,19 @@ upgrade checks this file.
 What the tool needs that Optuna's public API does not give: a live Trial for a trial found in
 get_trials() (to fail another worker's dead trial, resume one after a requeue, or hand a plain
 objective its trial), the study's storage object (heartbeats, system attributes, the dashboard),
-and the journal's snapshot and lock classes and op codes (journal.py).
+the journal's snapshot and lock classes and op codes (journal.py), and the attribute that registers
+an artifact (artifacts.py registers files in place, with ids of its own).
 """
 
 import contextlib
+import dataclasses
+import json
+import mimetypes
 import pickle
 
 import optuna
+from optuna.artifacts import ArtifactMeta
+from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX, DEFAULT_MIME_TYPE
 from optuna.storages.journal._base import BaseJournalSnapshot
 from optuna.storages.journal._file import LOCK_FILE_SUFFIX, BaseJournalFileLock, get_lock_file
 from optuna.storages.journal._storage import JournalOperation
@@ -69,3 +75,16 @@ def save_journal_snapshot(storage):
 def journal_backend(storage):
     """The backend (journal.JournalFile) of a JournalStorage."""
     return storage._backend
+
+
+def add_artifact(study_or_trial, artifact_id, filename, mimetype=None):
+    """Register a file as an artifact of a live Trial or a Study under an id of our choosing, as
+    optuna.artifacts.upload_artifact records one (same attribute, same ArtifactMeta), with no upload:
+    artifacts.RunArtifactStore opens the file where it lies."""
+    guessed, encoding = mimetypes.guess_type(filename)
+    meta = ArtifactMeta(artifact_id, filename, mimetype or guessed or DEFAULT_MIME_TYPE, encoding)
+    key, value = ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(dataclasses.asdict(meta))
+    if isinstance(study_or_trial, optuna.Study):
+        study_or_trial._storage.set_study_system_attr(study_or_trial._study_id, key, value)
+    else:
+        study_or_trial.storage.set_trial_system_attr(study_or_trial._trial_id, key, value)
