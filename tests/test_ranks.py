@@ -206,3 +206,24 @@ def test_a_walltime_requeue_resumes_every_rank(slurm, tmp_path):
     logs = task_logs(path)
     assert "rank1: trial 0 stops at its checkpoint after SIGUSR2 (rank 0's decision)" in logs
     assert "rank1: trial 0 resumes from" in logs
+
+
+BROKEN = """import torch.distributed as dist
+
+
+def train(config, trial):
+    dist.init_process_group("gloo")
+    dist.barrier()
+    raise KeyError("no column 'target' in the data")
+"""
+
+
+@pytest.mark.slurm
+def test_a_trainer_that_raises_on_every_rank_fails_its_trial_once_without_retry(slurm, tmp_path):
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "study.trainer": "broken:train"})
+    (path.parent / "broken.py").write_text(BROKEN)
+    wait_for_jobs(submit(path))
+    study = load_study(path)
+    assert [t.state.name for t in study.trials] == ["FAIL"], "the trainer's failure: no retry"
+    assert study.trials[0].user_attrs["fail_reason"] == "KeyError: \"no column 'target' in the data\""
+    assert "rank1: trial 0 failed on rank 1" in task_logs(path)
