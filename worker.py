@@ -74,7 +74,7 @@ from parallel_optuna.study import (
     study_budget,
     without_credentials,
 )
-from parallel_optuna.trial_handle import Interrupted, ObjectiveTrial, Outcome, StopSignal
+from parallel_optuna.trial_handle import Interrupted, ObjectiveTrial, Outcome, StopSignal, TrialHandle  # noqa: F401
 from parallel_optuna.user_code import load_objective, load_trainer, prepare_data, resolve_config
 
 log = logging.getLogger("worker")
