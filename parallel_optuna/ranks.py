@@ -221,6 +221,7 @@ def lead_trial(trial, folder: Path, stop, config):
     try:
         yield LeaderHandle(trial, folder, stop, trusted)
     finally:
+        trial_control.Running.agree = None
         LEADER.over("told")
 
 
