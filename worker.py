@@ -52,6 +52,7 @@ from parallel_optuna import (
     config_versions,
     failures,
     liveness,
+    ranks,
     retries,
     study_control,
     trial_control,
@@ -74,7 +75,7 @@ from parallel_optuna.study import (
     study_budget,
     without_credentials,
 )
-from parallel_optuna.trial_handle import Interrupted, ObjectiveTrial, Outcome, StopSignal, TrialHandle
+from parallel_optuna.trial_handle import Interrupted, ObjectiveTrial, Outcome, StopSignal, TrialHandle  # noqa: F401
 from parallel_optuna.user_code import load_objective, load_trainer, prepare_data, resolve_config
 
 log = logging.getLogger("worker")
@@ -140,8 +141,7 @@ def run_trial(study, trial, config, stop):
     logging.getLogger().addHandler(file_log)
     try:
         record_owner(trial, folder, config)
-        with heartbeat(study, trial):
-            handle = TrialHandle(trial, folder, stop, config["study"]["trusted_checkpoints"])
+        with heartbeat(study, trial), ranks.lead_trial(trial, folder, stop, config) as handle:
             return train_and_tell(study, trial, config, handle)
     finally:
         logging.getLogger().removeHandler(file_log)
@@ -176,7 +176,7 @@ def train_and_tell(study, trial, config, handle):
         add_train_seconds(trial, started)
         return requeue_or_fail(study, trial, config, str(e) or handle.stop.received or "a stop", handle)
     except Exception as e:
-        if full_filesystem(e):
+        if full_filesystem(e) or ranks.rank_lost(handle):
             raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         trial.set_user_attr(attr.FAIL_REASON, f"{type(e).__name__}: {e}"[:500])
@@ -234,6 +234,7 @@ def keep_result(study, trial, config, metrics, values):
 def run_trainer(study, trial, config, handle):
     """The trainer API: the YAML's search space sampled into the config, the trainer's metrics back."""
     resolved = prepare_trial(study, trial, config, handle)
+    ranks.start_trial(handle)  # several processes per trial: the others train it too
     metrics = plain_metrics(load_trainer(config, config.path)(resolved, handle))
     for metric in metric_names(config):
         if metric not in metrics:
@@ -252,6 +253,7 @@ def run_objective(study, trial, config, handle):
     try:
         if handle.stop.received:
             raise Interrupted(handle.stop.received)  # the signal came first: requeue before starting
+        ranks.start_trial(handle)
         value = objective(optuna_internals.live_trial(study, trial, ObjectiveTrial))
     finally:
         handle.stop.interrupt_now, handle.stop.deadline = False, None
@@ -359,6 +361,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
     args = parse_args(argv)
     os.umask(os.umask(0) | 0o022)  # no file of the run directory writable by the group or others
+    os.environ.update(ranks.rendezvous_env(os.environ))  # slurm.tasks_per_trial > 1: torch's rendezvous
     try:
         return work(args)
     except ConfigError as e:
@@ -369,6 +372,8 @@ def main(argv=None):
             raise
         print(full_filesystem_error(e, "the run directory", STAYS_RUNNING), file=sys.stderr)
         return 3
+    finally:
+        ranks.finish()
 
 
 STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint by the next reconcile"
@@ -376,6 +381,9 @@ STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint
 
 def work(args):
     config = read_config(args)
+    if ranks.follower():
+        return ranks.follow(config)  # ranks 1..N-1 of the trial's processes: they do what rank 0 says
+    ranks.lead(config)
     trusted_run_dir(config)  # before its storage, checkpoints or logs are opened
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)

@@ -22,13 +22,16 @@ def sbatch_directives(slurm_keys):
         for o in OPTIONS
         if o.sbatch and slurm_keys.get(o.key) is not None
     ]
+    if slurm_keys["nodes_per_trial"] > 1:
+        lines.append(f"#SBATCH --nodes={slurm_keys['nodes_per_trial']}")
     if slurm_keys["gpus_per_task"]:
         gpus = (
             f"{slurm_keys['gpu_type']}:{slurm_keys['gpus_per_task']}"
             if slurm_keys["gpu_type"]
             else slurm_keys["gpus_per_task"]
         )
-        lines.append(f"#SBATCH --gpus={gpus}")
+        per = "-per-task" if slurm_keys["tasks_per_trial"] > 1 else ""  # several processes: each its own GPUs
+        lines.append(f"#SBATCH --gpus{per}={gpus}")
     lines += [f"#SBATCH {d}" for d in slurm_keys["extra_directives"]]
     return "\n".join(lines)
 
@@ -67,6 +70,7 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
     python = "python" if slurm_keys["setup"] else sys.executable  # setup lines bring their own environment
     trials = slurm_keys["trials_per_task"]
     command = [python, PROJECT / "worker.py", *worker_flags(config, storage_file), "--trials", str(trials)]
+    command = rank_launcher(slurm_keys) + command
     script = folder / "array_job.sbatch"
     script.write_text(
         TEMPLATE.read_text().format(
@@ -76,6 +80,8 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
             array=f"0-{n_tasks - 1}%{slurm_keys['max_concurrent_jobs']}",
             log_dir=folder / "slurm_logs",
             signal_grace=slurm_keys["signal_grace"],
+            ntasks=slurm_keys["tasks_per_trial"],
+            forward_term=FORWARD_TERM[slurm_keys["tasks_per_trial"] > 1],
             directives=sbatch_directives(slurm_keys),
             setup="\n".join(slurm_keys["setup"]) or "# (none)",
             pythonpath=pythonpath_line(),
@@ -84,6 +90,21 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
         )
     )
     return script
+
+
+def rank_launcher(slurm_keys):
+    """slurm.tasks_per_trial > 1: srun starts one worker per process; a process that dies ends them all
+    (ranks.py). Each rank sees all of its node's GPUs of the job, as under torchrun, and picks its own
+    by LOCAL_RANK."""
+    if slurm_keys["tasks_per_trial"] == 1:
+        return []
+    gpus = ["--gpu-bind=none"] if slurm_keys["gpus_per_task"] else []
+    return ["srun", "--kill-on-bad-exit=1", f"--cpus-per-task={slurm_keys['cpus_per_task']}", *gpus]
+
+
+# On TERM srun ends its step at once (SIGKILL), before any rank checkpoints; SLURM sends TERM to every
+# rank itself (scancel, preemption, requeue), so with srun the batch shell only notes it.
+FORWARD_TERM = {False: "kill -TERM $worker 2>/dev/null", True: "true"}
 
 
 def pythonpath_line():

@@ -282,6 +282,13 @@ def _check_slurm(config, source):
             "make grace_period at least twice heartbeat_interval",
         )
     slurm = config["slurm"]
+    if slurm["nodes_per_trial"] > slurm["tasks_per_trial"]:
+        raise ConfigError(
+            source,
+            "slurm.nodes_per_trial",
+            f"{slurm['nodes_per_trial']} nodes for {slurm['tasks_per_trial']} processes (slurm.tasks_per_trial)",
+            "ask for at most one node per process",
+        )
     if walltime_seconds(slurm["walltime"]) <= slurm["signal_grace"]:
         flags = [f"--{key}" for key in ("signal_grace", "walltime") if key in config.overrides]
         raise ConfigError(

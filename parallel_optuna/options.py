@@ -24,7 +24,17 @@ CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,|&*:\[\]()-]+$")
 EMAIL = re.compile(r"^[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+$")
 DIRECTIVE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%/+=-]+)?$")
 # What the array file itself decides: a directive in the YAML must not change or bypass it.
-OWN_DIRECTIVES = {"--wrap", "--array", "--output", "--error", "--open-mode", "--signal", "--requeue", "--ntasks"}
+OWN_DIRECTIVES = {
+    "--wrap",
+    "--array",
+    "--output",
+    "--error",
+    "--open-mode",
+    "--signal",
+    "--requeue",
+    "--ntasks",
+    "--nodes",
+}
 
 
 class ConfigError(Exception):
@@ -207,8 +217,22 @@ OPTIONS = [
         "--time={}",
     ),
     Option("slurm", "gpu_type", None, _matches(SAFE_NAME, "a GPU type such as rtx_4090"), "GPU type (none: any GPU)"),
-    Option("slurm", "gpus_per_task", 1, _int_at_least(0), "GPUs per array task (0 = CPU-only tasks)"),
-    Option("slurm", "cpus_per_task", 1, _int_at_least(1), "CPUs per array task", "--cpus-per-task={}"),
+    Option(
+        "slurm",
+        "gpus_per_task",
+        1,
+        _int_at_least(0),
+        "GPUs per array task (0 = CPU-only tasks); per process when several",
+    ),
+    Option(
+        "slurm",
+        "tasks_per_trial",
+        1,
+        _int_at_least(1),
+        "processes that train one trial together (DDP), one per GPU, launched by srun (docs/multi_gpu.md)",
+    ),
+    Option("slurm", "nodes_per_trial", 1, _int_at_least(1), "nodes a trial's processes spread over"),
+    Option("slurm", "cpus_per_task", 1, _int_at_least(1), "CPUs per array task (per process)", "--cpus-per-task={}"),
     Option(
         "slurm", "mem_per_cpu", "4G", _matches(MEMORY, "<int>[K|M|G|T], e.g. 23G"), "memory per CPU", "--mem-per-cpu={}"
     ),

@@ -121,6 +121,7 @@ REFUSED = [
 def check_request(config):
     """Ask SLURM whether it could run one task as configured (`sbatch --test-only`), before any study exists."""
     flags = [line.removeprefix("#SBATCH ") for line in sbatch_directives(config["slurm"]).splitlines()]
+    flags.append(f"--ntasks={config['slurm']['tasks_per_trial']}")
     problem = slurm.test_request(flags)
     if problem:
         key = next((key for words, key in REFUSED if words in problem.lower()), "slurm")

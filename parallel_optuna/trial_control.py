@@ -44,6 +44,7 @@ class Running:
 
     folder = None  # runs/<study>/trials/<number>/
     stop = None  # worker.StopSignal
+    agree = None  # several processes per trial: every rank gets rank 0's answer (ranks.py)
 
 
 def trial_dir(trial: optuna.trial.BaseTrial) -> Path:
@@ -69,7 +70,7 @@ def artifact_store() -> optuna.artifacts.FileSystemArtifactStore:
 
 def stop_requested() -> bool:
     """True once the walltime or a preemption is near: save your state and raise Stop."""
-    if Running.stop is None:
-        return False
-    Running.stop.interrupt_now = False  # the objective stops at its own safe points from now on
-    return Running.stop.received is not None
+    asked = Running.stop is not None and Running.stop.received is not None
+    if Running.stop is not None:
+        Running.stop.interrupt_now = False  # the objective stops at its own safe points from now on
+    return Running.agree(asked) if Running.agree else asked

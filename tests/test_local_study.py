@@ -333,7 +333,14 @@ def test_status_of_a_large_array_lists_what_needs_a_look_not_every_task(tmp_path
 
 
 @pytest.mark.parametrize(
-    "shipped", ["config.example.yaml", "examples/trainer_api/config.yaml", "examples/plain_objective/config.yaml"]
+    "shipped",
+    [
+        "config.example.yaml",
+        "examples/trainer_api/config.yaml",
+        "examples/plain_objective/config.yaml",
+        "examples/ddp/trainer.yaml",
+        "examples/ddp/objective.yaml",
+    ],
 )
 def test_every_shipped_config_dry_runs_from_any_folder(tmp_path, shipped):
     """The configs a new user copies first: their code is found, their keys pass, the array file is written."""

@@ -1,0 +1,350 @@
+"""Several processes training one trial (slurm.tasks_per_trial > 1): srun starts one worker per process.
+
+Rank 0 is the worker as with one process: it claims the trial, reports, decides pruning, checkpoints and
+tells. The other ranks never open the study; they follow rank 0 through small files of the task's own
+channel folder, runs/<study>/ranks/<job id>.<restart>/:
+    trial.json        the trial rank 0 runs now (its folder holds the resolved config.yaml and the
+                      checkpoint), or that this task runs no more trials
+    <trial>.jsonl     rank 0's verdict at each report()/save_checkpoint() (or stop_requested() of a plain
+                      objective), one line per call: go on, pruned, or stop (a signal); then the trial's end
+So every rank stops at the same step, whichever rank a signal reached first, and none trains on alone.
+A rank that dies ends the step (srun --kill-on-bad-exit=1): the trial stays RUNNING and, as for any dead
+worker, liveness.py fails it once and retries it from rank 0's checkpoint.
+
+Torch's rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) comes from SLURM's variables,
+so a trainer written for torchrun calls init_process_group() unchanged.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+from parallel_optuna import trial_control
+from parallel_optuna.run_dir import run_dir
+from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
+from parallel_optuna.user_code import load_function
+
+log = logging.getLogger("worker")
+
+PORTS = 20000, 12000  # MASTER_PORT = first + job id % count: below Linux's ephemeral ports, one per task
+POLL_S = 0.02
+PRUNED = "pruned"
+LOST_RANK_WAIT_S = 5  # srun sends rank 0 SIGTERM within a fraction of a second of another rank's death
+FOLLOWER_WAIT_S = 60  # a rank whose trainer raised waits this long for rank 0 to end the trial too
+
+
+# ---------------------------------------------------------------- rendezvous
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compressed host list, e.g. "gpu[01-03,07],login1" -> gpu01, gpu02, gpu03, gpu07, login1."""
+    hosts = []
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", hostlist):
+        hosts += _expand_one(item)
+    return hosts
+
+
+def _expand_one(item: str) -> list[str]:
+    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)", item)
+    if not match:
+        return [item]
+    prefix, ranges, rest = match.groups()
+    names = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        for number in range(int(low), int(high or low) + 1):
+            names.append(f"{prefix}{number:0{len(low)}d}")  # keeps the zero padding: node01
+    return [name + tail for name in names for tail in _expand_one(rest)]
+
+
+def rendezvous_env(environ: dict) -> dict[str, str]:
+    """torchrun's variables for this srun process, from SLURM's; {} for a task of one process."""
+    world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    if world < 2 or "SLURM_PROCID" not in environ:
+        return {}
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]
+    job = int(environ.get("SLURM_JOB_ID", 0))
+    return {
+        "MASTER_ADDR": expand_hostlist(nodes)[0],  # rank 0 runs on the step's first node
+        "MASTER_PORT": str(PORTS[0] + job % PORTS[1]),  # each array task its own job id: no two share a port
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+    }
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1)) if "SLURM_PROCID" in os.environ else 1
+
+
+def follower() -> bool:
+    return rank() > 0
+
+
+# ---------------------------------------------------------------- the files between the ranks
+def channel(config) -> Path:
+    task_run = f"{os.environ.get('SLURM_JOB_ID', os.getpid())}.{os.environ.get('SLURM_RESTART_COUNT', 0)}"
+    return run_dir(config) / "ranks" / task_run
+
+
+def write_atomically(path: Path, data: dict) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data))
+    os.replace(partial, path)
+
+
+class TrialOver(BaseException):
+    """Rank 0 ended the trial (told it, or it failed there) while this rank waited for its verdict."""
+
+
+class Verdicts:
+    """Rank 0's verdicts on one trial, read in order by another rank."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def next(self, timeout: float | None = None) -> str | None:
+        """The next verdict: None (go on), PRUNED or a signal's name; TrialOver once the trial ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                line = f.readline()
+            if line.endswith("\n"):  # a line still being written is read again whole
+                self.offset += len(line.encode())
+                entry = json.loads(line)
+                if "over" in entry:
+                    raise TrialOver(entry["over"])
+                return entry["verdict"]
+            time.sleep(POLL_S)
+        raise TimeoutError(f"no word from rank 0 in {timeout} s ({self.path})")
+
+    def agree(self, asked: bool) -> bool:
+        """trial_control.stop_requested() on this rank: rank 0's answer."""
+        return self.next() is not None
+
+
+class Leader:
+    """Rank 0's side of the channel."""
+
+    def __init__(self, config) -> None:
+        self.folder = channel(config)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.seq = 0
+        self.verdicts = None
+
+    def announce(self, news: dict) -> None:
+        self.seq += 1
+        write_atomically(self.folder / "trial.json", {"seq": self.seq, **news})
+
+    def start(self, number: int, folder: Path) -> None:
+        self.verdicts = self.folder / f"{number}.jsonl"
+        self.verdicts.write_text("")
+        for old in self.folder.glob(f"{number}.rank*.failed"):
+            old.unlink()
+        self.announce({"trial": number, "folder": str(folder)})
+
+    def decide(self, verdict: str | None) -> None:
+        with open(self.verdicts, "a") as f:
+            f.write(json.dumps({"verdict": verdict}) + "\n")
+
+    def agree(self, asked: bool) -> bool:
+        """trial_control.stop_requested() on rank 0: its own answer, handed to the others."""
+        self.decide("stop" if asked else None)
+        return asked
+
+    def over(self, outcome: str) -> None:
+        if self.verdicts:
+            with open(self.verdicts, "a") as f:
+                f.write(json.dumps({"over": outcome}) + "\n")
+            self.verdicts = None
+
+    def followers_failed(self, number: int) -> bool:
+        return len(list(self.folder.glob(f"{number}.rank*.failed"))) >= world_size() - 1
+
+
+LEADER: Leader | None = None
+
+
+def lead(config) -> None:
+    """Rank 0 of several: open the channel the others wait on."""
+    global LEADER
+    if world_size() > 1 and LEADER is None:
+        LEADER = Leader(config)
+
+
+def finish() -> None:
+    """Rank 0 ends: the others end too."""
+    if LEADER is not None:
+        LEADER.over("ended")
+        LEADER.announce({"done": True})
+
+
+# ---------------------------------------------------------------- rank 0's trial
+class LeaderHandle(TrialHandle):
+    """The trainer's handle on rank 0: as with one process, and each verdict handed to the other ranks."""
+
+    def report(self, value: float, step: int) -> None:
+        self.agreed(super().report, value, step)
+
+    def save_checkpoint(self, state) -> None:
+        self.agreed(super().save_checkpoint, state)
+
+    def agreed(self, call, *args) -> None:
+        try:
+            call(*args)
+        except optuna.TrialPruned:
+            LEADER.decide(PRUNED)
+            raise
+        except Interrupted as e:
+            LEADER.decide(str(e) or "stop")
+            raise
+        LEADER.decide(None)
+
+
+@contextlib.contextmanager
+def lead_trial(trial, folder: Path, stop, config):
+    """The trial's handle; with several processes, the others learn when rank 0 ends it."""
+    trusted = config["study"]["trusted_checkpoints"]
+    if LEADER is None:
+        yield TrialHandle(trial, folder, stop, trusted)
+        return
+    try:
+        yield LeaderHandle(trial, folder, stop, trusted)
+    finally:
+        trial_control.Running.agree = None
+        LEADER.over("told")
+
+
+def start_trial(handle) -> None:
+    """The resolved config.yaml (and any checkpoint to resume) is in the trial's folder: the others start."""
+    if LEADER is None:
+        return
+    LEADER.start(handle.number, handle.folder)
+    # A plain objective stops where every rank asks trial_control.stop_requested(), never in between.
+    handle.stop.interrupt_now = False
+    trial_control.Running.agree = LEADER.agree
+
+
+def rank_lost(handle) -> bool:
+    """The trainer raised on rank 0: whether a rank died (then the trial is no trainer's failure)."""
+    if LEADER is None:
+        return False
+    deadline = time.monotonic() + LOST_RANK_WAIT_S
+    while time.monotonic() < deadline:
+        if handle.stop.received == "SIGTERM":  # srun ends the step of a rank that died
+            log.error("trial %d: another rank died; it is retried as a dead worker's trial", handle.number)
+            return True
+        if LEADER.followers_failed(handle.number):
+            return False  # every rank raised: the trainer's own failure
+        time.sleep(0.1)
+    return False
+
+
+# ---------------------------------------------------------------- the other ranks
+class FollowerHandle:
+    """The trainer's handle on ranks other than 0: the same calls; rank 0 writes, every rank acts alike."""
+
+    def __init__(self, number: int, folder: Path, verdicts: Verdicts, trusted: bool) -> None:
+        self.number, self.folder, self.verdicts, self.trusted = number, folder, verdicts, trusted
+        self.checkpoint = folder / "checkpoint.pt"
+
+    def report(self, value: float, step: int) -> None:
+        self.follow(f"step {step}")
+
+    def save_checkpoint(self, state) -> None:
+        self.follow("its checkpoint")
+
+    def follow(self, where: str) -> None:
+        verdict = self.verdicts.next()
+        if verdict == PRUNED:
+            log.info("trial %d pruned at %s (rank 0's decision)", self.number, where)
+            raise optuna.TrialPruned(f"pruned at {where}")
+        if verdict:
+            log.info("trial %d stops at %s after %s (rank 0's decision)", self.number, where, verdict)
+            raise Interrupted(verdict)
+
+    def load_checkpoint(self):
+        if not self.checkpoint.exists():
+            return None
+        log.info("trial %d resumes from %s", self.number, self.checkpoint)
+        return load_state(self.checkpoint, self.trusted)
+
+    def save_weights(self, state) -> None:
+        """Rank 0 saves the weights."""
+
+
+def follow(config) -> int:
+    """Run the trials rank 0 runs, until it says this task runs no more; the worker's exit status."""
+    global log
+    log = logging.getLogger(f"rank{rank()}")
+    kind = "objective" if config["study"]["objective"] else "trainer"
+    function = load_function(config, kind, config.path)[0]
+    seen = 0
+    while True:
+        news = wait_for_news(channel(config), seen)
+        if news.get("done"):
+            return 0
+        seen = news["seq"]
+        ended = follow_trial(config, kind, function, news)
+        if ended is not None:
+            return ended
+
+
+def wait_for_news(folder: Path, seen: int) -> dict:
+    while True:
+        try:
+            news = json.loads((folder / "trial.json").read_text())
+            if news["seq"] > seen:
+                return news
+        except (OSError, ValueError):
+            pass  # rank 0 has not written it yet
+        time.sleep(POLL_S * 5)
+
+
+def follow_trial(config, kind: str, function, news: dict) -> int | None:
+    """One trial on this rank; an exit status when this rank must end, None to wait for the next trial."""
+    number, folder = news["trial"], Path(news["folder"])
+    verdicts = Verdicts(channel(config) / f"{number}.jsonl")
+    log.info("trial %d: training with rank 0 (%s)", number, folder / "config.yaml")
+    try:
+        if kind == "objective":
+            trial_control.Running.folder, trial_control.Running.agree = folder, verdicts.agree
+            function(None)  # optuna-integration's TorchDistributedTrial(None) gets everything from rank 0
+        else:
+            resolved = yaml.safe_load((folder / "config.yaml").read_text())
+            function(resolved, FollowerHandle(number, folder, verdicts, config["study"]["trusted_checkpoints"]))
+    except (optuna.TrialPruned, TrialOver):
+        return None
+    except Interrupted:
+        return 0  # rank 0 requeues the task or leaves the trial for the next one
+    except Exception:
+        log.exception("trial %d failed on rank %d", number, rank())
+        (channel(config) / f"{number}.rank{rank()}.failed").write_text("")
+        return wait_for_end(verdicts, number)
+    finally:
+        trial_control.Running.folder = trial_control.Running.agree = None
+    return None
+
+
+def wait_for_end(verdicts: Verdicts, number: int) -> int | None:
+    """This rank's trainer raised: rank 0 ends the trial too (the same bug), or is stuck without this rank."""
+    deadline = time.monotonic() + FOLLOWER_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            verdicts.next(timeout=deadline - time.monotonic())
+        except TrialOver:
+            return None
+        except TimeoutError:
+            break
+    log.error("trial %d: rank 0 did not end the trial in %d s: this task ends", number, FOLLOWER_WAIT_S)
+    return 1

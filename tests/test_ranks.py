@@ -1,0 +1,229 @@
+"""Several processes per trial (slurm.tasks_per_trial): the array file, torch's rendezvous, and real 2-rank
+trials on the local cluster (gloo on CPUs): one Optuna trial per task, every rank stopping together."""
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PROJECT, finished, load_study, run_script, write_experiment
+from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
+
+from parallel_optuna.ranks import expand_hostlist, rendezvous_env
+
+
+def ddp_experiment(tmp_path, changes=None):
+    """The DDP trainer of examples/ddp, 2 processes per trial, small and quick."""
+    path = write_experiment(
+        tmp_path / "exp",
+        {
+            "study.trainer": "trainer:train",
+            "study.optimization_metric": "val_loss",
+            "study.n_trials": 2,
+            "slurm.tasks_per_trial": 2,
+            "model.width": 16,
+            "training.n_samples": 256,
+            "training.epochs": 2,
+            **(changes or {}),
+        },
+    )
+    config = yaml.safe_load(path.read_text())
+    del config["data"]  # it makes its data in code
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copy(PROJECT / "examples" / "ddp" / "trainer.py", path.parent / "trainer.py")
+    return path
+
+
+def submit(path):
+    out = run_script("submit_study.py", "--config", path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return submitted_jobs(out.stdout)
+
+
+def task_logs(path):
+    return "\n".join(f.read_text() for f in sorted((path.parent / "runs/tiny/slurm_logs").glob("*.out")))
+
+
+# ---------------------------------------------------------------- no cluster needed
+def test_the_array_file_launches_the_ranks_with_srun(tmp_path):
+    path = ddp_experiment(tmp_path, {"slurm.nodes_per_trial": 2, "slurm.gpus_per_task": 1, "slurm.gpu_type": "a100"})
+    out = run_script("submit_study.py", "--config", path, "--no-submit_jobs")
+    assert out.returncode == 0, out.stderr
+    script = (path.parent / "runs/tiny/array_job.sbatch").read_text()
+    for line in ("#SBATCH --ntasks=2", "#SBATCH --nodes=2", "#SBATCH --gpus-per-task=a100:1"):
+        assert line + "\n" in script
+    launch = next(line for line in script.splitlines() if "worker.py" in line)
+    assert launch.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=1 --gpu-bind=none "), launch
+    assert "kill -USR2 $worker" in script, "the walltime signal goes to srun, which passes it to every rank"
+    assert "kill -TERM" not in script, "srun would end the ranks at once on TERM"
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+    one = write_experiment(tmp_path / "one", {"slurm.gpus_per_task": 1})
+    assert run_script("submit_study.py", "--config", one, "--no-submit_jobs").returncode == 0
+    script = (one.parent / "runs/tiny/array_job.sbatch").read_text()
+    assert "#SBATCH --ntasks=1\n" in script and "#SBATCH --gpus=1\n" in script and "srun --" not in script
+    assert "kill -TERM $worker" in script
+
+
+def test_more_nodes_than_processes_is_refused(tmp_path):
+    path = ddp_experiment(tmp_path, {"slurm.nodes_per_trial": 3})
+    out = run_script("submit_study.py", "--config", path, "--no-submit_jobs")
+    assert out.returncode == 2
+    assert "slurm.nodes_per_trial: 3 nodes for 2 processes" in out.stderr
+
+
+def test_rendezvous_of_two_nodes_from_slurm_variables():
+    assert expand_hostlist("node[01-02]") == ["node01", "node02"]
+    assert expand_hostlist("gpu[7,9-10]-ib,login1") == ["gpu7-ib", "gpu9-ib", "gpu10-ib", "login1"]
+    rank_3 = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "node[01-02]",
+        "SLURM_JOB_ID": "123457",
+    }
+    env = rendezvous_env(rank_3)
+    assert env == {
+        "MASTER_ADDR": "node01",
+        "MASTER_PORT": str(20000 + 123457 % 12000),
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+    }
+    neighbour = rendezvous_env({**rank_3, "SLURM_JOB_ID": "123458"})
+    assert neighbour["MASTER_PORT"] != env["MASTER_PORT"], "two trials on one node never share a port"
+    assert rendezvous_env({**rank_3, "SLURM_NTASKS": "1"}) == {}, "one process: torch's variables stay as they are"
+
+
+# ---------------------------------------------------------------- on the local cluster
+@pytest.mark.slurm
+def test_a_ddp_trainer_meets_the_budget_with_one_optuna_trial_per_task(slurm, tmp_path):
+    path = ddp_experiment(tmp_path)
+    wait_for_jobs(submit(path))
+    study = load_study(path)
+    assert len(study.trials) == 2, [(t.number, t.state.name) for t in study.trials]
+    assert len(finished(study)) == 2
+    assert all(t.user_attrs["metrics"]["world_size"] == 2 for t in study.trials), "both ranks trained each trial"
+    logs = task_logs(path)
+    for t in study.trials:
+        assert f"rank1: trial {t.number}: training with rank 0" in logs
+
+
+@pytest.mark.slurm
+def test_a_plain_objective_with_torch_distributed_trial(slurm, tmp_path):
+    path = write_experiment(tmp_path / "exp", {"slurm.tasks_per_trial": 2, "study.n_trials": 2})
+    config = yaml.safe_load(path.read_text())
+    config["study"].update(objective="objective:objective", trainer=None, optimization_metric="val_loss")
+    del config["search_space"], config["data"]
+    path.write_text(yaml.safe_dump(config))
+    code = (PROJECT / "examples/ddp/objective.py").read_text()
+    (path.parent / "objective.py").write_text(
+        code.replace("EPOCHS, N_SAMPLES = 10, 2048", "EPOCHS, N_SAMPLES = 2, 256")
+    )
+    wait_for_jobs(submit(path))
+    study = load_study(path)
+    assert len(study.trials) == 2 and len(finished(study)) == 2, [(t.number, t.state.name) for t in study.trials]
+    assert all(set(t.params) == {"width", "lr"} for t in study.trials)
+    logs = task_logs(path)
+    assert all(f"rank1: trial {t.number}: training with rank 0" in logs for t in study.trials)
+
+
+@pytest.mark.slurm
+def test_pruning_stops_every_rank_together(slurm, tmp_path):
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "study.pruner": {"name": "ThresholdPruner", "upper": 0.0}})
+    wait_for_jobs(submit(path))
+    study = load_study(path)
+    assert [t.state.name for t in study.trials] == ["PRUNED"]
+    logs = task_logs(path)
+    assert "trial 0 PRUNED (pruned at step 0)" in logs
+    assert "rank1: trial 0 pruned at step 0 (rank 0's decision)" in logs
+    errors = "".join(f.read_text() for f in (path.parent / "runs/tiny/slurm_logs").glob("*.err"))
+    assert "Traceback" not in errors, errors
+
+
+def rank_pid(path, rank):
+    """The pid of the worker of this experiment that runs as the given rank of its task."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(path).encode() in cmdline and b"worker.py" in b" ".join(cmdline):
+            if f"SLURM_PROCID={rank}".encode() in environ:
+                return int(proc.name)
+    return None
+
+
+def running_with_checkpoint(path):
+    study = load_study(path)
+
+    def find():
+        for t in study.get_trials():
+            if (
+                t.state.name == "RUNNING"
+                and (path.parent / "runs/tiny/trials" / str(t.number) / "checkpoint.pt").exists()
+            ):
+                return t
+
+    return wait_until(find, what="a running trial with a checkpoint")
+
+
+@pytest.mark.slurm
+def test_kill_9_of_rank_1_fails_the_trial_once_and_its_retry_resumes(slurm, tmp_path):
+    changes = {"training.epochs": 5, "training.epoch_seconds": 1.0, "slurm.max_concurrent_jobs": 1}
+    path = ddp_experiment(tmp_path, changes)
+    jobs = submit(path)
+    victim = running_with_checkpoint(path)
+    os.kill(wait_until(lambda: rank_pid(path, 1), what="rank 1"), signal.SIGKILL)
+    wait_for_jobs(jobs)
+    study = load_study(path)
+    assert len(finished(study)) == 2
+    dead = study.trials[victim.number]
+    assert dead.state.name == "FAIL" and dead.user_attrs["fail_reason"].startswith("worker died"), dead.user_attrs
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retries) == 1, "one retry, not one per rank"
+    assert retries[0].state.name == "COMPLETE"
+    assert sorted(retries[0].intermediate_values) == list(range(5)), "the retry continued the dead trial's curve"
+    assert f"rank1: trial {retries[0].number} resumes from" in task_logs(path)
+
+
+@pytest.mark.slurm
+def test_a_walltime_requeue_resumes_every_rank(slurm, tmp_path):
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "training.epochs": 6, "training.epoch_seconds": 1.0})
+    jobs = submit(path)
+    running_with_checkpoint(path)
+    task = f"{jobs[0]}_0"
+    subprocess.run(["scancel", "--batch", "--signal=USR2", task], check=True)  # as SLURM's B:USR2 before the walltime
+    wait_for_jobs(jobs)
+    trial = load_study(path).trials[0]
+    assert trial.state.name == "COMPLETE", trial.user_attrs
+    assert trial.user_attrs["requeues"] == 1 and trial.user_attrs["slurm_restart_count"] == 1
+    assert sorted(trial.intermediate_values) == list(range(6))
+    logs = task_logs(path)
+    assert "rank1: trial 0 stops at its checkpoint after SIGUSR2 (rank 0's decision)" in logs
+    assert "rank1: trial 0 resumes from" in logs
+
+
+BROKEN = """import torch.distributed as dist
+
+
+def train(config, trial):
+    dist.init_process_group("gloo")
+    dist.barrier()
+    raise KeyError("no column 'target' in the data")
+"""
+
+
+@pytest.mark.slurm
+def test_a_trainer_that_raises_on_every_rank_fails_its_trial_once_without_retry(slurm, tmp_path):
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "study.trainer": "broken:train"})
+    (path.parent / "broken.py").write_text(BROKEN)
+    wait_for_jobs(submit(path))
+    study = load_study(path)
+    assert [t.state.name for t in study.trials] == ["FAIL"], "the trainer's failure: no retry"
+    assert study.trials[0].user_attrs["fail_reason"] == "KeyError: \"no column 'target' in the data\""
+    assert "rank1: trial 0 failed on rank 1" in task_logs(path)
