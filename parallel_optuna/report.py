@@ -71,7 +71,7 @@ def write_report(study, config):
     }
     if len(study.directions) > 1:
         plots["pareto_front"] = lambda s: vis.plot_pareto_front(s, **({"target_names": names} if known else {}))
-    print(f"report of study {study.study_name} ({len(study.trials)} trials): {folder}/")
+    print(f"report of study {study.study_name} ({len(study.trials)} trials): {folder}/ (each plot a study artifact)")
     for name, plot in plots.items():
         try:
             with warnings.catch_warnings():  # matplotlib's notes on an axis of one value: the plot is still right
