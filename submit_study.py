@@ -79,6 +79,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--as_job", action="store_true", help="submit from a small SLURM job (1 CPU, 4G, 1 h)")
     parser.add_argument(
+        "--next_part",
+        action="store_true",
+        help="what the job a submit limit chains runs: the rest, unless the trainer failed every trial since",
+    )
+    parser.add_argument(
         "--storage_file", help="file holding the storage URL, instead of --storage (keeps a password off command lines)"
     )
     parser.add_argument(

@@ -48,8 +48,10 @@ def submit_job(config, argv, storage_file, filename="submit_job.sbatch"):
 
 def submit_next_part(config, argv, storage_file, after):
     """The job that submits the rest of the study once the arrays `after` have ended; its id, or None."""
+    argv = [*argv, "--next_part"] if "--next_part" not in argv else argv
     script = submit_job(config, argv, storage_file, "next_part_job.sbatch")
-    result = slurm.sbatch(["sbatch", "--parsable", f"{DEPENDENCY}{':'.join(after)}", str(script)])
+    waits = [f"{DEPENDENCY}{':'.join(after)}"] if after else []
+    result = slurm.sbatch(["sbatch", "--parsable", *waits, str(script)])
     if result.returncode != 0:
         print(f"error: sbatch {script} failed: {' '.join(result.stderr.split())}", file=sys.stderr)
         return None

@@ -141,10 +141,14 @@ def sacctmgr(*words: str) -> list[list[str]] | None:
     return [line.split("|") for line in result.stdout.splitlines()] if result.returncode == 0 else None
 
 
-def my_queued_jobs() -> int | None:
-    """How many jobs of this user SLURM holds now, each array task one (what submit limits count)."""
+# Every state of a job that still counts against a submit limit (squeue's names for them).
+QUEUED_STATES = "PD,R,S,CF,CG,RQ,RS,RH,SE,RF,SO,ST,RD"
+
+
+def my_queued_jobs(*selection: str) -> int | None:
+    """How many jobs of this user SLURM holds now (e.g. "--qos=normal"), each array task one."""
     try:
-        out = run(["squeue", "--me", "--array", "--noheader", "--format=%i", "--states=PD,R,S,CF,CG,RQ,RS"])
+        out = run(["squeue", "--me", "--array", "--noheader", "--format=%i", f"--states={QUEUED_STATES}", *selection])
     except SlurmError:
         return None
     return len(out.split())

@@ -113,6 +113,7 @@ def cancel(study):
     submitters = sorted({row[0] for row in slurm.squeue(f"--name={submit_job_name(study.study_name)}", "--me")})
     if submitters:
         slurm.run(["scancel", *submitters])
+    study.set_user_attr(attr.NEXT_PART, None)  # a chained next part is among them: a submit decides anew
     print(
         f"study {study.study_name}: cancelled ({describe(arrays)}"
         + (f"; submit job(s) {', '.join(submitters)} cancelled too" if submitters else "")

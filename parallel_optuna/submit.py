@@ -59,7 +59,9 @@ def submit(args, config, argv=()):
             print(f"note: a dry run records no budget: submit with --n_trials {config['study']['n_trials']} to set it")
     else:
         config_versions.adopt(config_versions.versions_folder(config), config, read_text(config.path))
-        take_stock(study, config, url)
+        if args.next_part and failures.stopping(study, config):
+            return stop_chaining(study, config)
+        take_stock(study, config, url, reset_failures=not args.next_part)
         take_controls(study, config)
     storage_file = storage_reference(config, url)
     if args.local is not None:
@@ -133,12 +135,26 @@ def check_request(config):
         )
 
 
-def take_stock(study, config, url):
-    """Say where the study stands, record the budget, and fail + retry trials whose workers died."""
+def stop_chaining(study, config):
+    """The chained submit of a study whose trainer fails every trial: submitting more parts would only fail more."""
+    submit_limits.record(study, remaining(study, config), "the trainer failed every trial since the last submit", None)
+    print(
+        f"error: {failures.describe(failures.stopping(study, config))}: the next part is not submitted; fix: fix the "
+        "trainer, then submit again",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def take_stock(study, config, url, reset_failures=True):
+    """Say where the study stands, record the budget, and fail + retry trials whose workers died.
+
+    A submit by hand lets trials start again after a failing streak; the chained next part does not."""
     say_where_it_stands(study, config, url)
-    if failures.stopping(study, config):
-        print("note: the trainer failed every trial since the last submit; trials start again now", file=sys.stderr)
-    study.set_user_attr(failures.RESET, now())
+    if reset_failures:
+        if failures.stopping(study, config):
+            print("note: the trainer failed every trial since the last submit; trials start again now", file=sys.stderr)
+        study.set_user_attr(failures.RESET, now())
     if config["study"]["enqueue_base"] and not study.get_trials(deepcopy=False):
         study.enqueue_trial(base_params(config, config.path), user_attrs={attr.BASELINE: True})
         print("the YAML's own values are enqueued as the first trial (study.enqueue_base)")
@@ -232,6 +248,8 @@ def submit_array(args, config, study, data_dir, storage_file, argv=()):
             f"budget met: {study_budget(study, config)} trials finished, running or queued ({queued} tasks "
             f"waiting); nothing to submit (raise --n_trials to extend the study)"
         )
+        if args.submit_jobs:
+            submit_limits.record(study, 0, None, None)
         return 0
     # %K holds per array: a top-up starts once the study's arrays still in the queue have ended, so that
     # the study never runs more than K tasks at once.
@@ -243,6 +261,11 @@ def submit_array(args, config, study, data_dir, storage_file, argv=()):
         return dry_run(script, sbatch_commands(script, n_tasks, slurm.DEFAULT_MAX_ARRAY_SIZE, throttle, active))
     room = submit_limits.tightest(config)
     now_tasks = submit_limits.tasks_now(n_tasks, room, extra_jobs=int(config["slurm"]["notify_on_finish"]))
+    if now_tasks == 0:
+        submit_limits.record(study, n_tasks, room.limit, None)
+        raise slurm.SlurmError(
+            f"no room for the array under the {room.limit}; fix: submit again once some of your jobs have ended"
+        )
     commands = sbatch_commands(script, now_tasks, slurm.max_array_size(), throttle, active)
     if study_control.mark(study) == study_control.PAUSED:
         commands = [(n, [c[0], "--hold", *c[1:]]) for n, c in commands]

@@ -2,10 +2,11 @@
 
 Sites cap how many jobs a user may have queued: the association's MaxSubmitJobs and the QOS's
 MaxSubmitJobsPerUser. Every array task counts as a job, and an array that does not fit is refused
-whole. So the submit reads the limits (sacctmgr) and the user's queued jobs (squeue), submits as
-many tasks as leave room for one more job, and that job (`next_part_job.sbatch`) runs the same
-submit once the array has ended. Each part is a submit like any other: it counts what the study
-still needs, so the budget stays exact and no task is submitted twice.
+whole. So the submit reads the limits (sacctmgr) and the user's jobs queued under each (squeue
+--account, --qos), submits as many tasks as leave room for one more job, and that job
+(`next_part_job.sbatch`) runs the same submit once the array has ended. Each part is a submit like
+any other: it counts what the study still needs, so the budget stays exact and no task is submitted
+twice. The chained one (--next_part) stops there when the trainer has failed every trial since.
 """
 
 from __future__ import annotations
@@ -34,55 +35,59 @@ class Room:
 
 def tightest(config: Config) -> Room | None:
     """The submit limit that leaves the least room; None where none is set or accounting cannot be read."""
-    queued = slurm.my_queued_jobs()
-    limits = association_limit(config) + qos_limit(config)
-    if queued is None or not limits:
+    account = config["slurm"]["account"] or default_account()
+    association = association_row(account, config["slurm"]["partition"])
+    if association is None:
         return None
-    most, what = min(limits)
-    return Room(most - queued, f"{what}={most}, {queued} of your jobs queued")
+    qos = config["slurm"]["qos"] or association["DefaultQOS"] or single(association["QOS"]) or "normal"
+    rooms = []
+    if association["MaxSubmit"].isdigit():
+        limit = int(association["MaxSubmit"])
+        rooms.append(room(limit, f"association {account} MaxSubmitJobs={limit}", f"--account={account}"))
+    per_user = slurm.sacctmgr("qos", "where", f"name={qos}", "format=MaxSubmitPU") or []
+    if per_user and per_user[0][0].isdigit():
+        limit = int(per_user[0][0])
+        rooms.append(room(limit, f"QOS {qos} MaxSubmitJobsPerUser={limit}", f"--qos={qos}"))
+    known = [r for r in rooms if r is not None]
+    return min(known, key=lambda r: r.free) if known else None
 
 
-def association_limit(config: Config) -> list[tuple[int, str]]:
-    """[(MaxSubmitJobs, its name)] of the user's association for slurm.account (sacctmgr shows inherited ones)."""
-    where = [f"user={getpass.getuser()}", f"cluster={slurm.config_value('ClusterName') or ''}"]
-    if config["slurm"]["account"]:
-        where.append(f"account={config['slurm']['account']}")
-    rows = slurm.sacctmgr("assoc", "where", *where, "format=Account,Partition,MaxSubmit,DefaultQOS,QOS") or []
-    partition = config["slurm"]["partition"]
-    rows = [r for r in rows if len(r) == 5 and r[1] in ("", partition)]
-    return [(int(r[2]), f"association {r[0]} MaxSubmitJobs") for r in rows if r[2].isdigit()][:1]
+def room(limit: int, what: str, selection: str) -> Room | None:
+    """The room under one limit: only the user's jobs under that account or QOS count against it."""
+    queued = slurm.my_queued_jobs(selection)
+    return None if queued is None else Room(limit - queued, f"{what}, {queued} of your jobs under it queued")
 
 
-def qos_limit(config: Config) -> list[tuple[int, str]]:
-    """[(MaxSubmitJobsPerUser, its name)] of the QOS the array runs under: slurm.qos, else the default one."""
-    qos = config["slurm"]["qos"] or default_qos(config)
-    rows = slurm.sacctmgr("qos", "where", f"name={qos}", "format=Name,MaxSubmitPU") or []
-    return [(int(r[1]), f"QOS {r[0]} MaxSubmitJobsPerUser") for r in rows if len(r) == 2 and r[1].isdigit()][:1]
+def default_account() -> str:
+    rows = slurm.sacctmgr("user", getpass.getuser(), "format=DefaultAccount") or [[""]]
+    return rows[0][0] if rows and rows[0] else ""
 
 
-def default_qos(config: Config) -> str:
-    where = [f"user={getpass.getuser()}"] + (
-        [f"account={config['slurm']['account']}"] if config["slurm"]["account"] else []
-    )
-    rows = slurm.sacctmgr("assoc", "where", *where, "format=DefaultQOS,QOS") or []
-    for default, allowed in (r for r in rows if len(r) == 2):
-        if default or "," not in allowed:
-            return default or allowed or "normal"
-    return "normal"
+def association_row(account: str, partition: str | None) -> dict[str, str] | None:
+    """The user's association for this account (a partition's own one first), as sacctmgr shows it:
+    limits set on a parent account show on it. None where there is no accounting."""
+    fields = ("Partition", "MaxSubmit", "DefaultQOS", "QOS")
+    where = [f"user={getpass.getuser()}", f"account={account}", f"cluster={slurm.config_value('ClusterName') or ''}"]
+    rows = [
+        dict(zip(fields, r, strict=True))
+        for r in slurm.sacctmgr("assoc", "where", *where, f"format={','.join(fields)}") or []
+        if len(r) == len(fields)
+    ]
+    rows.sort(key=lambda r: r["Partition"] != (partition or ""))
+    return rows[0] if rows else None
+
+
+def single(allowed: str) -> str:
+    """The QOS a job gets by default where the association allows only one."""
+    return "" if "," in allowed else allowed
 
 
 def tasks_now(n_tasks: int, room: Room | None, extra_jobs: int = 0) -> int:
-    """How many of n_tasks to submit now: all when they fit, else what leaves room for the next part's job.
-
-    Raises SlurmError, with the limit, when not even one task and that job fit.
-    """
+    """How many of n_tasks to submit now: all when they fit, else what leaves room for the next part's job
+    (0 when not even one task and that job fit)."""
     if room is None or n_tasks + extra_jobs <= room.free:
         return n_tasks
-    if room.free - extra_jobs < 2:
-        raise slurm.SlurmError(
-            f"no room for the array under the {room.limit}; fix: submit again once some of your jobs have ended"
-        )
-    return room.free - extra_jobs - 1
+    return max(0, room.free - extra_jobs - 1)
 
 
 def record(study: optuna.Study, tasks: int, limit: str | None, job: str | None) -> None:

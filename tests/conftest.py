@@ -146,23 +146,28 @@ def slurm():
     return subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def site(slurm):
-    """The local cluster as a real site has it: accounting on, memory enforced (scripts/local_cluster.sh)."""
+def _cluster_has(what, pattern):
+    """Fail under CI=true, else skip, unless `scontrol show config` matches (scripts/local_cluster.sh sets it)."""
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
-    problems = [
-        what
-        for what, ok in (
-            ("no accounting (AccountingStorageType)", "accounting_storage/slurmdbd" in config),
-            ("no memory enforcement (TaskPlugin)", re.search(r"TaskPlugin\s*=.*task/cgroup", config)),
-        )
-        if not ok
-    ]
-    if problems:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the local cluster has {' and '.join(problems)}: run local_cluster.sh up")
-        pytest.skip(f"the local cluster has {' and '.join(problems)}; `bash scripts/local_cluster.sh up` sets them")
+    if re.search(pattern, config):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but the local cluster has no {what}: run bash scripts/local_cluster.sh up")
+    pytest.skip(f"the local cluster has no {what}; `bash scripts/local_cluster.sh up` sets it up where it can")
+
+
+@pytest.fixture(scope="session")
+def accounting(slurm):
+    """sacct and sacctmgr answer: slurmdbd keeps the cluster's accounting."""
+    _cluster_has("accounting", r"AccountingStorageType\s*=\s*accounting_storage/slurmdbd")
     return slurm
+
+
+@pytest.fixture(scope="session")
+def memory_enforced(accounting):
+    """A task past its memory request is killed (OUT_OF_MEMORY), and accounting records its MaxRSS."""
+    _cluster_has("memory enforcement (cgroup v1 is needed)", r"TaskPlugin\s*=.*task/cgroup")
+    return accounting
 
 
 # ---------------------------------------------------------------- the local PostgreSQL server

@@ -9,7 +9,7 @@ from parallel_optuna import task_ends
 from parallel_optuna.config import load_config
 
 
-def test_a_task_killed_for_memory_or_walltime_says_why_in_status_and_on_its_trial(site, tmp_path):
+def test_a_task_killed_for_memory_or_walltime_says_why_in_status_and_on_its_trial(memory_enforced, tmp_path):
     # Both at once: the walltime one takes SLURM's minute, the memory one a few seconds.
     one_trial = {"study.n_trials": 1, "study.max_retries": 0, "slurm.max_concurrent_jobs": 1}
     oom = plugin_experiment(tmp_path / "oom", {**one_trial, "training.grow_mb": 1500})
