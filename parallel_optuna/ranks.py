@@ -45,6 +45,7 @@ POLL_S = 0.02
 PRUNED = "pruned"
 LOST_RANK_WAIT_S = 5  # srun sends rank 0 SIGTERM within a fraction of a second of another rank's death
 FOLLOWER_WAIT_S = 60  # a rank whose trainer raised waits this long for rank 0 to end the trial too
+WATCH_S = 0.5  # how often rank 0 looks for another rank's failure while its trainer runs (a folder listing)
 LEAVE_WAIT_S = 10  # rank 0 at its end waits this long for the others to leave before deleting the folder
 
 
@@ -298,7 +299,7 @@ def watch(number: int, end_task) -> None:
     failure is the trial's (the trainer's). Rank 0's own trainer may raise too (a bug on every rank): then
     rank 0 tells its own reason and the task goes on."""
     while LEADER.training == number and not LEADER.failed(number):
-        time.sleep(POLL_S * 5)
+        time.sleep(WATCH_S)
     deadline = time.monotonic() + LOST_RANK_WAIT_S
     while LEADER.training == number and time.monotonic() < deadline:
         time.sleep(POLL_S * 5)
