@@ -330,7 +330,7 @@ def rank_lost(handle) -> bool:
         if LEADER.followers_failed(handle.number):
             return False  # every rank raised: the trainer's own failure, and every rank is ready for the next
         time.sleep(0.1)
-    log.error("trial %d raised on rank 0 alone: the others may wait for it, so this task ends", handle.number)
+    log.error("trial %d raised on rank 0, not on every rank: the others may wait for it; this task ends", handle.number)
     LEADER.ends_task = True
     return False
 
