@@ -179,8 +179,7 @@ def train_and_tell(study, trial, config, handle):
         if full_filesystem(e) or ranks.rank_lost(handle):
             raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
-        trial.set_user_attr(attr.FAIL_REASON, f"{type(e).__name__}: {e}"[:500])
-        study.tell(trial, state=FAIL)
+        fail_in_trainer(study, trial, f"{type(e).__name__}: {e}")
         return Outcome.FAIL
     (handle.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     try:
@@ -200,6 +199,27 @@ def train_and_tell(study, trial, config, handle):
         then = values_text(config, exported["value"])
         log.info("the exported trial %s of study %s measured %s", exported["number"], exported["study_name"], then)
     return Outcome.COMPLETE
+
+
+def fail_in_trainer(study, trial, reason):
+    trial.set_user_attr(attr.FAIL_REASON, reason[:500])
+    study.tell(trial, state=FAIL)
+
+
+def another_rank_failed(study, trial):
+    """What ends a trial whose trainer raised on another rank while rank 0 waits for it in a collective: the
+    trainer's failure, then this task (its non-zero exit makes srun end the others)."""
+
+    def end_task(reason):
+        try:
+            fail_in_trainer(study, trial, reason)
+        finally:
+            ranks.finish()
+            with optuna_internals.storage_lock(study):  # no storage op of the waiting thread is half-written
+                logging.shutdown()
+                os._exit(1)
+
+    return end_task
 
 
 def finished_elsewhere(study, trial):
@@ -234,8 +254,8 @@ def keep_result(study, trial, config, metrics, values):
 def run_trainer(study, trial, config, handle):
     """The trainer API: the YAML's search space sampled into the config, the trainer's metrics back."""
     resolved = prepare_trial(study, trial, config, handle)
-    ranks.start_trial(handle)  # several processes per trial: the others train it too
-    metrics = plain_metrics(load_trainer(config, config.path)(resolved, handle))
+    with ranks.training(handle, another_rank_failed(study, trial)):  # several processes: the others train it too
+        metrics = plain_metrics(load_trainer(config, config.path)(resolved, handle))
     for metric in metric_names(config):
         if metric not in metrics:
             raise KeyError(f"the trainer's metrics {sorted(metrics)} have no {metric!r} (study.optimization_metric)")
@@ -253,8 +273,8 @@ def run_objective(study, trial, config, handle):
     try:
         if handle.stop.received:
             raise Interrupted(handle.stop.received)  # the signal came first: requeue before starting
-        ranks.start_trial(handle)
-        value = objective(optuna_internals.live_trial(study, trial, ObjectiveTrial))
+        with ranks.training(handle, another_rank_failed(study, trial)):
+            value = objective(optuna_internals.live_trial(study, trial, ObjectiveTrial))
     finally:
         handle.stop.interrupt_now, handle.stop.deadline = False, None
         trial_control.Running.folder = trial_control.Running.stop = None
@@ -445,7 +465,7 @@ def run_trials(study, trial, config, args, taken_over):
         if in_a_row >= MAX_FAILS_IN_A_ROW:
             log.error("%d trials in a row failed: this worker stops (reasons: make status)", in_a_row)
             break
-        if outcome in (Outcome.REQUEUED, Outcome.STOPPED) or stop.received:
+        if outcome in (Outcome.REQUEUED, Outcome.STOPPED) or stop.received or ranks.task_ends():
             break
         trial = None
         config = read_config(args)  # fresh from disk for the next trial

@@ -7,9 +7,14 @@ channel folder, runs/<study>/ranks/<job id>.<restart>/:
                       checkpoint), or that this task runs no more trials
     <trial>.jsonl     rank 0's verdict at each report()/save_checkpoint() (or stop_requested() of a plain
                       objective), one line per call: go on, pruned, or stop (a signal); then the trial's end
+    <trial>.rank<r>.failed   that rank's trainer raised (its reason)
+    rank<r>.left             that rank reads the folder no more; once all did, rank 0 deletes the folder
 So every rank stops at the same step, whichever rank a signal reached first, and none trains on alone.
 A rank that dies ends the step (srun --kill-on-bad-exit=1): the trial stays RUNNING and, as for any dead
 worker, liveness.py fails it once and retries it from rank 0's checkpoint.
+A trainer that raises on some ranks only fails the trial as the trainer's, with the first reason; the others
+may wait for the failed ones in a collective that never comes, so rank 0 then ends the task with a non-zero
+status (srun ends the others) and the task runs no more trials. Where every rank raised, the task goes on.
 
 Torch's rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) comes from SLURM's variables,
 so a trainer written for torchrun calls init_process_group() unchanged.
@@ -20,13 +25,15 @@ import json
 import logging
 import os
 import re
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import optuna
 import yaml
 
-from parallel_optuna import trial_control
+from parallel_optuna import slurm, trial_control
 from parallel_optuna.run_dir import run_dir
 from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
 from parallel_optuna.user_code import load_function
@@ -38,6 +45,8 @@ POLL_S = 0.02
 PRUNED = "pruned"
 LOST_RANK_WAIT_S = 5  # srun sends rank 0 SIGTERM within a fraction of a second of another rank's death
 FOLLOWER_WAIT_S = 60  # a rank whose trainer raised waits this long for rank 0 to end the trial too
+WATCH_S = 0.5  # how often rank 0 looks for another rank's failure while its trainer runs (a folder listing)
+LEAVE_WAIT_S = 10  # rank 0 at its end waits this long for the others to leave before deleting the folder
 
 
 # ---------------------------------------------------------------- rendezvous
@@ -141,6 +150,10 @@ class Leader:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.seq = 0
         self.verdicts = None
+        self.lock = threading.Lock()  # who ends a trial whose trainer raised: rank 0's own thread or its watch
+        self.training: int | None = None  # the trial whose trainer runs on rank 0 now
+        self.ending = False  # the watch ends the trial and this process
+        self.ends_task = False  # other ranks may wait in a collective, or are gone: this task runs no more trials
 
     def announce(self, news: dict) -> None:
         self.seq += 1
@@ -168,8 +181,19 @@ class Leader:
                 f.write(json.dumps({"over": outcome}) + "\n")
             self.verdicts = None
 
+    def failed(self, number: int) -> list[Path]:
+        return sorted(self.folder.glob(f"{number}.rank*.failed"))
+
     def followers_failed(self, number: int) -> bool:
-        return len(list(self.folder.glob(f"{number}.rank*.failed"))) >= world_size() - 1
+        return len(self.failed(number)) >= world_size() - 1
+
+    def others_left(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(list(self.folder.glob("rank*.left"))) < world_size() - 1:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S * 5)
+        return True
 
 
 LEADER: Leader | None = None
@@ -183,10 +207,33 @@ def lead(config) -> None:
 
 
 def finish() -> None:
-    """Rank 0 ends: the others end too."""
-    if LEADER is not None:
-        LEADER.over("ended")
-        LEADER.announce({"done": True})
+    """Rank 0 ends: the others end too; once they all left, the task's folder goes (else the submit's clean)."""
+    if LEADER is None:
+        return
+    LEADER.over("ended")
+    LEADER.announce({"done": True})
+    if not LEADER.ends_task and LEADER.others_left(LEAVE_WAIT_S):
+        shutil.rmtree(LEADER.folder, ignore_errors=True)
+
+
+def task_ends() -> bool:
+    """Whether this task runs no more trials: other ranks may still wait in a collective of the last one."""
+    return LEADER is not None and LEADER.ends_task
+
+
+def remove_leftovers(config) -> int:
+    """Delete the folders of tasks SLURM no longer holds (ended before their ranks all left); how many."""
+    runs = [p for p in (run_dir(config) / "ranks").glob("*.*") if p.name.partition(".")[0].isdigit()]
+    if not runs:
+        return 0
+    held = slurm.squeue_jobs({p.name.partition(".")[0] for p in runs}, fields="%A")
+    if held is None:
+        return 0  # SLURM did not answer: keep them all
+    held_jobs = {row[0].strip() for row in held}
+    gone = [p for p in runs if p.name.partition(".")[0] not in held_jobs]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(gone)
 
 
 # ---------------------------------------------------------------- rank 0's trial
@@ -225,28 +272,66 @@ def lead_trial(trial, folder: Path, stop, config):
         LEADER.over("told")
 
 
-def start_trial(handle) -> None:
-    """The resolved config.yaml (and any checkpoint to resume) is in the trial's folder: the others start."""
+@contextlib.contextmanager
+def training(handle, end_task):
+    """Around rank 0's trainer: the resolved config.yaml (and any checkpoint to resume) is in the trial's
+    folder, so the others start; while it trains, a watch calls end_task(reason) if another rank raised alone."""
     if LEADER is None:
+        yield
         return
     LEADER.start(handle.number, handle.folder)
     # A plain objective stops where every rank asks trial_control.stop_requested(), never in between.
     handle.stop.interrupt_now = False
     trial_control.Running.agree = LEADER.agree
+    LEADER.training, LEADER.ending = handle.number, False
+    threading.Thread(target=watch, args=(handle.number, end_task), name="ranks-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        with LEADER.lock:
+            LEADER.training, ending = None, LEADER.ending
+        if ending:
+            threading.Event().wait()  # the watch tells the trial and ends this process
+
+
+def watch(number: int, end_task) -> None:
+    """Rank 0's trainer runs, maybe waiting in a collective for a rank whose trainer raised: that rank's
+    failure is the trial's (the trainer's). Rank 0's own trainer may raise too (a bug on every rank): then
+    rank 0 tells its own reason and the task goes on."""
+    while LEADER.training == number and not LEADER.failed(number):
+        time.sleep(WATCH_S)
+    deadline = time.monotonic() + LOST_RANK_WAIT_S
+    while LEADER.training == number and time.monotonic() < deadline:
+        time.sleep(POLL_S * 5)
+    with LEADER.lock:
+        if LEADER.training != number:
+            return
+        LEADER.ending = LEADER.ends_task = True
+    failed = LEADER.failed(number)[0]
+    reason = failed.read_text() or f"the trainer raised on {failed.stem.rpartition('.')[2]}"
+    log.error("trial %d: %s; rank 0 still waits for it: the trial fails and this task ends", number, reason)
+    end_task(reason)
 
 
 def rank_lost(handle) -> bool:
-    """The trainer raised on rank 0: whether a rank died (then the trial is no trainer's failure)."""
+    """The trainer raised on rank 0: whether a rank died (then the trial is no trainer's failure).
+
+    Where the others did not raise too, they may wait for rank 0 in a collective: the task runs no more
+    trials, and rank 0's non-zero exit ends them (srun --kill-on-bad-exit=1).
+    """
     if LEADER is None:
         return False
     deadline = time.monotonic() + LOST_RANK_WAIT_S
     while time.monotonic() < deadline:
         if handle.stop.received == "SIGTERM":  # srun ends the step of a rank that died
             log.error("trial %d: another rank died; it is retried as a dead worker's trial", handle.number)
+            LEADER.ends_task = True
             return True
         if LEADER.followers_failed(handle.number):
-            return False  # every rank raised: the trainer's own failure
+            return False  # every rank raised: the trainer's own failure, and every rank is ready for the next
         time.sleep(0.1)
+    log.error("trial %d raised on rank 0, not on every rank: the others may wait for it; this task ends", handle.number)
+    LEADER.ends_task = True
     return False
 
 
@@ -287,17 +372,21 @@ def follow(config) -> int:
     """Run the trials rank 0 runs, until it says this task runs no more; the worker's exit status."""
     global log
     log = logging.getLogger(f"rank{rank()}")
-    kind = "objective" if config["study"]["objective"] else "trainer"
-    function = load_function(config, kind, config.path)[0]
-    seen = 0
-    while True:
-        news = wait_for_news(channel(config), seen)
-        if news.get("done"):
-            return 0
-        seen = news["seq"]
-        ended = follow_trial(config, kind, function, news)
-        if ended is not None:
-            return ended
+    try:
+        kind = "objective" if config["study"]["objective"] else "trainer"
+        function = load_function(config, kind, config.path)[0]
+        seen = 0
+        while True:
+            news = wait_for_news(channel(config), seen)
+            if news.get("done"):
+                return 0
+            seen = news["seq"]
+            ended = follow_trial(config, kind, function, news)
+            if ended is not None:
+                return ended
+    finally:
+        with contextlib.suppress(OSError):
+            (channel(config) / f"rank{rank()}.left").write_text("")
 
 
 def wait_for_news(folder: Path, seen: int) -> dict:
@@ -327,9 +416,9 @@ def follow_trial(config, kind: str, function, news: dict) -> int | None:
         return None
     except Interrupted:
         return 0  # rank 0 requeues the task or leaves the trial for the next one
-    except Exception:
+    except Exception as e:
         log.exception("trial %d failed on rank %d", number, rank())
-        (channel(config) / f"{number}.rank{rank()}.failed").write_text("")
+        (channel(config) / f"{number}.rank{rank()}.failed").write_text(f"rank {rank()}: {type(e).__name__}: {e}")
         return wait_for_end(verdicts, number)
     finally:
         trial_control.Running.folder = trial_control.Running.agree = None

@@ -8,7 +8,16 @@ from pathlib import Path
 import optuna
 
 from parallel_optuna import attributes as attr
-from parallel_optuna import checkpoints, config_versions, failures, liveness, slurm, study_control, submit_limits
+from parallel_optuna import (
+    checkpoints,
+    config_versions,
+    failures,
+    liveness,
+    ranks,
+    slurm,
+    study_control,
+    submit_limits,
+)
 from parallel_optuna.array_file import (
     DEPENDENCY,
     array_size,
@@ -168,6 +177,7 @@ def take_stock(study, config, url, reset_failures=True):
     if failed:
         print(f"trials {failed} had lost their workers: failed and re-enqueued")
     checkpoints.clean_and_say(study, config)  # after the budget is recorded: the clean judges by it
+    ranks.remove_leftovers(config)  # the files between the processes of tasks that ended
 
 
 def say_where_it_stands(study, config, url):

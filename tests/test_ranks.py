@@ -110,6 +110,7 @@ def test_a_ddp_trainer_meets_the_budget_with_one_optuna_trial_per_task(slurm, tm
     logs = task_logs(path)
     for t in study.trials:
         assert f"rank1: trial {t.number}: training with rank 0" in logs
+    assert not any((path.parent / "runs/tiny/ranks").iterdir()), "each task deletes its files between the ranks"
 
 
 @pytest.mark.slurm
@@ -227,3 +228,44 @@ def test_a_trainer_that_raises_on_every_rank_fails_its_trial_once_without_retry(
     assert [t.state.name for t in study.trials] == ["FAIL"], "the trainer's failure: no retry"
     assert study.trials[0].user_attrs["fail_reason"] == "KeyError: \"no column 'target' in the data\""
     assert "rank1: trial 0 failed on rank 1" in task_logs(path)
+
+
+ONE_RANK_RAISES = """import torch
+import torch.distributed as dist
+
+
+def train(config, trial):
+    dist.init_process_group("gloo")
+    dist.barrier()
+    if dist.get_rank() == RANK:
+        raise KeyError("no column 'target' in this shard")
+    dist.all_reduce(torch.ones(1))  # the other rank waits here for the one that raised
+    return {"val_loss": 0.0}
+"""
+
+
+@pytest.mark.slurm
+def test_a_trainer_that_raises_on_one_rank_fails_its_trial_and_ends_the_task(slurm, tmp_path):
+    """Rank 0 or rank 1 alone raises while the other waits in an allreduce: the trial fails as the trainer's,
+    once, and the task ends at once (not at its walltime) and runs no more trials; a submit tops up."""
+    changes = {"study.n_trials": 2, "slurm.trials_per_task": 2, "slurm.max_concurrent_jobs": 1}
+    paths = [ddp_experiment(tmp_path / f"rank{r}", {**changes, "study.trainer": "broken:train"}) for r in (0, 1)]
+    for r, path in enumerate(paths):
+        (path.parent / "broken.py").write_text(ONE_RANK_RAISES.replace("RANK", str(r)))
+    wait_for_jobs([job for path in paths for job in submit(path)], timeout=90)  # else held until the walltime
+    for r, path in enumerate(paths):
+        study = load_study(path)
+        assert [t.state.name for t in study.trials] == ["FAIL"], "the trainer's failure: no retry, no next trial"
+        reason = study.trials[0].user_attrs["fail_reason"]
+        assert reason == ("rank 1: " if r else "") + "KeyError: \"no column 'target' in this shard\""
+        assert (
+            "2 trial(s) not covered by any worker" in run_script("submit_study.py", "--config", path, "--status").stdout
+        )
+
+    path, ranks = paths[0], paths[0].parent / "runs/tiny/ranks"
+    assert any(ranks.iterdir()), "the ended task left its files between the ranks"
+    (path.parent / "broken.py").write_text("from trainer import train  # noqa: F401\n")  # fixed
+    wait_for_jobs(submit(path))
+    study = load_study(path)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"], "topped up to the budget"
+    assert not any(ranks.iterdir()), "the submit deletes the ended task's files; a normal end, its own"
