@@ -374,6 +374,7 @@ def main(argv=None):
         return 3
     finally:
         ranks.finish()
+        trial_control.Running.artifacts = None  # a worker.main() called in-process leaves no store behind
 
 
 STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint by the next reconcile"
