@@ -32,7 +32,7 @@ help:
 	@echo "make resume    release a paused study"
 	@echo "make cancel    stop the study now; trials checkpoint and end as cancelled; make submit continues them"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage, status, study-size, makespan and sampler-quality benchmarks, quick (FULL=1: full sizes)"
+	@echo "make bench     storage, status, study-size, makespan, sampler-quality and artifact-cost benchmarks, quick (FULL=1: full sizes)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
@@ -97,12 +97,14 @@ ifeq ($(FULL),1)
 	$(PY) bench/scale_bench.py --full
 	$(PY) bench/makespan_bench.py --repeats 3
 	$(PY) bench/quality.py
+	$(PY) bench/artifact_cost.py --trials 8
 else
 	$(PY) bench/storage_bench.py --workers 16 --trials 10
 	$(PY) bench/status_bench.py --sizes 100,1000
 	$(PY) bench/scale_bench.py
 	$(PY) bench/makespan_bench.py
 	$(PY) bench/quality.py --quick
+	$(PY) bench/artifact_cost.py
 endif
 
 clean:

@@ -46,8 +46,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-from parallel_optuna import attributes as attr
 from parallel_optuna import (
+    artifacts,
     checkpoints,
     config_versions,
     failures,
@@ -57,7 +57,7 @@ from parallel_optuna import (
     study_control,
     trial_control,
 )
-from parallel_optuna.artifacts import register_trial_files
+from parallel_optuna import attributes as attr
 from parallel_optuna.claim import adopt_origin_checkpoint, claim_trial, find_own_trial, heartbeat, record_owner
 from parallel_optuna.config import metric_names, yaml_from_args
 from parallel_optuna.optimizer import describe_sampler, values_text
@@ -186,7 +186,7 @@ def train_and_tell(study, trial, config, handle):
         add_train_seconds(trial, started)
         trial.set_user_attr(attr.METRICS, metrics)
         trial.set_user_attr(attr.FINISHED_AT, now())
-        register_trial_files(trial, handle.folder)  # before the tell: a told trial takes no artifact
+        artifacts.register_trial_files(trial, handle.folder)  # before the tell: a told trial takes no artifact
         study.tell(trial, values if len(values) > 1 else values[0])
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
         if not finished_elsewhere(study, trial):
@@ -394,6 +394,7 @@ def main(argv=None):
         return 3
     finally:
         ranks.finish()
+        trial_control.Running.artifacts = None  # a worker.main() called in-process leaves no store behind
 
 
 STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint by the next reconcile"
@@ -401,6 +402,8 @@ STAYS_RUNNING = "the trial stays RUNNING and is retried from its last checkpoint
 
 def work(args):
     config = read_config(args)
+    # Every trial this process runs is the study's, on any rank: what its code uploads goes to the study's store.
+    trial_control.Running.artifacts = artifacts.store(config)
     if ranks.follower():
         return ranks.follow(config)  # ranks 1..N-1 of the trial's processes: they do what rank 0 says
     ranks.lead(config)

@@ -1,16 +1,17 @@
 """Optuna artifacts of a study: the trials' weights and checkpoints and the report's plots, never stored twice.
 
 Optuna and optuna-dashboard list a trial's files as artifacts (optuna.artifacts). The tool registers
-    trials/<n>/weights.pt, trials/<n>/checkpoint.pt   on trial n, before the worker tells it
-    report/<plot>.png                                 on the study, when `make report` draws it
+    trials/<n>/weights.pt (else checkpoint.pt)   on trial n, before the worker tells it
+    report/<plot>.png                            on the study, when `make report` draws it
 in place: the artifact id is the file's path in the run directory, hex-encoded (optuna-dashboard takes
 ids of hex digits and dashes only), and RunArtifactStore opens the file where it lies, so no byte is
-copied. A file the checkpoint clean deleted later stays registered (Optuna cannot unregister an
+copied. Of a trial's files only the one the checkpoint clean may keep is registered (register_trial_files).
+A file the checkpoint clean deleted later stays registered (Optuna cannot unregister an
 artifact): reading it raises ArtifactNotFound, saying that it was deleted and why. A result kept after
 its trial was failed under a live worker (worker.keep_result) has none: Optuna adds it finished.
 
-What an objective uploads itself (optuna.artifacts.upload_artifact with trial_control.artifact_store())
-is copied, as Optuna does, into runs/<study>/artifacts/<uuid>.
+What a trainer or an objective uploads itself (optuna.artifacts.upload_artifact with
+trial_control.artifact_store()) is copied, as Optuna does, into runs/<study>/artifacts/<uuid>.
 """
 
 from __future__ import annotations
@@ -103,17 +104,18 @@ def store(config) -> RunArtifactStore:
 
 
 def register_trial_files(trial: optuna.Trial, folder: Path) -> list[str]:
-    """Register the trial's weights.pt and checkpoint.pt as its artifacts; their ids.
+    """Register the trial's file that may outlive the checkpoint clean: its weights.pt, else (a trainer
+    that saves no weights) its checkpoint.pt, which the clean keeps for a best trial. A checkpoint beside
+    weights is deleted by the first clean after the tell, so it is not listed. The id, or none.
 
     Called before the trial is told: Optuna attaches no artifact to a finished trial.
     """
-    ids = []
-    for name in TRIAL_FILES:
+    for name in TRIAL_FILES:  # weights first
         if (folder / name).is_file():
             artifact_id = file_id(f"trials/{folder.name}/{name}")
             optuna_internals.add_artifact(trial, artifact_id, name, TORCH_FILE)
-            ids.append(artifact_id)
-    return ids
+            return [artifact_id]
+    return []
 
 
 def register_report_file(study: optuna.Study, png: Path) -> str:

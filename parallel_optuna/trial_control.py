@@ -24,7 +24,7 @@ should_prune or suggest call (or after half of slurm.signal_grace), and runs aga
 same params, after the requeue.
 """
 
-import os
+import functools
 import tempfile
 from pathlib import Path
 
@@ -42,14 +42,15 @@ class Stop(BaseException):
 class Running:
     """The trial this process runs, set by worker.py."""
 
-    folder = None  # runs/<study>/trials/<number>/
+    folder = None  # runs/<study>/trials/<number>/, while a plain objective runs
     stop = None  # worker.StopSignal
+    artifacts = None  # the study's artifact store (artifacts.store): set by the worker, for a trainer or an objective
     agree = None  # several processes per trial: every rank gets rank 0's answer (ranks.py)
 
 
 def trial_dir(trial: optuna.trial.BaseTrial) -> Path:
     """The trial's own folder (created): runs/<study>/trials/<number>/; outside the tool, a temporary one."""
-    folder = Running.folder or Path(tempfile.gettempdir()) / f"optuna-trial-{os.getpid()}-{trial.number}"
+    folder = Running.folder or private_temp_dir() / f"trial-{trial.number}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -59,13 +60,18 @@ def artifact_store() -> optuna.artifacts.FileSystemArtifactStore:
     study_or_trial=trial): the dashboard and `make best` list what it holds. An upload is a copy, in
     runs/<study>/artifacts/; save big files as weights.pt or checkpoint.pt in trial_dir(trial) instead: the
     tool registers those in place. Outside the tool, a store in a temporary folder."""
-    if Running.folder is None:
-        folder = Path(tempfile.gettempdir()) / f"optuna-artifacts-{os.getpid()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        return optuna.artifacts.FileSystemArtifactStore(folder)
-    from parallel_optuna.artifacts import RunArtifactStore  # here: outside the tool an objective needs none of it
+    if Running.artifacts is not None:
+        return Running.artifacts
+    uploads = private_temp_dir() / "artifacts"
+    uploads.mkdir(exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(uploads)
 
-    return RunArtifactStore(Running.folder.parent.parent)  # runs/<study>/trials/<n> -> runs/<study>
+
+@functools.cache
+def private_temp_dir() -> Path:
+    """This process's own temporary folder, outside the tool: made by mkdtemp (0700, a fresh random name),
+    since a predictable name in /tmp could be made first, or planted as a symlink, by another user."""
+    return Path(tempfile.mkdtemp(prefix="optuna-"))
 
 
 def stop_requested() -> bool:

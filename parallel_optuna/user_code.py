@@ -92,8 +92,13 @@ def import_hub_class(config: Config, spec: str, key: str, source: str, base: typ
     if package is None:
         fix = "name the folder that holds the package's __init__.py, from the experiment's folder or an absolute path"
         raise ConfigError(source, key, f"no OptunaHub package (an __init__.py) in {found[0]}", fix)
+    # OptunaHub names the module optunahub_registry.package.<package, dotted>: given the whole absolute path,
+    # two packages of the same folder name (a sampler's and a pruner's) stay two modules, submodules too.
+    package = package.resolve()
     try:
-        module = optunahub.load_local_module(package=package.name, registry_root=str(package.parent))
+        module = optunahub.load_local_module(
+            package=str(package.relative_to(package.anchor)), registry_root=package.anchor
+        )
     except Exception as e:  # an error inside the package
         raise ConfigError(source, key, f"cannot load {package} ({type(e).__name__}: {e})", "fix the package") from None
     return checked_class(module, class_name, spec, key, source, base)

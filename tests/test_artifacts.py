@@ -1,13 +1,18 @@
 """Optuna's conventions on our studies: the trials' files as artifacts (in the dashboard, in best_trial.yaml),
 an objective's own uploads and metric names."""
 
+import getpass
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -45,7 +50,7 @@ def test_the_trials_weights_are_artifacts_stored_once_and_the_dashboard_serves_t
     assert run_script("submit_study.py", "--config", path, "--report").returncode == 0
     study, run = load_study(path), path.parent / "runs/tiny"
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert all(artifact_names(study, t) == ["checkpoint.pt", "weights.pt"] for t in complete)
+    assert all(artifact_names(study, t) == ["weights.pt"] for t in complete), "the clean deletes their checkpoints"
     assert not (run / "artifacts").exists(), "registered in place: no byte stored twice"
     study_files = artifact_names(study, study)
     assert "optimization_history.png" in study_files and "timeline.png" in study_files
@@ -53,7 +58,7 @@ def test_the_trials_weights_are_artifacts_stored_once_and_the_dashboard_serves_t
     best = study.best_trial
     exported = yaml.safe_load((path.parent / "best_trial.yaml").read_text())["best_trial"]
     (weights_id,) = [i for i, name in exported["artifacts"].items() if name == "weights.pt"]
-    assert exported["artifacts"] == {weights_id: "weights.pt"}, "the best trial's checkpoint is cleaned: not named"
+    assert exported["artifacts"] == {weights_id: "weights.pt"}
     deleted = next(t for t in complete if t.number != best.number)
     assert not (run / f"trials/{deleted.number}/weights.pt").exists(), "keep_best: 1 cleaned the others"
     deleted_id = artifacts.file_id(f"trials/{deleted.number}/weights.pt")
@@ -118,6 +123,54 @@ def test_a_plain_objective_uploads_artifacts_and_names_its_metric(tmp_path):
     exported = yaml.safe_load((path.parent / "best_trial.yaml").read_text())
     assert exported["best_trial"]["metric"] == "loss" and exported["study"]["optimization_metric"] == "loss"
     assert list(exported["best_trial"]["artifacts"].values()) == ["note.txt"]
+
+
+TRAINER_UPLOADS = """import optuna
+
+import trial_control
+
+
+def train(config, trial):
+    trial.save_checkpoint({"epoch": 1})  # no weights: the best trial's checkpoint is what stays
+    note = trial.folder / "note.txt"
+    note.write_text(f"lr is {config['training']['lr']}")
+    optuna.artifacts.upload_artifact(
+        artifact_store=trial_control.artifact_store(), file_path=str(note), study_or_trial=trial.trial
+    )
+    return {"val_mae_mean": config["training"]["lr"]}
+"""
+
+
+def test_a_trainer_uploads_to_the_study_and_a_checkpoint_without_weights_is_an_artifact(tmp_path):
+    changes = {"study.trainer": "uploads:train", "study.n_trials": 3, "study.keep_best": 1, "data.dir": None}
+    path = write_experiment(tmp_path / "exp", changes)
+    (path.parent / "uploads.py").write_text(TRAINER_UPLOADS)
+    out = run_script("submit_study.py", "--config", path, "--local", 1)
+    assert out.returncode == 0, out.stdout + out.stderr
+    study, store = load_study(path), artifacts.store(load_config(path))
+    for t in study.trials:
+        metas = {m.filename: m.artifact_id for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
+        assert sorted(metas) == ["checkpoint.pt", "note.txt"]
+        with store.open_reader(metas["note.txt"]) as f:  # in runs/tiny/artifacts/, not on the node's /tmp
+            assert f.read().decode() == f"lr is {t.params['training.lr']}"
+        assert store.exists(metas["checkpoint.pt"]) == (t.number == study.best_trial.number)
+    exported = yaml.safe_load((path.parent / "best_trial.yaml").read_text())["best_trial"]
+    assert sorted(exported["artifacts"].values()) == ["checkpoint.pt", "note.txt"]
+
+
+def test_outside_the_tool_uploads_go_to_a_private_temporary_folder(tmp_path):
+    planted = tmp_path / "planted"  # another user's folder at the name a process could predict
+    planted.mkdir()
+    predictable = Path(tempfile.gettempdir()) / f"optuna-artifacts-{os.getpid()}"
+    predictable.unlink(missing_ok=True)
+    predictable.symlink_to(planted)
+    try:
+        test_outside_the_tool_an_objective_uploads_to_a_temporary_store()
+    finally:
+        predictable.unlink()
+    assert not any(planted.iterdir())
+    folder = trial_control.private_temp_dir()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.owner() == getpass.getuser()
 
 
 def test_outside_the_tool_an_objective_uploads_to_a_temporary_store():

@@ -229,3 +229,27 @@ def test_a_missing_optunahub_is_named_with_its_pip_command(tmp_path):
     path = hub_experiment(tmp_path, "hub:registry/samplers/lowest:LowestSampler")
     out = run_script_without("optunahub", "submit_study.py", "--config", str(path), "--no-submit_jobs")
     assert out.returncode == 2 and "pip install optunahub" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+HUB_PRUNER = """import optuna
+
+
+class NeverPruner(optuna.pruners.NopPruner):
+    pass
+"""
+
+
+def test_a_hub_sampler_and_a_hub_pruner_in_folders_of_the_same_name_stay_apart(tmp_path):
+    # Both packages keep their code in a submodule of the same name, as OptunaHub packages often do.
+    sampler = {"name": "hub:registry/samplers/lowest:LowestSampler", "seed": 3}
+    config = config_with(
+        tmp_path, {"study.sampler": sampler, "study.pruner": {"name": "hub:registry/pruners/lowest:NeverPruner"}}
+    )
+    for kind, code, name in (("samplers", HUB_SAMPLER, "LowestSampler"), ("pruners", HUB_PRUNER, "NeverPruner")):
+        package = tmp_path / "exp/registry" / kind / "lowest"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(f"from ._impl import {name}\n")
+        (package / "_impl.py").write_text(code)
+    assert type(build_sampler(config)).__name__ == "LowestSampler"
+    assert type(build_pruner(config)).__name__ == "NeverPruner"
+    assert type(build_sampler(config)).__name__ == "LowestSampler", "the pruner's package replaced the sampler's"
