@@ -148,7 +148,8 @@ def reconcile(study: optuna.Study, config: Config, tasks: Tasks | None | str = "
         tasks = squeue_tasks(running_jobs(running))
     settings = config["study"]
     dead = [trial for trial in running if is_dead(trial, tasks)]
-    ends = task_ends.latest(sorted(running_jobs(dead))) if dead else {}  # one sacct call, only for a death
+    tasks_gone = sorted({t.user_attrs[attr.SLURM_TASK] for t in dead if t.user_attrs.get(attr.SLURM_TASK)})
+    ends = task_ends.latest(tasks_gone) if tasks_gone else {}  # sacct asked about the dead tasks only
     failed = []
     for trial in dead:
         reason = death_reason(trial, ends, tasks, config)
@@ -166,8 +167,7 @@ def death_reason(trial: FrozenTrial, ends: dict[str, task_ends.TaskEnd], tasks: 
         end = task_ends.TaskEnd(task, tasks[task][0])
     if end is None or not end.bad:
         return f"worker died: {gone}"
-    retry_left = trial.user_attrs.get(attr.RETRY_ATTEMPT, 0) < config["study"]["max_retries"]
-    return f"worker died: task {task}: {task_ends.why(end, trial, config, retry=retry_left)}"
+    return f"worker died: task {task}: {task_ends.why(end, trial, config)}"
 
 
 def fail_stale(study: optuna.Study, config: Config) -> list[int]:

@@ -68,15 +68,15 @@ def squeue_jobs(job_ids: set[str], fields: str) -> list[list[str]] | None:
         return None
 
 
-def sacct(job_ids: list[str], fields: tuple[str, ...], steps: bool = False) -> list[dict[str, str]]:
-    """Accounting records of these jobs, in sacct's order; [] where accounting is off or does not answer.
+def sacct(job_ids: list[str], fields: tuple[str, ...], steps: bool = False, every_run: bool = False) -> list[dict]:
+    """Accounting records of these jobs (or array tasks, `1234_5`); [] where accounting is off or does not answer.
 
-    With steps, every run of a requeued task is listed (--duplicates), each followed by its steps.
+    Allocations only, unless `steps`; the latest run of a requeued task only, unless `every_run`.
     """
     if not available("sacct") or not job_ids:
         return []
     command = ["sacct", "--noheader", "--parsable2", f"--jobs={','.join(job_ids)}", f"--format={','.join(fields)}"]
-    command.append("--duplicates" if steps else "--allocations")
+    command += ([] if steps else ["--allocations"]) + (["--duplicates"] if every_run else [])
     try:
         out = call(command)
     except SlurmError:
@@ -84,11 +84,8 @@ def sacct(job_ids: list[str], fields: tuple[str, ...], steps: bool = False) -> l
         return []
     if out.returncode != 0:  # "Slurm accounting storage is disabled"
         return []
-    return [
-        dict(zip(fields, line.split("|"), strict=True))
-        for line in out.stdout.splitlines()
-        if line.count("|") == len(fields) - 1
-    ]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.count("|") == len(fields) - 1]
+    return [dict(zip(fields, row, strict=True)) for row in rows]
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:

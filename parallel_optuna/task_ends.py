@@ -21,7 +21,7 @@ from parallel_optuna.checkpoints import CHECKPOINT, trial_folder
 if TYPE_CHECKING:  # names for the hints only: importing them would make a cycle
     from parallel_optuna.config import Config
 
-FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "MaxRSS", "ReqMem")
+FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "ReqMem", "Start")
 # Ends that say something went wrong. REQUEUED is the worker's own walltime requeue; CANCELLED is a person.
 BAD = ("OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "FAILED", "BOOT_FAIL", "DEADLINE")
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -38,6 +38,7 @@ class TaskEnd:
     max_rss: int | None = None  # bytes, the largest of its steps; None when never sampled
     req_mem: str = ""
     requeued: bool = False  # SLURM ran the task again after this run
+    start: str = ""  # ISO time; "Unknown" (after any date) for a run still pending
 
     @property
     def bad(self) -> bool:
@@ -45,18 +46,35 @@ class TaskEnd:
 
 
 def read(job_ids: list[str]) -> list[TaskEnd]:
-    """Every run of every task of these jobs, oldest run first, from one sacct call."""
-    runs: list[TaskEnd] = []
-    for row in slurm.sacct(job_ids, FIELDS, steps=True):
-        task, _, step = row["JobID"].partition(".")
-        if not step:
-            for earlier in runs:
-                earlier.requeued |= earlier.task == task
-            state = row["State"].split()[0] if row["State"] else ""  # "CANCELLED by 0"
-            runs.append(TaskEnd(task, state, row["ExitCode"], row["Elapsed"], None, row["ReqMem"]))
-        elif runs and runs[-1].task == task and bytes_of(row["MaxRSS"]) is not None:
-            runs[-1].max_rss = max(runs[-1].max_rss or 0, bytes_of(row["MaxRSS"]))
+    """Every run of every task of these jobs (or tasks), oldest first: one sacct call, and one more for the
+    MaxRSS of the runs that ended badly."""
+    rows = slurm.sacct(job_ids, FIELDS, every_run=True)
+    runs = sorted(
+        (
+            TaskEnd(
+                r["JobID"], r["State"].split(" ")[0], r["ExitCode"], r["Elapsed"], None, r["ReqMem"], False, r["Start"]
+            )
+            for r in rows
+        ),
+        key=lambda run: run.start,  # sacct groups the runs of a requeued array by record, not by time
+    )
+    latest = {run.task: run for run in runs}
+    for run in runs:
+        run.requeued = latest[run.task] is not run
+    bad_tasks = sorted({run.task for run in runs if run.bad})
+    if bad_tasks:
+        add_max_rss([run for run in runs if run.task in bad_tasks], bad_tasks)
     return runs
+
+
+def add_max_rss(runs: list[TaskEnd], tasks: list[str]) -> None:
+    """The largest MaxRSS of each run's steps; a step belongs to the last run of its task that started before it."""
+    for row in slurm.sacct(tasks, ("JobID", "MaxRSS", "Start"), steps=True, every_run=True):
+        task, _, step = row["JobID"].partition(".")
+        rss = bytes_of(row["MaxRSS"])
+        owners = [run for run in runs if run.task == task and run.start <= row["Start"]]
+        if step and rss is not None and owners:
+            owners[-1].max_rss = max(owners[-1].max_rss or 0, rss)
 
 
 def bytes_of(text: str) -> int | None:
@@ -74,39 +92,51 @@ def gigabytes(n: int) -> str:
     return f"{n / UNITS['G']:.1f}G" if n >= UNITS["G"] else f"{n / UNITS['M']:.0f}M"
 
 
-def why(end: TaskEnd, trial: FrozenTrial | None, config: Config, retry: int | None | bool = None) -> str:
+def why(end: TaskEnd, trial: FrozenTrial | None, config: Config, retry: int | bool | None = None) -> str:
     """What killed the task and what to do, for the trial that ran in it.
 
-    `retry`: the number of the trial's retry, True when one is about to be queued, False when none is left.
+    `retry`: the number of the trial's retry, False when it has none, None when that is not decided yet.
     """
     name = f"trial {trial.number}" if trial else "its trial"
     if end.state == "OUT_OF_MEMORY":
         rss = gigabytes(end.max_rss) if end.max_rss else "not sampled before the kill"
         return f"OUT_OF_MEMORY (MaxRSS {rss} of {end.req_mem or '?'}): raise slurm.mem_per_cpu"
     if end.state == "TIMEOUT":
-        if trial is None or not (trial_folder(config, trial.number) / CHECKPOINT).exists():
-            return (
-                f"TIMEOUT after {end.elapsed}: {name} never checkpointed, so nothing of it was kept; "
-                "call save_checkpoint() in the training loop, or raise slurm.walltime"
-            )
-        return (
-            f"TIMEOUT after {end.elapsed}: {name} reached no save_checkpoint() within slurm.signal_grace "
-            f"({config['slurm']['signal_grace']} s); save more often, or raise slurm.signal_grace"
-        )
+        return f"TIMEOUT after {end.elapsed}: {timed_out(trial, name, config)}"
     if end.state in ("NODE_FAIL", "PREEMPTED"):
-        return f"{end.state} after {end.elapsed}: {after_a_kill(end, trial, name, retry)}"
+        return f"{end.state} after {end.elapsed}: {after_a_kill(end, name, retry)}"
     if end.state == "FAILED":
         return f"FAILED with exit code {end.exit_code} after {end.elapsed}: see {log_of(trial)}"
     return f"{end.state} after {end.elapsed}"
 
 
-def after_a_kill(end: TaskEnd, trial: FrozenTrial | None, name: str, retry: int | None | bool) -> str:
+def timed_out(trial: FrozenTrial | None, name: str, config: Config) -> str:
+    """The walltime came before a safe point: a worker that reaches one in time requeues its task instead."""
+    if config["study"]["objective"]:  # its checkpoint is the objective's own file, under any name
+        return (
+            f"{name} did not stop within slurm.signal_grace ({config['slurm']['signal_grace']} s); ask "
+            "trial_control.stop_requested() every epoch and save then, or raise slurm.walltime"
+        )
+    if trial is None or not (trial_folder(config, trial.number) / CHECKPOINT).exists():
+        return (
+            f"{name} never checkpointed, so nothing of it was kept; call save_checkpoint() in the training loop, "
+            "or raise slurm.walltime"
+        )
+    return (
+        f"{name} reached no save_checkpoint() within slurm.signal_grace ({config['slurm']['signal_grace']} s); "
+        "save more often, or raise slurm.signal_grace"
+    )
+
+
+def after_a_kill(end: TaskEnd, name: str, retry: int | bool | None) -> str:
     if end.requeued:
         return f"SLURM requeued the task, and {name} resumed from its last checkpoint"
+    if retry is None:
+        return (
+            f"not requeued: {name} was failed, and is retried from its last checkpoint while study.max_retries allows"
+        )
     if retry is False:
-        return f"not requeued: {name} was failed, with no retry left (study.max_retries)"
-    if retry is True or retry is None:
-        return f"not requeued: {name} was failed, and its retry resumes from its last checkpoint"
+        return f"not requeued: {name} was failed, and not retried (study.max_retries, or the budget was covered)"
     return f"not requeued: {name} was failed, and its retry, trial {retry}, resumes from its last checkpoint"
 
 
@@ -132,13 +162,16 @@ def victim(task: str, trials: list[FrozenTrial]) -> FrozenTrial | None:
 def status_lines(job_ids: list[str], trials: list[FrozenTrial], config: Config) -> tuple[dict[str, str], list[str]]:
     """({task: SLURM state} of ended tasks, one line for each run of a task that ended badly)."""
     runs = read(job_ids)
+    latest = {end.task: end for end in runs}
     lines = []
     for end in runs:
         if not end.bad:
             continue
         trial = victim(end.task, trials)
         stored = trial.user_attrs.get(attr.FAIL_REASON, "") if trial else ""
-        said = stored.partition(f"task {end.task}: ")[2]  # the words liveness failed the trial with
-        retry = next((t.number for t in trials if trial and t.user_attrs.get(attr.RETRY_OF) == trial.number), None)
-        lines.append(f"task {end.task}: {said or why(end, trial, config, retry)}")
-    return {end.task: end.state for end in runs}, lines
+        said = stored.partition(f"task {end.task}: ")[2]  # the words liveness failed the trial with: its last run's
+        if latest[end.task] is not end or not said.startswith(end.state):
+            retry = next((t.number for t in trials if trial and t.user_attrs.get(attr.RETRY_OF) == trial.number), False)
+            said = why(end, trial, config, retry)
+        lines.append(f"task {end.task}: {said}")
+    return {task: end.state for task, end in latest.items()}, lines

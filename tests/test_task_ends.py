@@ -43,7 +43,17 @@ def test_a_node_failure_says_whether_slurm_requeued_the_task(tmp_path):
     assert "not requeued: trial 4 was failed, and its retry, trial 9, resumes" in task_ends.why(
         dropped, Trial(4), config, retry=9
     )
-    assert "no retry left (study.max_retries)" in task_ends.why(dropped, Trial(4), config, retry=False)
+    assert "not retried (study.max_retries" in task_ends.why(dropped, Trial(4), config, retry=False)
+    assert "retried from its last checkpoint while study.max_retries allows" in task_ends.why(dropped, Trial(4), config)
+
+
+def test_a_plain_objective_past_its_walltime_is_told_about_stop_requested(tmp_path):
+    config = load_config(plugin_experiment(tmp_path))
+    timeout = task_ends.TaskEnd("7_1", "TIMEOUT", elapsed="01:00:00")
+    assert "never checkpointed" in task_ends.why(timeout, Trial(4), config), "a trainer without a checkpoint.pt"
+    config["study"]["objective"] = "plugin:objective"
+    said = task_ends.why(timeout, Trial(4), config)
+    assert "trial 4 did not stop within slurm.signal_grace" in said and "trial_control.stop_requested()" in said
 
 
 def test_accounting_sizes_read_as_sacct_writes_them():
