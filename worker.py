@@ -406,7 +406,7 @@ def run_trials(study, trial, config, args, taken_over):
     failed = done = in_a_row = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
-    while (args.trials == 0 or done < args.trials + taken_over) and stop.received not in ("SIGTERM", "SIGINT"):
+    while more_wanted(args, done, taken_over) and stop.received not in ("SIGTERM", "SIGINT"):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
@@ -438,8 +438,14 @@ def run_trials(study, trial, config, args, taken_over):
         if outcome in (Outcome.REQUEUED, Outcome.STOPPED) or stop.received:
             break
         trial = None
-        config = read_config(args)  # fresh from disk for the next trial
+        # Fresh from disk for the next trial; after a task's last trial, for no one.
+        config = read_config(args) if more_wanted(args, done, taken_over) else config
     return 1 if failed else 0
+
+
+def more_wanted(args, done, taken_over):
+    """Whether --trials (and the trials taken over from dead workers) asks for another trial."""
+    return args.trials == 0 or done < args.trials + taken_over
 
 
 def say_budget_covered(study, config):

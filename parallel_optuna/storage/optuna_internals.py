@@ -8,6 +8,7 @@ and the journal's snapshot and lock classes and op codes (journal.py).
 """
 
 import contextlib
+import importlib
 import pickle
 
 import optuna
@@ -69,3 +70,25 @@ def save_journal_snapshot(storage):
 def journal_backend(storage):
     """The backend (journal.JournalFile) of a JournalStorage."""
     return storage._backend
+
+
+def still_random(sampler, trials):
+    """Whether a GPSampler or TPESampler samples its next trial at random (its startup trials): it then
+    needs to see no other trial, whichever are running. None for another sampler: it cannot tell."""
+    if isinstance(sampler, optuna.samplers.GPSampler):
+        finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    elif isinstance(sampler, optuna.samplers.TPESampler):
+        finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    else:
+        return None
+    return finished < sampler._n_startup_trials
+
+
+def import_gp_modules():
+    """Import what GPSampler imports at its first model fit: torch and scipy, two seconds of CPU or more."""
+    for name in GP_MODULES:
+        importlib.import_module(name)
+
+
+# What a GPSampler's first fit imports, lazily (Optuna's _LazyImport): found with python -X importtime.
+GP_MODULES = ("torch", "scipy.optimize", "scipy.stats", "optuna._gp.gp", "optuna._gp.acqf", "optuna._gp.optim_mixed")
