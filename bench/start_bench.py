@@ -275,7 +275,8 @@ def main():
                     )
                     print(
                         f"  K={k:<3} {mode:5} first ask -> last first step {found['span']:6.2f} s   "
-                        f"near-duplicates {len(found['near']):3d} {found['near'] or ''}  turn held: {held}"
+                        f"near-duplicates {len(found['near']):3d} {found['near'] or ''}  "
+                        f"turn held: {held or 'no turn taken'}"
                     )
     print(f"load after: {os.getloadavg()[0]:.2f}")
     return 0
