@@ -32,7 +32,7 @@ help:
 	@echo "make resume    release a paused study"
 	@echo "make cancel    stop the study now; trials checkpoint and end as cancelled; make submit continues them"
 	@echo "make cluster   start a single-node SLURM cluster on this machine (root, Debian)"
-	@echo "make bench     storage, status, study-size, makespan, sampler-quality and artifact-cost benchmarks, quick (FULL=1: full sizes)"
+	@echo "make bench     storage, status, study-size, makespan, overhead, start, sampler-quality and artifact-cost benchmarks, quick (FULL=1: full sizes)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
@@ -96,6 +96,9 @@ ifeq ($(FULL),1)
 	nice $(PY) bench/storage_bench.py --workers 256 --trials 10 --train 2 --storages journal,optuna-journal,journal-queued
 	$(PY) bench/scale_bench.py --full
 	$(PY) bench/makespan_bench.py --repeats 3
+	$(PY) bench/makespan_bench.py --trials 40 --seconds 1 --limit 4 --packing 1,10 --repeats 3
+	$(PY) bench/overhead_bench.py --sizes 0,100 --repeats 3
+	nice $(PY) bench/start_bench.py --workers 16 --sizes 0,100,400 --running 0,32,128
 	$(PY) bench/quality.py
 	$(PY) bench/artifact_cost.py --trials 8
 else
@@ -103,6 +106,8 @@ else
 	$(PY) bench/status_bench.py --sizes 100,1000
 	$(PY) bench/scale_bench.py
 	$(PY) bench/makespan_bench.py
+	$(PY) bench/overhead_bench.py --sizes 0 --repeats 1
+	$(PY) bench/start_bench.py --workers 4 --sizes 0 --running 0
 	$(PY) bench/quality.py --quick
 	$(PY) bench/artifact_cost.py
 endif

@@ -13,7 +13,8 @@ The trial's life:
   it covered exits 0; one that was handed a trial beyond it (a race between workers) fails that
   trial as surplus, so the study never finishes more than the budget.
 - Before asking, dead workers' trials are failed and retried (liveness.py), once per process; the
-  worker that fails one runs one more trial in its place, so an array loses no trial to a dead task.
+  worker that fails one runs the dead task's trials in its place (one, or slurm.trials_per_task:
+  it may have died before its last ones), so an array loses no trial to a dead task.
 - SLURM sends SIGUSR2 `signal_grace` seconds before the walltime: the trainer's next
   save_checkpoint() stores its state and the worker requeues its own array task, which then finds
   its RUNNING trial by its array ids and resumes it from the checkpoint. On SIGTERM (preemption,
@@ -411,8 +412,9 @@ def work(args):
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)
     log.info("sampler: %s", describe_sampler(config))
-    # A worker that fails a dead worker's trial also takes over its place in the array.
-    taken_over = len(liveness.reconcile(study, config))
+    # A worker that fails a dead worker's trial also takes over its place in the array: a packed task
+    # (slurm.trials_per_task) may have died before its last trials, so its whole share; the budget caps it.
+    taken_over = len(liveness.reconcile(study, config)) * max(args.trials, 1)
     liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
     trial = find_own_trial(study, liveness.slurm_task_key())
     if trial is None and not still_to_run(study.get_trials(deepcopy=False), study_budget(study, config)):
@@ -439,7 +441,7 @@ def run_trials(study, trial, config, args, taken_over):
     failed = done = in_a_row = 0
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
-    while (args.trials == 0 or done < args.trials + taken_over) and stop.received not in ("SIGTERM", "SIGINT"):
+    while more_wanted(args, done, taken_over) and stop.received not in ("SIGTERM", "SIGINT"):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
@@ -471,8 +473,14 @@ def run_trials(study, trial, config, args, taken_over):
         if outcome in (Outcome.REQUEUED, Outcome.STOPPED) or stop.received or ranks.task_ends():
             break
         trial = None
-        config = read_config(args)  # fresh from disk for the next trial
+        # Fresh from disk for the next trial; after a task's last trial, for no one.
+        config = read_config(args) if more_wanted(args, done, taken_over) else config
     return 1 if failed else 0
+
+
+def more_wanted(args, done, taken_over):
+    """Whether --trials (and the trials taken over from dead workers) asks for another trial."""
+    return args.trials == 0 or done < args.trials + taken_over
 
 
 def say_budget_covered(study, config):

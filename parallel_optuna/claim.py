@@ -42,8 +42,11 @@ def find_own_trial(study, task):
 def claim_trial(study, config, stop=None):
     """A new trial within the budget, or None when the budget is covered (or a stop signal came)."""
     budget = study_budget(study, config)
+    samplers.import_models(study.sampler, study.get_trials(deepcopy=False))
     while True:
-        with samplers.one_ask_at_a_time(run_dir(config)):  # each ask sees the trials asked before it
+        turn = samplers.needs_turn(study.sampler, study.get_trials(deepcopy=False))
+        # In turn, each ask sees the trials asked before it; random startup trials need not.
+        with samplers.one_ask_at_a_time(run_dir(config)) if turn else contextlib.nullcontext():
             trial, again = ask_once(study, config, budget)  # None, False: the budget is covered
         if not again:
             return trial

@@ -9,11 +9,14 @@ import contextlib
 import errno
 import fcntl
 import importlib
+import importlib.util
 import os
 import time
 from pathlib import Path
 
 import optuna
+
+from parallel_optuna.storage import optuna_internals
 
 # Optional packages a sampler or pruner needs, with the pip command that installs them.
 NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
@@ -76,11 +79,11 @@ def describe(spec, space, n_trials, objective=False):
 
 
 def has_module(name):
+    """Whether the package is installed, without importing it (scipy alone takes a tenth of a second)."""
     try:
-        importlib.import_module(name)
-    except ImportError:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def missing_package(name):
@@ -145,6 +148,26 @@ class GridSampler(optuna.samplers.GridSampler):
         except RuntimeError as e:
             if "Study.stop" not in str(e):
                 raise
+
+
+def parts(sampler):
+    return sampler.samplers if isinstance(sampler, ByTrial) else (sampler,)
+
+
+def needs_turn(sampler, trials):
+    """Whether the next ask must wait its turn: not while every part of the sampler samples at random
+    (the startup trials), which needs to see no other trial. Other samplers always take their turn."""
+    return not all(optuna_internals.still_random(part, trials) for part in parts(sampler))
+
+
+def import_models(sampler, trials):
+    """Import a GP's torch and scipy before the worker takes its turn to sample, not during it.
+
+    The other workers wait out the turn: seconds of imports in it are seconds for each of them.
+    """
+    gp = [p for p in parts(sampler) if isinstance(p, optuna.samplers.GPSampler)]
+    if any(optuna_internals.still_random(p, trials) is False for p in gp):
+        optuna_internals.import_gp_modules()
 
 
 @contextlib.contextmanager

@@ -116,6 +116,21 @@ def test_a_file_being_written_is_read_once_it_settles(tmp_path):
     writer.join()
 
 
+def test_a_file_that_says_the_version_in_force_is_used_without_waiting_and_the_edit_after_it_by_the_next_read(
+    tmp_path,
+):
+    """Every task of an array started after a submit reads the YAML the submit adopted: nothing new to wait for."""
+    path = tmp_path / "config.yaml"
+    path.write_text("a: 1\n")
+    writer = threading.Timer(5.0, lambda: path.write_text("a: 1\nb: 2\n"))
+    writer.start()
+    assert config_versions.read_settled(path, settle=10.0, in_force=config_versions.version_of("a: 1\n")) == "a: 1\n"
+    writer.join()
+    assert config_versions.read_settled(path, settle=1.0, in_force=config_versions.version_of("a: 1\n")) == (
+        "a: 1\nb: 2\n"
+    )
+
+
 def test_unsafe_edits_are_refused_by_workers_and_by_submit(tmp_path):
     path = write_experiment(
         tmp_path / "exp",

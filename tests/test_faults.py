@@ -30,15 +30,15 @@ def submit(path, *flags):
     return submitted_jobs(out.stdout)
 
 
-def assert_study_whole(study, budget):
+def assert_study_whole(study, budget, per_task=1):
     trials = study.get_trials()
     assert len(finished(study)) == budget, [(t.number, t.state.name, t.user_attrs) for t in trials]
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
-    # A task finishes one trial, and one more for each dead worker's trial it failed (it takes over its place).
+    # A task finishes its trials (slurm.trials_per_task), and a dead task's share for each dead trial it failed.
     finished_tasks = Counter(t.user_attrs["slurm_task"] for t in finished(study) if t.user_attrs.get("slurm_task"))
-    extra = sum(n - 1 for n in finished_tasks.values())
+    extra = sum(max(0, n - per_task) for n in finished_tasks.values())
     deaths = sum(t.user_attrs.get("fail_reason", "").startswith("worker died") for t in trials)
-    assert extra <= deaths, (finished_tasks, deaths)
+    assert extra <= deaths * per_task, (finished_tasks, deaths)  # a packed task may die before all its trials
     by_number = {t.number: t for t in trials}
     for t in trials:
         if "retry_of" in t.user_attrs:
@@ -73,6 +73,22 @@ def test_kill_9_of_a_worker_is_retried_within_the_array(slurm, tmp_path):
     dead = study.trials[victim.number]
     assert dead.state.name == "FAIL" and dead.user_attrs["fail_reason"].startswith("worker died")
     retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == victim.number)
+    assert sorted(retry.intermediate_values) == list(range(6)), "the retry continued the dead trial's curve"
+
+
+def test_kill_9_of_a_packed_task_mid_trial_is_retried_within_the_array(slurm, tmp_path):
+    """slurm.trials_per_task 2: 6 trials in 3 tasks, 2 at once; the killed task's trial is retried by the third."""
+    changes = {**SLOW, "study.n_trials": 6, "slurm.max_concurrent_jobs": 2, "slurm.trials_per_task": 2}
+    path = plugin_experiment(tmp_path, changes)
+    jobs = submit(path)
+    victim = running_trial_with_checkpoint(path)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    wait_for_jobs(jobs)
+    study = load_study(path)
+    assert_study_whole(study, 6, per_task=2)
+    assert study.trials[victim.number].user_attrs["fail_reason"].startswith("worker died")
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == victim.number)
+    assert retry.user_attrs["slurm_task"] != victim.user_attrs["slurm_task"], "the killed task ran no more"
     assert sorted(retry.intermediate_values) == list(range(6)), "the retry continued the dead trial's curve"
 
 

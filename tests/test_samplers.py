@@ -246,6 +246,17 @@ def test_a_plain_objective_gets_tpe_by_default():
     assert "search_space is empty: one config" in samplers.describe({}, {}, 1), "an export retrains one config"
 
 
+def test_random_startup_asks_take_no_turn_and_model_based_asks_do(tmp_path):
+    """A start of hundreds of tasks samples at random: no ask waits for another's there."""
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    finished = [optuna.trial.create_trial(params={"x": i / 10}, distributions=space, value=i) for i in range(10)]
+    default = build_sampler(config_with(tmp_path, {"study.sampler": {}}))
+    assert not samplers.needs_turn(default, finished[:9]), "GP and TPE both sample their startup trials at random"
+    assert samplers.needs_turn(default, finished), "past 10 finished trials both model them"
+    assert samplers.needs_turn(optuna.samplers.TPESampler(n_startup_trials=20), finished) is False
+    assert samplers.needs_turn(optuna.samplers.CmaEsSampler(), []), "a sampler it cannot tell about takes its turn"
+
+
 def test_workers_that_ask_at_once_take_turns_so_gp_does_not_propose_one_point_k_times(tmp_path):
     """Array tasks start together; each ask must see the trials asked before it (samplers.one_ask_at_a_time)."""
     path = plugin_experiment(

@@ -10,6 +10,7 @@ an artifact (artifacts.py registers files in place, with ids of its own).
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import mimetypes
 import pickle
@@ -88,3 +89,25 @@ def add_artifact(study_or_trial, artifact_id, filename, mimetype=None):
         study_or_trial._storage.set_study_system_attr(study_or_trial._study_id, key, value)
     else:
         study_or_trial.storage.set_trial_system_attr(study_or_trial._trial_id, key, value)
+
+
+def still_random(sampler, trials):
+    """Whether a GPSampler or TPESampler samples its next trial at random (its startup trials): it then
+    needs to see no other trial, whichever are running. None for another sampler: it cannot tell."""
+    if isinstance(sampler, optuna.samplers.GPSampler):
+        finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    elif isinstance(sampler, optuna.samplers.TPESampler):
+        finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    else:
+        return None
+    return finished < sampler._n_startup_trials
+
+
+def import_gp_modules():
+    """Import what GPSampler imports at its first model fit: torch and scipy, two seconds of CPU or more."""
+    for name in GP_MODULES:
+        importlib.import_module(name)
+
+
+# What a GPSampler's first fit imports, lazily (Optuna's _LazyImport): found with python -X importtime.
+GP_MODULES = ("torch", "scipy.optimize", "scipy.stats", "optuna._gp.gp", "optuna._gp.acqf", "optuna._gp.optim_mixed")
