@@ -28,8 +28,8 @@ TINY = {
     "slurm": {
         "walltime": "00:10:00",
         "gpus_per_task": 0,
-        # The local cluster enforces memory: a worker of this experiment peaks at 230 MB MaxRSS
-        # (sacct, 2026-12-07: torch, scipy and the tiny model), so 500M clears it twice over.
+        # The local cluster enforces memory: a worker of this experiment peaks at 230 MB MaxRSS (torch, scipy
+        # and the tiny model; docs/development.md says how it was measured), so 500M clears it twice over.
         "mem_per_cpu": "500M",
         "max_concurrent_jobs": 2,
         "signal_grace": 60,
