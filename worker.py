@@ -27,10 +27,11 @@ The trial's life:
 import signal
 
 # SLURM may signal the walltime (USR2) or preemption (TERM) while this process is still starting up:
-# note it before the heavy imports below, so that it is never lost nor fatal.
+# note it before the heavy imports below, so that it is never lost nor fatal. SIGINT: Ctrl-C of a local
+# run; SIGUSR1: a TERM, as the batch shell passes it through srun to several processes per trial.
 EARLY_SIGNALS = []
 if __name__ == "__main__":
-    for _sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):  # SIGINT: Ctrl-C of a local run
+    for _sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 import json

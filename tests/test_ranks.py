@@ -58,7 +58,7 @@ def test_the_array_file_launches_the_ranks_with_srun(tmp_path):
     launch = next(line for line in script.splitlines() if "worker.py" in line)
     assert launch.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=1 --gpu-bind=none "), launch
     assert "kill -USR2 $worker" in script, "the walltime signal goes to srun, which passes it to every rank"
-    assert "kill -TERM" not in script, "srun would end the ranks at once on TERM"
+    assert "kill -TERM" not in script and "kill -USR1 $worker" in script, "srun would end the ranks at once on TERM"
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
     one = write_experiment(tmp_path / "one", {"slurm.gpus_per_task": 1})
@@ -207,6 +207,29 @@ def test_a_walltime_requeue_resumes_every_rank(slurm, tmp_path):
     logs = task_logs(path)
     assert "rank1: trial 0 stops at its checkpoint after SIGUSR2 (rank 0's decision)" in logs
     assert "rank1: trial 0 resumes from" in logs
+
+
+@pytest.mark.slurm
+def test_a_cancel_stops_every_rank_at_a_checkpoint_and_a_submit_continues_it(slurm, tmp_path):
+    """--cancel TERMs the batch shell, which passes it through srun as USR1: srun itself would kill the ranks."""
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "training.epochs": 6, "training.epoch_seconds": 1.0})
+    jobs = submit(path)
+    running_with_checkpoint(path)
+    out = run_script("submit_study.py", "--config", path, "--cancel")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_for_jobs(jobs)
+    trial = load_study(path).trials[0]
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "cancelled", trial.user_attrs
+    logs = task_logs(path)
+    assert "rank1: trial 0 stops at its checkpoint after SIGTERM (rank 0's decision)" in logs
+    assert "forcing job termination" not in "".join(
+        f.read_text() for f in (path.parent / "runs/tiny/slurm_logs").glob("*.err")
+    )
+    wait_for_jobs(submit(path))
+    retry = load_study(path).trials[1]
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["retry_of"] == 0
+    assert sorted(retry.intermediate_values) == list(range(6)), "the retry continued the cancelled trial's curve"
+    assert "rank1: trial 1 resumes from" in task_logs(path)
 
 
 BROKEN = """import torch.distributed as dist
