@@ -405,10 +405,10 @@ def work(args):
     config = read_config(args)
     # Every trial this process runs is the study's, on any rank: what its code uploads goes to the study's store.
     trial_control.Running.artifacts = artifacts.store(config)
+    trusted_run_dir(config)  # on every rank, before its storage, checkpoints, logs or the ranks' files are opened
     if ranks.follower():
         return ranks.follow(config)  # ranks 1..N-1 of the trial's processes: they do what rank 0 says
     ranks.lead(config)
-    trusted_run_dir(config)  # before its storage, checkpoints or logs are opened
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)
     log.info("sampler: %s", describe_sampler(config))

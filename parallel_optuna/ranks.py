@@ -33,8 +33,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-from parallel_optuna import slurm, trial_control
-from parallel_optuna.run_dir import run_dir
+from parallel_optuna import checkpoints, slurm, trial_control
+from parallel_optuna.run_dir import run_dir, run_subdir
 from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
 from parallel_optuna.user_code import load_function
 
@@ -101,8 +101,9 @@ def follower() -> bool:
 
 # ---------------------------------------------------------------- the files between the ranks
 def channel(config) -> Path:
+    """The task's folder of files between the ranks (made private, in the run directory already trusted)."""
     task_run = f"{os.environ.get('SLURM_JOB_ID', os.getpid())}.{os.environ.get('SLURM_RESTART_COUNT', 0)}"
-    return run_dir(config) / "ranks" / task_run
+    return run_subdir(config, "ranks", task_run)
 
 
 def write_atomically(path: Path, data: dict) -> None:
@@ -147,7 +148,6 @@ class Leader:
 
     def __init__(self, config) -> None:
         self.folder = channel(config)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.seq = 0
         self.verdicts = None
         self.lock = threading.Lock()  # who ends a trial whose trainer raised: rank 0's own thread or its watch
@@ -159,12 +159,12 @@ class Leader:
         self.seq += 1
         write_atomically(self.folder / "trial.json", {"seq": self.seq, **news})
 
-    def start(self, number: int, folder: Path) -> None:
+    def start(self, number: int) -> None:
         self.verdicts = self.folder / f"{number}.jsonl"
         self.verdicts.write_text("")
         for old in self.folder.glob(f"{number}.rank*.failed"):
             old.unlink()
-        self.announce({"trial": number, "folder": str(folder)})
+        self.announce({"trial": number})
 
     def decide(self, verdict: str | None) -> None:
         with open(self.verdicts, "a") as f:
@@ -279,7 +279,7 @@ def training(handle, end_task):
     if LEADER is None:
         yield
         return
-    LEADER.start(handle.number, handle.folder)
+    LEADER.start(handle.number)
     # A plain objective stops where every rank asks trial_control.stop_requested(), never in between.
     handle.stop.interrupt_now = False
     trial_control.Running.agree = LEADER.agree
@@ -372,21 +372,22 @@ def follow(config) -> int:
     """Run the trials rank 0 runs, until it says this task runs no more; the worker's exit status."""
     global log
     log = logging.getLogger(f"rank{rank()}")
+    folder = channel(config)
     try:
         kind = "objective" if config["study"]["objective"] else "trainer"
         function = load_function(config, kind, config.path)[0]
         seen = 0
         while True:
-            news = wait_for_news(channel(config), seen)
+            news = wait_for_news(folder, seen)
             if news.get("done"):
                 return 0
             seen = news["seq"]
-            ended = follow_trial(config, kind, function, news)
+            ended = follow_trial(config, kind, function, news, folder)
             if ended is not None:
                 return ended
     finally:
         with contextlib.suppress(OSError):
-            (channel(config) / f"rank{rank()}.left").write_text("")
+            (folder / f"rank{rank()}.left").write_text("")
 
 
 def wait_for_news(folder: Path, seen: int) -> dict:
@@ -400,10 +401,11 @@ def wait_for_news(folder: Path, seen: int) -> dict:
         time.sleep(POLL_S * 5)
 
 
-def follow_trial(config, kind: str, function, news: dict) -> int | None:
+def follow_trial(config, kind: str, function, news: dict, ranks_folder: Path) -> int | None:
     """One trial on this rank; an exit status when this rank must end, None to wait for the next trial."""
-    number, folder = news["trial"], Path(news["folder"])
-    verdicts = Verdicts(channel(config) / f"{number}.jsonl")
+    number = int(news["trial"])
+    folder = checkpoints.trial_folder(config, number)  # rank 0 wrote its config.yaml and checkpoint there
+    verdicts = Verdicts(ranks_folder / f"{number}.jsonl")
     log.info("trial %d: training with rank 0 (%s)", number, folder / "config.yaml")
     try:
         if kind == "objective":
@@ -418,7 +420,7 @@ def follow_trial(config, kind: str, function, news: dict) -> int | None:
         return 0  # rank 0 requeues the task or leaves the trial for the next one
     except Exception as e:
         log.exception("trial %d failed on rank %d", number, rank())
-        (channel(config) / f"{number}.rank{rank()}.failed").write_text(f"rank {rank()}: {type(e).__name__}: {e}")
+        (ranks_folder / f"{number}.rank{rank()}.failed").write_text(f"rank {rank()}: {type(e).__name__}: {e}")
         return wait_for_end(verdicts, number)
     finally:
         trial_control.Running.folder = trial_control.Running.agree = None

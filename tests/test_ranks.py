@@ -98,6 +98,19 @@ def test_rendezvous_of_two_nodes_from_slurm_variables():
     assert rendezvous_env({**rank_3, "SLURM_NTASKS": "1"}) == {}, "one process: torch's variables stay as they are"
 
 
+def test_another_rank_refuses_a_run_directory_it_cannot_trust(tmp_path):
+    """Ranks other than 0 unpickle rank 0's checkpoint: they check runs/<study> first, as rank 0 does."""
+    path = ddp_experiment(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (path.parent / "runs").mkdir()
+    (path.parent / "runs/tiny").symlink_to(elsewhere)
+    rank_1 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7"}
+    out = run_script("worker.py", "--config", path, env=rank_1, timeout=60)
+    assert out.returncode == 2 and "runs/tiny is a symlink" in out.stderr, out.stdout + out.stderr
+    assert not any(elsewhere.iterdir()), "nothing made in the folder the symlink points at"
+
+
 # ---------------------------------------------------------------- on the local cluster
 @pytest.mark.slurm
 def test_a_ddp_trainer_meets_the_budget_with_one_optuna_trial_per_task(slurm, tmp_path):
