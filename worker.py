@@ -255,7 +255,9 @@ def keep_result(study, trial, config, metrics, values):
 def run_trainer(study, trial, config, handle):
     """The trainer API: the YAML's search space sampled into the config, the trainer's metrics back."""
     resolved = prepare_trial(study, trial, config, handle)
-    with ranks.training(handle, another_rank_failed(study, trial)):  # several processes: the others train it too
+    with ranks.training(
+        handle, config.version, another_rank_failed(study, trial)
+    ):  # several processes: the others train it too
         metrics = plain_metrics(load_trainer(config, config.path)(resolved, handle))
     for metric in metric_names(config):
         if metric not in metrics:
@@ -274,7 +276,7 @@ def run_objective(study, trial, config, handle):
     try:
         if handle.stop.received:
             raise Interrupted(handle.stop.received)  # the signal came first: requeue before starting
-        with ranks.training(handle, another_rank_failed(study, trial)):
+        with ranks.training(handle, config.version, another_rank_failed(study, trial)):
             value = objective(optuna_internals.live_trial(study, trial, ObjectiveTrial))
     finally:
         handle.stop.interrupt_now, handle.stop.deadline = False, None

@@ -12,6 +12,8 @@ import yaml
 from conftest import PROJECT, finished, load_study, run_script, write_experiment
 from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
+from parallel_optuna import ranks
+from parallel_optuna.config import load_config
 from parallel_optuna.ranks import expand_hostlist, rendezvous_env
 
 
@@ -86,15 +88,7 @@ def test_rendezvous_of_two_nodes_from_slurm_variables():
         "SLURM_JOB_ID": "123457",
     }
     env = rendezvous_env(rank_3)
-    assert env == {
-        "MASTER_ADDR": "node01",
-        "MASTER_PORT": str(20000 + 123457 % 12000),
-        "RANK": "3",
-        "WORLD_SIZE": "4",
-        "LOCAL_RANK": "1",
-    }
-    neighbour = rendezvous_env({**rank_3, "SLURM_JOB_ID": "123458"})
-    assert neighbour["MASTER_PORT"] != env["MASTER_PORT"], "two trials on one node never share a port"
+    assert env == {"MASTER_ADDR": "node01", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, "MASTER_PORT: rank 0's"
     assert rendezvous_env({**rank_3, "SLURM_NTASKS": "1"}) == {}, "one process: torch's variables stay as they are"
 
 
@@ -109,6 +103,19 @@ def test_another_rank_refuses_a_run_directory_it_cannot_trust(tmp_path):
     out = run_script("worker.py", "--config", path, env=rank_1, timeout=60)
     assert out.returncode == 2 and "runs/tiny is a symlink" in out.stderr, out.stdout + out.stderr
     assert not any(elsewhere.iterdir()), "nothing made in the folder the symlink points at"
+
+
+def test_another_rank_runs_the_trainer_of_the_trial_not_of_the_yaml_today(tmp_path):
+    """A resumed trial keeps its config version: the other ranks load the trainer its config.yaml names."""
+    path = ddp_experiment(tmp_path)
+    (path.parent / "pinned.py").write_text("def train(config, trial):\n    return {'val_loss': 1.0}\n")
+    folder = path.parent / "runs/tiny/trials/3"
+    folder.mkdir(parents=True)
+    resolved = dict(load_config(path))  # as rank 0 writes it: with the defaults
+    resolved["study"]["trainer"] = "pinned:train"
+    (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
+    config, kind, function = ranks.trial_code(load_config(path), 3)
+    assert kind == "trainer" and function.__module__ == "pinned" and config["study"]["trainer"] == "pinned:train"
 
 
 # ---------------------------------------------------------------- on the local cluster
