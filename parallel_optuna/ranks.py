@@ -35,9 +35,10 @@ from pathlib import Path
 import optuna
 import yaml
 
-from parallel_optuna import checkpoints, slurm, trial_control
+from parallel_optuna import checkpoints, failures, slurm, trial_control
 from parallel_optuna.config import Config
 from parallel_optuna.run_dir import run_dir, run_subdir
+from parallel_optuna.storage import optuna_internals
 from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
 from parallel_optuna.user_code import code_key, load_function
 
@@ -293,9 +294,10 @@ def lead_trial(trial, folder: Path, stop, config):
 
 
 @contextlib.contextmanager
-def training(handle, version: str | None, end_task):
+def training(handle, version: str | None, study, trial):
     """Around rank 0's trainer: the resolved config.yaml (and any checkpoint to resume) is in the trial's
-    folder, so the others start; while it trains, a watch calls end_task(reason) if another rank raised alone."""
+    folder, so the others start; while it trains, a watch ends the trial and the task if another rank raised
+    alone."""
     if LEADER is None:
         yield
         return
@@ -304,6 +306,7 @@ def training(handle, version: str | None, end_task):
     handle.stop.interrupt_now = False
     trial_control.Running.agree = LEADER.agree
     LEADER.training, LEADER.ending = handle.number, False
+    end_task = another_rank_failed(study, trial)
     threading.Thread(target=watch, args=(handle.number, end_task), name="ranks-watch", daemon=True).start()
     try:
         yield
@@ -312,6 +315,22 @@ def training(handle, version: str | None, end_task):
             LEADER.training, ending = None, LEADER.ending
         if ending:
             threading.Event().wait()  # the watch tells the trial and ends this process
+
+
+def another_rank_failed(study, trial):
+    """What ends a trial whose trainer raised on another rank while rank 0 waits for it in a collective: the
+    trainer's failure, then this task (its non-zero exit makes srun end the others)."""
+
+    def end_task(reason):
+        try:
+            failures.fail_in_trainer(study, trial, reason)
+        finally:
+            finish()
+            with optuna_internals.storage_lock(study):  # no storage op of the waiting thread is half-written
+                logging.shutdown()
+                os._exit(1)
+
+    return end_task
 
 
 def watch(number: int, end_task) -> None:
