@@ -133,17 +133,23 @@ def test_a_ddp_trainer_meets_the_budget_with_one_optuna_trial_per_task(slurm, tm
     assert not any((path.parent / "runs/tiny/ranks").iterdir()), "each task deletes its files between the ranks"
 
 
-@pytest.mark.slurm
-def test_a_plain_objective_with_torch_distributed_trial(slurm, tmp_path):
-    path = write_experiment(tmp_path / "exp", {"slurm.tasks_per_trial": 2, "study.n_trials": 2})
+def objective_experiment(tmp_path, n_trials, epochs, epoch_seconds=0):
+    """examples/ddp/objective.py, 2 processes per trial, small and quick."""
+    path = write_experiment(tmp_path / "exp", {"slurm.tasks_per_trial": 2, "study.n_trials": n_trials})
     config = yaml.safe_load(path.read_text())
     config["study"].update(objective="objective:objective", trainer=None, optimization_metric="val_loss")
     del config["search_space"], config["data"]
     path.write_text(yaml.safe_dump(config))
     code = (PROJECT / "examples/ddp/objective.py").read_text()
-    (path.parent / "objective.py").write_text(
-        code.replace("EPOCHS, N_SAMPLES = 10, 2048", "EPOCHS, N_SAMPLES = 2, 256")
-    )
+    code = code.replace("EPOCHS, N_SAMPLES = 10, 2048", f"EPOCHS, N_SAMPLES = {epochs}, 256")
+    slow = f"__import__('time').sleep({epoch_seconds})\n        trial.report(val_loss, epoch)"
+    (path.parent / "objective.py").write_text(code.replace("trial.report(val_loss, epoch)", slow))
+    return path
+
+
+@pytest.mark.slurm
+def test_a_plain_objective_with_torch_distributed_trial(slurm, tmp_path):
+    path = objective_experiment(tmp_path, n_trials=2, epochs=2)
     wait_for_jobs(submit(path))
     study = load_study(path)
     assert len(study.trials) == 2 and len(finished(study)) == 2, [(t.number, t.state.name) for t in study.trials]
@@ -250,6 +256,20 @@ def test_a_cancel_stops_every_rank_at_a_checkpoint_and_a_submit_continues_it(slu
     assert retry.state.name == "COMPLETE" and retry.user_attrs["retry_of"] == 0
     assert sorted(retry.intermediate_values) == list(range(6)), "the retry continued the cancelled trial's curve"
     assert "rank1: trial 1 resumes from" in task_logs(path)
+
+
+@pytest.mark.slurm
+def test_the_plain_objective_example_resumes_after_a_walltime_requeue(slurm, tmp_path):
+    path = objective_experiment(tmp_path, n_trials=1, epochs=6, epoch_seconds=1.0)
+    jobs = submit(path)
+    study = load_study(path)
+    wait_until(lambda: any(t.intermediate_values for t in study.get_trials()), what="a reported epoch")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", f"{jobs[0]}_0"], check=True)  # as SLURM's B:USR2
+    wait_for_jobs(jobs)
+    trial = load_study(path).trials[0]
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["requeues"] == 1, trial.user_attrs
+    assert sorted(trial.intermediate_values) == list(range(6))
+    assert "resuming from " in task_logs(path), "rank 0's checkpoint, on every rank"
 
 
 BROKEN = """import torch.distributed as dist
