@@ -28,10 +28,11 @@ The trial's life:
 import signal
 
 # SLURM may signal the walltime (USR2) or preemption (TERM) while this process is still starting up:
-# note it before the heavy imports below, so that it is never lost nor fatal.
+# note it before the heavy imports below, so that it is never lost nor fatal. SIGINT: Ctrl-C of a local
+# run; SIGUSR1: a TERM, as the batch shell passes it through srun to several processes per trial.
 EARLY_SIGNALS = []
 if __name__ == "__main__":
-    for _sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):  # SIGINT: Ctrl-C of a local run
+    for _sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(_sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 import json
@@ -108,23 +109,9 @@ def read_config(args):
 
 
 def pinned_config(trial, config, args):
-    """A trial that resumes, or continues as a retry, trains with the config version it started with.
-
-    Its study section is today's, the trainer aside: the budget, retries and requeues are the study's,
-    not the trial's, and study_budget must answer the same for every trial of the study.
-    """
-    version = trial.user_attrs.get(attr.CONFIG_VERSION)
-    if not version or version == config.version:
-        return config
-    folder = config_versions.versions_folder(config)
-    pinned = config_versions.at_version(version, config.path, flag_overrides(args), folder)
-    if pinned is None:
-        log.warning("trial %d: its config version %s is not kept in %s; using today's", trial.number, version, folder)
-        return config
-    log.info("trial %d keeps its config version %s", trial.number, version)
-    pinned["study"] = {**config["study"], "trainer": pinned["study"]["trainer"]}
-    pinned.in_yaml, pinned.overrides, pinned.defaulted = config.in_yaml, config.overrides, config.defaulted
-    return with_data_dir(pinned, args)
+    """A trial that resumes, or continues as a retry, trains with the config version it started with."""
+    pinned = config_versions.pinned(trial, config, flag_overrides(args))
+    return config if pinned is config else with_data_dir(pinned, args)
 
 
 def with_data_dir(config, args):
@@ -180,7 +167,7 @@ def train_and_tell(study, trial, config, handle):
         if full_filesystem(e) or ranks.rank_lost(handle):
             raise  # not the trial's fault: it stays RUNNING, and the next reconcile retries it from its checkpoint
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
-        fail_in_trainer(study, trial, f"{type(e).__name__}: {e}")
+        failures.fail_in_trainer(study, trial, f"{type(e).__name__}: {e}")
         return Outcome.FAIL
     (handle.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     try:
@@ -200,27 +187,6 @@ def train_and_tell(study, trial, config, handle):
         then = values_text(config, exported["value"])
         log.info("the exported trial %s of study %s measured %s", exported["number"], exported["study_name"], then)
     return Outcome.COMPLETE
-
-
-def fail_in_trainer(study, trial, reason):
-    trial.set_user_attr(attr.FAIL_REASON, reason[:500])
-    study.tell(trial, state=FAIL)
-
-
-def another_rank_failed(study, trial):
-    """What ends a trial whose trainer raised on another rank while rank 0 waits for it in a collective: the
-    trainer's failure, then this task (its non-zero exit makes srun end the others)."""
-
-    def end_task(reason):
-        try:
-            fail_in_trainer(study, trial, reason)
-        finally:
-            ranks.finish()
-            with optuna_internals.storage_lock(study):  # no storage op of the waiting thread is half-written
-                logging.shutdown()
-                os._exit(1)
-
-    return end_task
 
 
 def finished_elsewhere(study, trial):
@@ -255,7 +221,7 @@ def keep_result(study, trial, config, metrics, values):
 def run_trainer(study, trial, config, handle):
     """The trainer API: the YAML's search space sampled into the config, the trainer's metrics back."""
     resolved = prepare_trial(study, trial, config, handle)
-    with ranks.training(handle, another_rank_failed(study, trial)):  # several processes: the others train it too
+    with ranks.training(handle, config.version, study, trial):  # several processes: the others train it too
         metrics = plain_metrics(load_trainer(config, config.path)(resolved, handle))
     for metric in metric_names(config):
         if metric not in metrics:
@@ -274,7 +240,7 @@ def run_objective(study, trial, config, handle):
     try:
         if handle.stop.received:
             raise Interrupted(handle.stop.received)  # the signal came first: requeue before starting
-        with ranks.training(handle, another_rank_failed(study, trial)):
+        with ranks.training(handle, config.version, study, trial):
             value = objective(optuna_internals.live_trial(study, trial, ObjectiveTrial))
     finally:
         handle.stop.interrupt_now, handle.stop.deadline = False, None
@@ -405,10 +371,10 @@ def work(args):
     config = read_config(args)
     # Every trial this process runs is the study's, on any rank: what its code uploads goes to the study's store.
     trial_control.Running.artifacts = artifacts.store(config)
+    trusted_run_dir(config)  # on every rank, before its storage, checkpoints, logs or the ranks' files are opened
     if ranks.follower():
         return ranks.follow(config)  # ranks 1..N-1 of the trial's processes: they do what rank 0 says
     ranks.lead(config)
-    trusted_run_dir(config)  # before its storage, checkpoints or logs are opened
     storage = open_storage(config, storage_url(config, args.storage_file), config.path)
     study = open_study(config, storage, seed_offset(args), config.path)
     log.info("sampler: %s", describe_sampler(config))

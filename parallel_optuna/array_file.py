@@ -81,7 +81,7 @@ def write_array_file(config, n_tasks, data_dir, storage_file):
             log_dir=folder / "slurm_logs",
             signal_grace=slurm_keys["signal_grace"],
             ntasks=slurm_keys["tasks_per_trial"],
-            forward_term=FORWARD_TERM[slurm_keys["tasks_per_trial"] > 1],
+            term_to_worker=TERM_TO_WORKER[slurm_keys["tasks_per_trial"] > 1],
             directives=sbatch_directives(slurm_keys),
             setup="\n".join(slurm_keys["setup"]) or "# (none)",
             pythonpath=pythonpath_line(),
@@ -102,9 +102,10 @@ def rank_launcher(slurm_keys):
     return ["srun", "--kill-on-bad-exit=1", f"--cpus-per-task={slurm_keys['cpus_per_task']}", *gpus]
 
 
-# On TERM srun ends its step at once (SIGKILL), before any rank checkpoints; SLURM sends TERM to every
-# rank itself (scancel, preemption, requeue), so with srun the batch shell only notes it.
-FORWARD_TERM = {False: "kill -TERM $worker 2>/dev/null", True: "true"}
+# On TERM srun ends its step at once (SIGKILL), before any rank checkpoints; it passes USR1 to every rank,
+# which takes it as TERM (trial_handle.SRUN_TERM). A job's end (scancel, preemption, walltime) TERMs the ranks
+# themselves, not srun (docs/multi_gpu.md).
+TERM_TO_WORKER = {False: "TERM", True: "USR1"}
 
 
 def pythonpath_line():

@@ -341,3 +341,24 @@ def compact(numbers):
         else:
             runs.append([n, n])
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+def pinned(trial, config, overrides):
+    """The config version a trial that resumes, or continues as a retry, started with; `config` where that is
+    today's or is not kept.
+
+    Its study section is today's, the trainer aside: the budget, retries and requeues are the study's,
+    not the trial's, and study_budget must answer the same for every trial of the study.
+    """
+    version = trial.user_attrs.get(attr.CONFIG_VERSION)
+    if not version or version == config.version:
+        return config
+    folder = versions_folder(config)
+    kept = at_version(version, config.path, overrides, folder)
+    if kept is None:
+        log.warning("trial %d: its config version %s is not kept in %s; using today's", trial.number, version, folder)
+        return config
+    log.info("trial %d keeps its config version %s", trial.number, version)
+    kept["study"] = {**config["study"], "trainer": kept["study"]["trainer"]}
+    kept.in_yaml, kept.overrides, kept.defaulted = config.in_yaml, config.overrides, config.defaulted
+    return kept

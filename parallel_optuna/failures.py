@@ -90,3 +90,9 @@ def code_file(config):
 def describe(streak):
     last = streak[-1].user_attrs[attr.FAIL_REASON].splitlines()[0][:200]
     return f"the {len(streak)} trials since the last submit or edit all failed in the trainer, the last with ({last})"
+
+
+def fail_in_trainer(study, trial, reason):
+    """The trial fails as the trainer's, with its reason."""
+    trial.set_user_attr(attr.FAIL_REASON, reason[:500])
+    study.tell(trial, state=FAIL)

@@ -16,7 +16,8 @@ A trainer that raises on some ranks only fails the trial as the trainer's, with 
 may wait for the failed ones in a collective that never comes, so rank 0 then ends the task with a non-zero
 status (srun ends the others) and the task runs no more trials. Where every rank raised, the task goes on.
 
-Torch's rendezvous (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) comes from SLURM's variables,
+Torch's rendezvous (MASTER_ADDR, RANK, WORLD_SIZE, LOCAL_RANK) comes from SLURM's variables, and MASTER_PORT
+from rank 0, which finds a free port on its host and writes it into trial.json before any rank starts torch;
 so a trainer written for torchrun calls init_process_group() unchanged.
 """
 
@@ -26,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -33,15 +35,16 @@ from pathlib import Path
 import optuna
 import yaml
 
-from parallel_optuna import slurm, trial_control
-from parallel_optuna.run_dir import run_dir
+from parallel_optuna import checkpoints, failures, slurm, trial_control
+from parallel_optuna.config import Config
+from parallel_optuna.run_dir import run_dir, run_subdir
+from parallel_optuna.storage import optuna_internals
 from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
-from parallel_optuna.user_code import load_function
+from parallel_optuna.user_code import code_key, load_function
 
 log = logging.getLogger("worker")
 
-PORTS = 20000, 12000  # MASTER_PORT = first + job id % count: below Linux's ephemeral ports, one per task
-POLL_S = 0.02
+POLL_S, POLL_MAX_S = 0.02, 0.5  # a wait for another rank's file polls every 20 ms at first, then less often
 PRUNED = "pruned"
 LOST_RANK_WAIT_S = 5  # srun sends rank 0 SIGTERM within a fraction of a second of another rank's death
 FOLLOWER_WAIT_S = 60  # a rank whose trainer raised waits this long for rank 0 to end the trial too
@@ -77,14 +80,29 @@ def rendezvous_env(environ: dict) -> dict[str, str]:
     if world < 2 or "SLURM_PROCID" not in environ:
         return {}
     nodes = environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]
-    job = int(environ.get("SLURM_JOB_ID", 0))
     return {
-        "MASTER_ADDR": expand_hostlist(nodes)[0],  # rank 0 runs on the step's first node
-        "MASTER_PORT": str(PORTS[0] + job % PORTS[1]),  # each array task its own job id: no two share a port
+        "MASTER_ADDR": expand_hostlist(nodes)[0],  # rank 0 runs on the step's first node; MASTER_PORT: free_port()
         "RANK": environ["SLURM_PROCID"],
         "WORLD_SIZE": str(world),
         "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
     }
+
+
+def free_port() -> int:
+    """A TCP port free now on this host, picked by the kernel as torchrun --standalone does. Rank 0's torch
+    binds it moments later; another process could take it meanwhile, and then init_process_group() fails."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def pauses():
+    """The sleeps of a wait for another rank: short at first, then up to POLL_MAX_S, to spare a network
+    filesystem the listings of a long wait."""
+    pause = POLL_S
+    while True:
+        yield pause
+        pause = min(pause * 1.5, POLL_MAX_S)
 
 
 def rank() -> int:
@@ -101,8 +119,9 @@ def follower() -> bool:
 
 # ---------------------------------------------------------------- the files between the ranks
 def channel(config) -> Path:
+    """The task's folder of files between the ranks (made private, in the run directory already trusted)."""
     task_run = f"{os.environ.get('SLURM_JOB_ID', os.getpid())}.{os.environ.get('SLURM_RESTART_COUNT', 0)}"
-    return run_dir(config) / "ranks" / task_run
+    return run_subdir(config, "ranks", task_run)
 
 
 def write_atomically(path: Path, data: dict) -> None:
@@ -124,6 +143,7 @@ class Verdicts:
     def next(self, timeout: float | None = None) -> str | None:
         """The next verdict: None (go on), PRUNED or a signal's name; TrialOver once the trial ended."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        sleeps = pauses()
         while deadline is None or time.monotonic() < deadline:
             with open(self.path) as f:
                 f.seek(self.offset)
@@ -134,7 +154,7 @@ class Verdicts:
                 if "over" in entry:
                     raise TrialOver(entry["over"])
                 return entry["verdict"]
-            time.sleep(POLL_S)
+            time.sleep(next(sleeps))
         raise TimeoutError(f"no word from rank 0 in {timeout} s ({self.path})")
 
     def agree(self, asked: bool) -> bool:
@@ -147,7 +167,8 @@ class Leader:
 
     def __init__(self, config) -> None:
         self.folder = channel(config)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        os.environ["MASTER_PORT"] = str(self.port)  # for rank 0's torch; the others read it in trial.json
         self.seq = 0
         self.verdicts = None
         self.lock = threading.Lock()  # who ends a trial whose trainer raised: rank 0's own thread or its watch
@@ -157,14 +178,14 @@ class Leader:
 
     def announce(self, news: dict) -> None:
         self.seq += 1
-        write_atomically(self.folder / "trial.json", {"seq": self.seq, **news})
+        write_atomically(self.folder / "trial.json", {"seq": self.seq, "port": self.port, **news})
 
-    def start(self, number: int, folder: Path) -> None:
+    def start(self, number: int, version: str | None) -> None:
         self.verdicts = self.folder / f"{number}.jsonl"
         self.verdicts.write_text("")
         for old in self.folder.glob(f"{number}.rank*.failed"):
             old.unlink()
-        self.announce({"trial": number, "folder": str(folder)})
+        self.announce({"trial": number, "version": version})
 
     def decide(self, verdict: str | None) -> None:
         with open(self.verdicts, "a") as f:
@@ -188,11 +209,11 @@ class Leader:
         return len(self.failed(number)) >= world_size() - 1
 
     def others_left(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        deadline, sleeps = time.monotonic() + timeout, pauses()
         while len(list(self.folder.glob("rank*.left"))) < world_size() - 1:
             if time.monotonic() > deadline:
                 return False
-            time.sleep(POLL_S * 5)
+            time.sleep(next(sleeps))
         return True
 
 
@@ -273,17 +294,19 @@ def lead_trial(trial, folder: Path, stop, config):
 
 
 @contextlib.contextmanager
-def training(handle, end_task):
+def training(handle, version: str | None, study, trial):
     """Around rank 0's trainer: the resolved config.yaml (and any checkpoint to resume) is in the trial's
-    folder, so the others start; while it trains, a watch calls end_task(reason) if another rank raised alone."""
+    folder, so the others start; while it trains, a watch ends the trial and the task if another rank raised
+    alone."""
     if LEADER is None:
         yield
         return
-    LEADER.start(handle.number, handle.folder)
+    LEADER.start(handle.number, version)
     # A plain objective stops where every rank asks trial_control.stop_requested(), never in between.
     handle.stop.interrupt_now = False
     trial_control.Running.agree = LEADER.agree
     LEADER.training, LEADER.ending = handle.number, False
+    end_task = another_rank_failed(study, trial)
     threading.Thread(target=watch, args=(handle.number, end_task), name="ranks-watch", daemon=True).start()
     try:
         yield
@@ -292,6 +315,22 @@ def training(handle, end_task):
             LEADER.training, ending = None, LEADER.ending
         if ending:
             threading.Event().wait()  # the watch tells the trial and ends this process
+
+
+def another_rank_failed(study, trial):
+    """What ends a trial whose trainer raised on another rank while rank 0 waits for it in a collective: the
+    trainer's failure, then this task (its non-zero exit makes srun end the others)."""
+
+    def end_task(reason):
+        try:
+            failures.fail_in_trainer(study, trial, reason)
+        finally:
+            finish()
+            with optuna_internals.storage_lock(study):  # no storage op of the waiting thread is half-written
+                logging.shutdown()
+                os._exit(1)
+
+    return end_task
 
 
 def watch(number: int, end_task) -> None:
@@ -372,24 +411,25 @@ def follow(config) -> int:
     """Run the trials rank 0 runs, until it says this task runs no more; the worker's exit status."""
     global log
     log = logging.getLogger(f"rank{rank()}")
+    folder = channel(config)
     try:
-        kind = "objective" if config["study"]["objective"] else "trainer"
-        function = load_function(config, kind, config.path)[0]
         seen = 0
         while True:
-            news = wait_for_news(channel(config), seen)
+            news = wait_for_news(folder, seen)
             if news.get("done"):
                 return 0
             seen = news["seq"]
-            ended = follow_trial(config, kind, function, news)
+            os.environ["MASTER_PORT"] = str(news["port"])  # rank 0's torch listens there
+            ended = follow_trial(config, news, folder)
             if ended is not None:
                 return ended
     finally:
         with contextlib.suppress(OSError):
-            (channel(config) / f"rank{rank()}.left").write_text("")
+            (folder / f"rank{rank()}.left").write_text("")
 
 
 def wait_for_news(folder: Path, seen: int) -> dict:
+    sleeps = pauses()
     while True:
         try:
             news = json.loads((folder / "trial.json").read_text())
@@ -397,28 +437,40 @@ def wait_for_news(folder: Path, seen: int) -> dict:
                 return news
         except (OSError, ValueError):
             pass  # rank 0 has not written it yet
-        time.sleep(POLL_S * 5)
+        time.sleep(next(sleeps))
 
 
-def follow_trial(config, kind: str, function, news: dict) -> int | None:
+def trial_code(config, number: int):
+    """What rank 0 runs for this trial: the resolved config.yaml it wrote in the trial's folder (of the config
+    version the trial is pinned to) and the trainer or objective that names, found as rank 0 finds it."""
+    resolved = Config(
+        yaml.safe_load((checkpoints.trial_folder(config, number) / "config.yaml").read_text()), config.path
+    )
+    kind = code_key(resolved)
+    return resolved, kind, load_function(resolved, kind, config.path)[0]
+
+
+def follow_trial(config, news: dict, ranks_folder: Path) -> int | None:
     """One trial on this rank; an exit status when this rank must end, None to wait for the next trial."""
-    number, folder = news["trial"], Path(news["folder"])
-    verdicts = Verdicts(channel(config) / f"{number}.jsonl")
-    log.info("trial %d: training with rank 0 (%s)", number, folder / "config.yaml")
+    number = int(news["trial"])
+    folder = checkpoints.trial_folder(config, number)  # rank 0 wrote its config.yaml and checkpoint there
+    verdicts = Verdicts(ranks_folder / f"{number}.jsonl")
+    log.info("trial %d: training with rank 0 (config version %s)", number, news.get("version"))
     try:
+        resolved, kind, function = trial_code(config, number)
         if kind == "objective":
             trial_control.Running.folder, trial_control.Running.agree = folder, verdicts.agree
             function(None)  # optuna-integration's TorchDistributedTrial(None) gets everything from rank 0
         else:
-            resolved = yaml.safe_load((folder / "config.yaml").read_text())
-            function(resolved, FollowerHandle(number, folder, verdicts, config["study"]["trusted_checkpoints"]))
+            trusted = resolved["study"]["trusted_checkpoints"]
+            function(dict(resolved), FollowerHandle(number, folder, verdicts, trusted))
     except (optuna.TrialPruned, TrialOver):
         return None
     except Interrupted:
         return 0  # rank 0 requeues the task or leaves the trial for the next one
     except Exception as e:
         log.exception("trial %d failed on rank %d", number, rank())
-        (channel(config) / f"{number}.rank{rank()}.failed").write_text(f"rank {rank()}: {type(e).__name__}: {e}")
+        (ranks_folder / f"{number}.rank{rank()}.failed").write_text(f"rank {rank()}: {type(e).__name__}: {e}")
         return wait_for_end(verdicts, number)
     finally:
         trial_control.Running.folder = trial_control.Running.agree = None

@@ -96,7 +96,8 @@ def cancel(study):
     """Stop now: marked first, so that workers fail their trials as "cancelled" after checkpointing.
 
     Queued tasks are cancelled. Running ones get SIGTERM in their batch shell, which forwards it to
-    the worker: the trainer ends at its next save_checkpoint(), however long the epoch. A plain
+    the worker (to srun as USR1, with several processes per trial): the trainer ends at its next
+    save_checkpoint(), however long the epoch. A plain
     scancel would SIGKILL it KillWait seconds (often 30) after the SIGTERM, mid-epoch, unsaved. A
     second cancel does that: for a worker that does not come to a stop.
     """

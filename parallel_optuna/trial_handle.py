@@ -36,23 +36,32 @@ class Outcome(enum.Enum):
 Interrupted = trial_control.Stop
 
 
+# What the batch shell sends srun for a TERM: srun passes it on to every rank (on TERM it kills them all).
+SRUN_TERM = signal.SIGUSR1
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, SRUN_TERM)
+
+
+def signal_name(signum: int) -> str:
+    return "SIGTERM" if signum == SRUN_TERM else signal.Signals(signum).name
+
+
 class StopSignal:
     """Remembers SIGUSR2/SIGTERM/SIGINT so the trainer can finish its step and checkpoint first."""
 
     def __init__(self, safe_point: str = "save_checkpoint()", early_signals: Sequence[int] = ()) -> None:
         self.safe_point = safe_point  # where the trainer (or objective) checkpoints and stops
-        self.received = signal.Signals(early_signals[-1]).name if early_signals else None
+        self.received = signal_name(early_signals[-1]) if early_signals else None
         if self.received:
             log.warning("%s received while the worker started: checkpointing at the next %s", self.received, safe_point)
         self.interrupt_now = False  # while a plain objective runs that has not asked trial_control.stop_requested()
         self.deadline = None  # (seconds, what to do then) while such an objective runs: see ObjectiveTrial
         self.requeued = False  # once this task asked SLURM to requeue it
-        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        again = self.received == signal.Signals(signum).name  # SLURM signals the batch shell, which forwards it
-        self.received = signal.Signals(signum).name
+        again = self.received == signal_name(signum)  # SLURM signals the batch shell, which forwards it
+        self.received = signal_name(signum)
         if again:
             return
         if self.requeued:  # SLURM ends the task it was asked to requeue: the checkpoint is already on disk

@@ -12,6 +12,8 @@ import yaml
 from conftest import PROJECT, finished, load_study, run_script, write_experiment
 from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
+from parallel_optuna import ranks
+from parallel_optuna.config import load_config
 from parallel_optuna.ranks import expand_hostlist, rendezvous_env
 
 
@@ -58,7 +60,7 @@ def test_the_array_file_launches_the_ranks_with_srun(tmp_path):
     launch = next(line for line in script.splitlines() if "worker.py" in line)
     assert launch.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=1 --gpu-bind=none "), launch
     assert "kill -USR2 $worker" in script, "the walltime signal goes to srun, which passes it to every rank"
-    assert "kill -TERM" not in script, "srun would end the ranks at once on TERM"
+    assert "kill -TERM" not in script and "kill -USR1 $worker" in script, "srun would end the ranks at once on TERM"
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
     one = write_experiment(tmp_path / "one", {"slurm.gpus_per_task": 1})
@@ -86,16 +88,34 @@ def test_rendezvous_of_two_nodes_from_slurm_variables():
         "SLURM_JOB_ID": "123457",
     }
     env = rendezvous_env(rank_3)
-    assert env == {
-        "MASTER_ADDR": "node01",
-        "MASTER_PORT": str(20000 + 123457 % 12000),
-        "RANK": "3",
-        "WORLD_SIZE": "4",
-        "LOCAL_RANK": "1",
-    }
-    neighbour = rendezvous_env({**rank_3, "SLURM_JOB_ID": "123458"})
-    assert neighbour["MASTER_PORT"] != env["MASTER_PORT"], "two trials on one node never share a port"
+    assert env == {"MASTER_ADDR": "node01", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, "MASTER_PORT: rank 0's"
     assert rendezvous_env({**rank_3, "SLURM_NTASKS": "1"}) == {}, "one process: torch's variables stay as they are"
+
+
+def test_another_rank_refuses_a_run_directory_it_cannot_trust(tmp_path):
+    """Ranks other than 0 unpickle rank 0's checkpoint: they check runs/<study> first, as rank 0 does."""
+    path = ddp_experiment(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (path.parent / "runs").mkdir()
+    (path.parent / "runs/tiny").symlink_to(elsewhere)
+    rank_1 = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7"}
+    out = run_script("worker.py", "--config", path, env=rank_1, timeout=60)
+    assert out.returncode == 2 and "runs/tiny is a symlink" in out.stderr, out.stdout + out.stderr
+    assert not any(elsewhere.iterdir()), "nothing made in the folder the symlink points at"
+
+
+def test_another_rank_runs_the_trainer_of_the_trial_not_of_the_yaml_today(tmp_path):
+    """A resumed trial keeps its config version: the other ranks load the trainer its config.yaml names."""
+    path = ddp_experiment(tmp_path)
+    (path.parent / "pinned.py").write_text("def train(config, trial):\n    return {'val_loss': 1.0}\n")
+    folder = path.parent / "runs/tiny/trials/3"
+    folder.mkdir(parents=True)
+    resolved = dict(load_config(path))  # as rank 0 writes it: with the defaults
+    resolved["study"]["trainer"] = "pinned:train"
+    (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
+    config, kind, function = ranks.trial_code(load_config(path), 3)
+    assert kind == "trainer" and function.__module__ == "pinned" and config["study"]["trainer"] == "pinned:train"
 
 
 # ---------------------------------------------------------------- on the local cluster
@@ -113,17 +133,23 @@ def test_a_ddp_trainer_meets_the_budget_with_one_optuna_trial_per_task(slurm, tm
     assert not any((path.parent / "runs/tiny/ranks").iterdir()), "each task deletes its files between the ranks"
 
 
-@pytest.mark.slurm
-def test_a_plain_objective_with_torch_distributed_trial(slurm, tmp_path):
-    path = write_experiment(tmp_path / "exp", {"slurm.tasks_per_trial": 2, "study.n_trials": 2})
+def objective_experiment(tmp_path, n_trials, epochs, epoch_seconds=0):
+    """examples/ddp/objective.py, 2 processes per trial, small and quick."""
+    path = write_experiment(tmp_path / "exp", {"slurm.tasks_per_trial": 2, "study.n_trials": n_trials})
     config = yaml.safe_load(path.read_text())
     config["study"].update(objective="objective:objective", trainer=None, optimization_metric="val_loss")
     del config["search_space"], config["data"]
     path.write_text(yaml.safe_dump(config))
     code = (PROJECT / "examples/ddp/objective.py").read_text()
-    (path.parent / "objective.py").write_text(
-        code.replace("EPOCHS, N_SAMPLES = 10, 2048", "EPOCHS, N_SAMPLES = 2, 256")
-    )
+    code = code.replace("EPOCHS, N_SAMPLES = 10, 2048", f"EPOCHS, N_SAMPLES = {epochs}, 256")
+    slow = f"__import__('time').sleep({epoch_seconds})\n        trial.report(val_loss, epoch)"
+    (path.parent / "objective.py").write_text(code.replace("trial.report(val_loss, epoch)", slow))
+    return path
+
+
+@pytest.mark.slurm
+def test_a_plain_objective_with_torch_distributed_trial(slurm, tmp_path):
+    path = objective_experiment(tmp_path, n_trials=2, epochs=2)
     wait_for_jobs(submit(path))
     study = load_study(path)
     assert len(study.trials) == 2 and len(finished(study)) == 2, [(t.number, t.state.name) for t in study.trials]
@@ -207,6 +233,43 @@ def test_a_walltime_requeue_resumes_every_rank(slurm, tmp_path):
     logs = task_logs(path)
     assert "rank1: trial 0 stops at its checkpoint after SIGUSR2 (rank 0's decision)" in logs
     assert "rank1: trial 0 resumes from" in logs
+
+
+@pytest.mark.slurm
+def test_a_cancel_stops_every_rank_at_a_checkpoint_and_a_submit_continues_it(slurm, tmp_path):
+    """--cancel TERMs the batch shell, which passes it through srun as USR1: srun itself would kill the ranks."""
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "training.epochs": 6, "training.epoch_seconds": 1.0})
+    jobs = submit(path)
+    running_with_checkpoint(path)
+    out = run_script("submit_study.py", "--config", path, "--cancel")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_for_jobs(jobs)
+    trial = load_study(path).trials[0]
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "cancelled", trial.user_attrs
+    logs = task_logs(path)
+    assert "rank1: trial 0 stops at its checkpoint after SIGTERM (rank 0's decision)" in logs
+    assert "forcing job termination" not in "".join(
+        f.read_text() for f in (path.parent / "runs/tiny/slurm_logs").glob("*.err")
+    )
+    wait_for_jobs(submit(path))
+    retry = load_study(path).trials[1]
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["retry_of"] == 0
+    assert sorted(retry.intermediate_values) == list(range(6)), "the retry continued the cancelled trial's curve"
+    assert "rank1: trial 1 resumes from" in task_logs(path)
+
+
+@pytest.mark.slurm
+def test_the_plain_objective_example_resumes_after_a_walltime_requeue(slurm, tmp_path):
+    path = objective_experiment(tmp_path, n_trials=1, epochs=6, epoch_seconds=1.0)
+    jobs = submit(path)
+    study = load_study(path)
+    wait_until(lambda: any(t.intermediate_values for t in study.get_trials()), what="a reported epoch")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", f"{jobs[0]}_0"], check=True)  # as SLURM's B:USR2
+    wait_for_jobs(jobs)
+    trial = load_study(path).trials[0]
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["requeues"] == 1, trial.user_attrs
+    assert sorted(trial.intermediate_values) == list(range(6))
+    assert "resuming from " in task_logs(path), "rank 0's checkpoint, on every rank"
 
 
 BROKEN = """import torch.distributed as dist

@@ -32,6 +32,8 @@ def objective(single_trial):
     trial = TorchDistributedTrial(single_trial)  # None on ranks other than 0
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)  # NCCL's collectives use the current device
     width, lr = trial.suggest_int("width", 8, 64, log=True), trial.suggest_float("lr", 1e-3, 1e-1, log=True)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(N_SAMPLES, 2, generator=g) * 2 - 1
@@ -40,9 +42,10 @@ def objective(single_trial):
     model = DistributedDataParallel(nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, 1)).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     checkpoint = trial_control.trial_dir(single_trial) / "checkpoint.pt" if rank == 0 else None
+    start = resume(model, optimizer, checkpoint)
     train_x, train_y = x[: N_SAMPLES * 3 // 4][rank::world].to(device), y[: N_SAMPLES * 3 // 4][rank::world].to(device)
     val_x, val_y = x[N_SAMPLES * 3 // 4 :].to(device), y[N_SAMPLES * 3 // 4 :].to(device)
-    for epoch in range(EPOCHS):
+    for epoch in range(start, EPOCHS):
         for batch in torch.randperm(len(train_x)).split(64):
             optimizer.zero_grad()
             nn.functional.mse_loss(model(train_x[batch]), train_y[batch]).backward()
@@ -54,9 +57,25 @@ def objective(single_trial):
             raise optuna.TrialPruned()
         if trial_control.stop_requested():  # rank 0's answer on every rank: all stop at this epoch
             if rank == 0:
-                torch.save({"epoch": epoch + 1, "model": model.module.state_dict()}, checkpoint)
+                state = {"epoch": epoch + 1, "model": model.module.state_dict(), "optimizer": optimizer.state_dict()}
+                torch.save(state, checkpoint)
             raise trial_control.Stop()
     return val_loss
+
+
+def resume(model, optimizer, checkpoint):
+    """Rank 0's checkpoint of this trial (a walltime requeue, a retry), on every rank; the epoch to start at."""
+    state = [
+        torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint and checkpoint.exists() else None
+    ]
+    dist.broadcast_object_list(state, src=0)  # the model and Adam's moments must be the same on every rank
+    if state[0] is None:
+        return 0
+    model.module.load_state_dict(state[0]["model"])
+    optimizer.load_state_dict(state[0]["optimizer"])
+    if dist.get_rank() == 0:
+        print(f"resuming from {checkpoint} at epoch {state[0]['epoch']}", flush=True)
+    return state[0]["epoch"]
 
 
 if __name__ == "__main__":  # plain Optuna: torchrun --nproc_per_node 2 examples/ddp/objective.py
