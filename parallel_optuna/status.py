@@ -59,7 +59,7 @@ def show_status(study, config):
             f"{failures.describe(streak)}: array tasks start no new trial until a submit or an edit of the YAML "
             "or the trainer's file"
         )
-    print_top_up(remaining(study, config) - queued, failed, streak, submit_limits.status_line(study))
+    print_top_up(remaining(study, config) - queued, failed, streak, submit_limits.status_line(study, ask_slurm=True))
     print(disk_line(study, config))
     return 0
 

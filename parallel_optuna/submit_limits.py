@@ -96,9 +96,13 @@ def record(study: optuna.Study, tasks: int, limit: str | None, job: str | None) 
     study.set_user_attr(attr.NEXT_PART, later)
 
 
-def status_line(study: optuna.Study) -> str | None:
+def status_line(study: optuna.Study, ask_slurm: bool = False) -> str | None:
+    """The part left for later, and who submits it; with ask_slurm, whether that job is still queued."""
     later = study.user_attrs.get(attr.NEXT_PART)
     if not later:
         return None
-    by = f"job {later['job_id']} submits them" if later["job_id"] else "no job submits them: submit again"
+    job = later["job_id"]
+    by = f"job {job} submits them" if job else "no job submits them: submit again"
+    if job and ask_slurm and slurm.squeue_jobs({job}, "%i|%T") == []:
+        by = f"job {job} has left the queue without submitting them: submit again"
     return f"{later['tasks']} task(s) not submitted yet ({later['limit']} at {later['recorded_at']}): {by}"

@@ -84,3 +84,20 @@ def test_a_limit_the_submit_cannot_read_is_one_line_naming_it(qos_limit, tmp_pat
     line = out.stderr.strip().splitlines()[-1]
     assert "the QOS's GrpSubmitJobs is full (QOSGrpSubmitJobsLimit" in line and "fix: submit again" in line, line
     assert not load_study(path).user_attrs.get(attr.ARRAY_JOBS), "nothing recorded as submitted"
+
+
+def test_a_chained_job_cancelled_by_hand_is_said_and_a_submit_tops_up(qos_limit, tmp_path):
+    path = plugin_experiment(tmp_path, {"study.n_trials": 3, "slurm.max_concurrent_jobs": 1, "slurm.qos": QOS})
+    qos_limit("MaxSubmitJobsPerUser", 2)
+    out = run_script("submit_study.py", "--config", path)
+    chained = re.search(r"2 task\(s\) not submitted yet .*: job (\d+) submits them", out.stdout)
+    assert out.returncode == 0 and chained, out.stdout + out.stderr
+    subprocess.run(["scancel", chained.group(1)], check=True)
+    wait_for_jobs(submitted_jobs(out.stdout))
+    status = run_script("submit_study.py", "--config", path, "--status").stdout
+    assert f"job {chained.group(1)} has left the queue without submitting them: submit again" in status, status
+    again = run_script("submit_study.py", "--config", path)
+    assert again.returncode == 0 and "not submitted yet" not in again.stdout, again.stdout + again.stderr
+    wait_for_jobs(submitted_jobs(again.stdout))
+    study = load_study(path)
+    assert len(finished(study)) == 3 and len(study.trials) == 3 and study.user_attrs[attr.NEXT_PART] is None
