@@ -105,13 +105,18 @@ def objective(trial):
 """
 
 
-def test_a_plain_objective_uploads_artifacts_and_names_its_metric(tmp_path):
-    changes = {"study.objective": "uploads:objective", "study.n_trials": 2, "data.dir": None}
+def run_uploads(tmp_path, changes, code):
+    """A study run here with one worker, its code in uploads.py beside the YAML: (path, study, its store)."""
     path = write_experiment(tmp_path / "exp", changes)
-    (path.parent / "uploads.py").write_text(UPLOADS)
+    (path.parent / "uploads.py").write_text(code)
     out = run_script("submit_study.py", "--config", path, "--local", 1)
     assert out.returncode == 0, out.stdout + out.stderr
-    study, store = load_study(path), artifacts.store(load_config(path))
+    return path, load_study(path), artifacts.store(load_config(path))
+
+
+def test_a_plain_objective_uploads_artifacts_and_names_its_metric(tmp_path):
+    changes = {"study.objective": "uploads:objective", "study.n_trials": 2, "data.dir": None}
+    path, study, store = run_uploads(tmp_path, changes, UPLOADS)
     for t in study.trials:
         (meta,) = optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
         assert meta.filename == "note.txt"
@@ -143,11 +148,7 @@ def train(config, trial):
 
 def test_a_trainer_uploads_to_the_study_and_a_checkpoint_without_weights_is_an_artifact(tmp_path):
     changes = {"study.trainer": "uploads:train", "study.n_trials": 3, "study.keep_best": 1, "data.dir": None}
-    path = write_experiment(tmp_path / "exp", changes)
-    (path.parent / "uploads.py").write_text(TRAINER_UPLOADS)
-    out = run_script("submit_study.py", "--config", path, "--local", 1)
-    assert out.returncode == 0, out.stdout + out.stderr
-    study, store = load_study(path), artifacts.store(load_config(path))
+    path, study, store = run_uploads(tmp_path, changes, TRAINER_UPLOADS)
     for t in study.trials:
         metas = {m.filename: m.artifact_id for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
         assert sorted(metas) == ["checkpoint.pt", "note.txt"]
