@@ -5,6 +5,7 @@ A command that fails or does not answer raises SlurmError (the scheduler's answe
 where the caller can go on without the answer, returns what "unknown" means there (None, {}, a default).
 """
 
+import functools
 import re
 import shlex
 import shutil
@@ -111,10 +112,16 @@ def test_request(flags: list[str]) -> str | None:
     return " ".join(result.stderr.split())[:300] if result.returncode != 0 else None
 
 
+@functools.cache  # one call per process: the submit asks it for MaxArraySize and ClusterName
+def show_config() -> str:
+    """`scontrol show config`; SlurmError (not kept) when SLURM does not answer."""
+    return call(["scontrol", "show", "config"]).stdout
+
+
 def config_value(name: str) -> str | None:
     """One value of `scontrol show config`; None when SLURM does not answer or does not set it."""
     try:
-        out = call(["scontrol", "show", "config"]).stdout
+        out = show_config()
     except SlurmError:
         return None
     match = re.search(rf"^{name}\s*=\s*(\S+)", out, re.MULTILINE)

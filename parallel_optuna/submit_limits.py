@@ -60,7 +60,7 @@ def room(limit: int, what: str, selection: str) -> Room | None:
 
 def default_account() -> str:
     rows = slurm.sacctmgr("user", getpass.getuser(), "format=DefaultAccount") or [[""]]
-    return rows[0][0] if rows and rows[0] else ""
+    return rows[0][0]
 
 
 def association_row(account: str, partition: str | None) -> dict[str, str] | None:
@@ -93,7 +93,8 @@ def tasks_now(n_tasks: int, room: Room | None, extra_jobs: int = 0) -> int:
 def record(study: optuna.Study, tasks: int, limit: str | None, job: str | None) -> None:
     """The part of the study left for later, on the study (None once everything was submitted)."""
     later = {"tasks": tasks, "limit": limit, "job_id": job, "recorded_at": now()} if tasks else None
-    study.set_user_attr(attr.NEXT_PART, later)
+    if later or study.user_attrs.get(attr.NEXT_PART):  # a submit with nothing held back writes nothing
+        study.set_user_attr(attr.NEXT_PART, later)
 
 
 def status_line(study: optuna.Study, ask_slurm: bool = False) -> str | None:
