@@ -1,20 +1,21 @@
 """A big start: K array tasks asking for their first trial at once, on a study of N finished trials.
 
     python bench/start_bench.py                                   # K = 16, N = 0, 100, 400
-    python bench/start_bench.py --workers 8,32 --sizes 0,100,400 --modes turn,none
+    python bench/start_bench.py --workers 8,32 --sizes 0,100,400 --modes this,nohurry,none
 
 Two measurements, each with the default sampler (GP and TPE by turns) on four float params:
 
 - asks: one process times one ask (study.ask() and the params sampled, a fresh sampler as in a fresh
   task) of each sampler with R trials RUNNING beside the N finished ones. Taking turns makes the
-  asks of a start serial, so K tasks wait about the sum of their K asks: the figure for K = 64 and
-  256 is summed from these (R = 0 .. K - 1, between the measured R, linearly).
+  asks of a start serial: the figures for K = 64 and 256 are summed from these (R = 0 .. K - 1,
+  linear between the measured R), with every trial by its number (GP for the even ones), and with
+  a worker that waited past samplers.QUEUE_WAIT_S asking TPE (what the tool does).
 - start: K `worker.py --trials 1` processes, each started, its imports done, waiting for one
   moment to run (so the figure is what comes after the imports); reported: from the first
   worker's ask to the last worker's first training step, the time each held the turn by sampler,
   and the near-duplicates among the K proposals (two proposals within 1e-3 in every param, in
-  the unit cube: the log of a log param). `--modes none` runs this tree without the turns (each
-  worker samples at once), the reference for what the turns cost.
+  the unit cube: the log of a log param). `--modes nohurry` asks every trial by its number
+  however long the queue; `--modes none` takes no turns (each worker samples at once).
 """
 
 import argparse
@@ -150,16 +151,24 @@ def trial_frozen(study, trial):
     return study._storage.get_trial(trial._trial_id)
 
 
-def summed(times, label, k):
-    """Seconds of K asks in turn, half of them this sampler's, from the measured R (linear between them)."""
-    points = sorted((r, s) for (name, r), s in times.items() if name == label)
-    total = 0.0
-    for r in range(0, k, 2):
-        below = max((p for p in points if p[0] <= r), default=points[0])
-        above = min((p for p in points if p[0] >= r), default=points[-1])
-        share = 0 if above[0] == below[0] else (r - below[0]) / (above[0] - below[0])
-        total += below[1] + share * (above[1] - below[1])
-    return total
+def ask_time(times, label, r):
+    """Seconds of one ask of this sampler with R trials running, linear between the measured R."""
+    points = sorted((running, s) for (name, running), s in times.items() if name == label)
+    below = max((p for p in points if p[0] <= r), default=points[0])
+    above = min((p for p in points if p[0] >= r), default=points[-1])
+    share = 0 if above[0] == below[0] else (r - below[0]) / (above[0] - below[0])
+    return below[1] + share * (above[1] - below[1])
+
+
+def summed(times, k, queue_wait):
+    """Seconds until the last of K workers asking at one moment has its trial, and how many GP asked:
+    the asks in turn, trial r by GP when r is even, unless its worker waited past queue_wait (then TPE)."""
+    clock, gp_asks = 0.0, 0
+    for r in range(k):
+        gp = r % 2 == 0 and clock <= queue_wait
+        clock += ask_time(times, "GP" if gp else "TPE", r)
+        gp_asks += gp
+    return clock, gp_asks
 
 
 # ---------------------------------------------------------------- start, K processes
@@ -171,6 +180,8 @@ from parallel_optuna import claim, samplers
 for name in ("torch", "scipy.optimize", "scipy.stats", "optuna._gp.gp", "optuna._gp.acqf", "optuna._gp.optim_mixed"):
     __import__(name)  # every import before the common start
 out, holds = os.environ["START_BENCH_OUT"], []
+if os.environ["START_BENCH_MODE"] == "nohurry":
+    samplers.QUEUE_WAIT_S = float("inf")  # every ask in turn by its number, however long the queue
 original = samplers.one_ask_at_a_time
 @contextlib.contextmanager
 def timed_turn(folder):
@@ -181,10 +192,11 @@ def timed_turn(folder):
     holds.append((asked, entered, time.time()))
 samplers.one_ask_at_a_time = timed_turn
 claim_trial = worker.claim_trial
-def timed_claim(*args, **kwargs):
+def timed_claim(study, *args, **kwargs):
     asked = time.time()
-    trial = claim_trial(*args, **kwargs)
-    json.dump({"ask": asked, "holds": holds}, open(os.path.join(out, f"{os.getpid()}.ask"), "w"))
+    trial = claim_trial(study, *args, **kwargs)
+    hurried = sorted(getattr(study.sampler, "hurried", ()))
+    json.dump({"ask": asked, "holds": holds, "hurried": hurried}, open(os.path.join(out, f"{os.getpid()}.ask"), "w"))
     return trial
 worker.claim_trial = timed_claim
 start = float(sys.argv[2])
@@ -216,7 +228,8 @@ def start(folder, k, mode, workdir, project=PROJECT):
     for pid, ask in ((p.stem, json.loads(p.read_text())) for p in out.glob("*.ask")):
         if pid in steps:
             number = steps[pid]["number"]
-            held["GP" if number % 2 == 0 else "TPE"] += [end - entered for _, entered, end in ask["holds"]]
+            gp = number % 2 == 0 and number not in ask["hurried"]
+            held["GP" if gp else "TPE"] += [end - entered for _, entered, end in ask["holds"]]
     span = max(s["step"] for s in steps.values()) - min(a["ask"] for a in asks)
     proposals = {s["number"]: {name: s["params"][name.split(".")[1]] for name in SPACE} for s in steps.values()}
     return {"span": span, "held": held, "near": near_duplicates(proposals)}
@@ -231,12 +244,22 @@ def near_duplicates(proposals):
     ]
 
 
+def samplers_queue_wait():
+    sys.path.insert(0, str(PROJECT))
+    from parallel_optuna import samplers
+
+    return samplers.QUEUE_WAIT_S
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="16", help="K processes started at once, comma-separated")
     parser.add_argument("--sizes", default="0,100,400", help="finished trials in the study, comma-separated")
     parser.add_argument(
-        "--modes", default="this,none", help="this: this tree; none: this tree without turns; before: --before's tree"
+        "--modes",
+        default="this,nohurry,none",
+        help="this: this tree; nohurry: every ask by its number (no TPE for a queued worker); none: no turns; "
+        "before: --before's tree",
     )
     parser.add_argument(
         "--before", type=Path, help="another copy of the tool (git archive <commit>), for --modes before"
@@ -258,8 +281,12 @@ def main():
                 shown = ", ".join(f"R={r}: {s:.3f} s" for (name, r), s in sorted(times.items()) if name == label)
                 print(f"  one ask, {label:3}: {shown}")
             for k in (64, 256):
-                gp, tpe = summed(times, "GP", k), summed(times, "TPE", k)
-                print(f"  K={k} asks in turn (summed): GP {gp:.1f} s + TPE {tpe:.1f} s = {gp + tpe:.1f} s")
+                turns, gp_turns = summed(times, k, float("inf"))
+                hurry, gp_hurry = summed(times, k, samplers_queue_wait())
+                print(
+                    f"  K={k} asks in turn (summed): by number {turns:.1f} s ({gp_turns} GP); "
+                    f"past a {samplers_queue_wait():.0f} s wait TPE {hurry:.1f} s ({gp_hurry} GP)"
+                )
             for k in ks:
                 for mode in modes.split(","):
                     workdir = Path(tmp) / f"run{size}"

@@ -44,9 +44,8 @@ def claim_trial(study, config, stop=None):
     budget = study_budget(study, config)
     samplers.import_models(study.sampler, study.get_trials(deepcopy=False))
     while True:
-        turn = samplers.needs_turn(study.sampler, study.get_trials(deepcopy=False))
         # In turn, each ask sees the trials asked before it; random startup trials need not.
-        with samplers.one_ask_at_a_time(run_dir(config)) if turn else contextlib.nullcontext():
+        with samplers.turn_to_ask(run_dir(config), study.sampler, study.get_trials(deepcopy=False)):
             trial, again = ask_once(study, config, budget)  # None, False: the budget is covered
         if not again:
             return trial

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import importlib
 import importlib.util
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import optuna
 
 from parallel_optuna.storage import optuna_internals
+
+log = logging.getLogger("worker")
 
 # Optional packages a sampler or pruner needs, with the pip command that installs them.
 NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
@@ -32,6 +35,9 @@ GP_MAX_TRIALS = 500  # a GP refits on every trial, cubic in their number: TPE st
 SEEDS = 2**32  # numpy's range, 0 .. 2**32 - 1: a seed plus a SLURM job id can pass it
 ASK_LOCK = "ask.lock"  # in the run directory: workers take turns to sample
 ASK_LOCK_TIMEOUT_S = 120  # past this a worker samples anyway (a holder stuck on a slow filesystem)
+# A worker that waited this long for its turn is in a queue (a big start, a burst of trials ending together):
+# the default proposes its trial with TPE, in milliseconds, not a GP's seconds (bench/README.md, B4).
+QUEUE_WAIT_S = 2.0
 
 
 def default_spec(space, n_trials):
@@ -97,7 +103,8 @@ def portfolio(seed=None):
     # Two seeds per worker, none shared with another worker's (whose seeds differ by their offset):
     # with one seed the two samplers' random startup trials would be the same configs.
     gp_seed, tpe_seed = (None, None) if seed is None else (2 * seed % SEEDS, (2 * seed + 1) % SEEDS)
-    return ByTrial(optuna.samplers.GPSampler(seed=gp_seed), optuna.samplers.TPESampler(seed=tpe_seed))
+    tpe = optuna.samplers.TPESampler(seed=tpe_seed)  # constant liar: it plans around the RUNNING trials
+    return ByTrial(optuna.samplers.GPSampler(seed=gp_seed), tpe, quick=tpe)
 
 
 class ByTrial(optuna.samplers.BaseSampler):
@@ -105,13 +112,18 @@ class ByTrial(optuna.samplers.BaseSampler):
 
     By trial number, not by worker: every worker runs each sampler in turn, so the split stays even
     however long each sampler takes to choose (a GP refit takes seconds, TPE milliseconds). Each
-    sampler sees every trial, whichever sampler chose it.
+    sampler sees every trial, whichever sampler chose it. A trial asked in a hurry (in_a_hurry())
+    is the quick sampler's, whatever its number.
     """
 
-    def __init__(self, *samplers):
-        self.samplers = samplers
+    def __init__(self, *samplers, quick=None):
+        self.samplers, self.quick = samplers, quick
+        self.hurry = False
+        self.hurried = set()  # numbers of the trials asked in a hurry: their sampler for every later call
 
     def _of(self, trial):
+        if trial.number in self.hurried:
+            return self.quick
         return self.samplers[trial.number % len(self.samplers)]
 
     def infer_relative_search_space(self, study, trial):
@@ -124,6 +136,8 @@ class ByTrial(optuna.samplers.BaseSampler):
         return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial):
+        if self.hurry and self.quick is not None:
+            self.hurried.add(trial.number)
         self._of(trial).before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values):
@@ -168,6 +182,39 @@ def import_models(sampler, trials):
     gp = [p for p in parts(sampler) if isinstance(p, optuna.samplers.GPSampler)]
     if any(optuna_internals.still_random(p, trials) is False for p in gp):
         optuna_internals.import_gp_modules()
+
+
+@contextlib.contextmanager
+def turn_to_ask(folder, sampler, trials):
+    """An ask's turn: none while the sampler samples at random, else one_ask_at_a_time(), in a hurry when
+    the worker had to queue for it (QUEUE_WAIT_S)."""
+    if not needs_turn(sampler, trials):
+        yield
+        return
+    queued = time.monotonic()
+    with one_ask_at_a_time(folder):
+        waited = time.monotonic() - queued
+        with in_a_hurry(sampler, waited) if waited > QUEUE_WAIT_S else contextlib.nullcontext():
+            yield
+
+
+@contextlib.contextmanager
+def in_a_hurry(sampler, waited):
+    """The trial asked in this block is the portfolio's quick sampler's (TPE), not a GP's by its number.
+
+    K workers that start together queue for their turns: a GP ask at hundreds of trials takes 1-5 s, so the
+    last of 256 would wait minutes (bench/README.md, B3). TPE proposes in milliseconds and, as a constant
+    liar, around the trials asked before it. A sampler named in the YAML is used as given.
+    """
+    if not isinstance(sampler, ByTrial) or sampler.quick is None:
+        yield
+        return
+    log.info("waited %.1f s for the turn to ask: this trial is proposed by %s", waited, type(sampler.quick).__name__)
+    sampler.hurry = True
+    try:
+        yield
+    finally:
+        sampler.hurry = False
 
 
 @contextlib.contextmanager

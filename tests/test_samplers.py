@@ -285,3 +285,32 @@ def test_workers_that_ask_at_once_take_turns_so_gp_does_not_propose_one_point_k_
     asked = [t.params for t in load_study(path).trials[10:]]
     assert len(asked) == 4
     assert len({(p["model.d_pos"], round(p["training.lr"], 4)) for p in asked}) == 4, asked
+
+
+def test_a_worker_that_queued_for_its_turn_asks_the_quick_sampler_and_one_that_did_not_asks_by_number(
+    tmp_path, monkeypatch
+):
+    """A big start: a worker that waited QUEUE_WAIT_S for the turn gets TPE's proposal, not a GP's seconds."""
+    monkeypatch.setattr(samplers, "QUEUE_WAIT_S", 0.3)
+    portfolio = samplers.ByTrial(Constant(0.25), Constant(0.75), quick=Constant(0.5))
+    study = optuna.create_study(sampler=portfolio)
+    holder = subprocess.Popen(  # another worker holding the turn for a second
+        [sys.executable, "-c", HOLD_THE_TURN, str(tmp_path / samplers.ASK_LOCK)], stdout=subprocess.PIPE
+    )
+    assert holder.stdout.readline() == b"held\n"
+    for _ in range(2):  # the first waits out the holder; the second finds the turn free
+        with samplers.turn_to_ask(tmp_path, portfolio, [None]):
+            trial = study.ask()
+            trial.suggest_float("x", 0, 1)
+    assert holder.wait(timeout=10) == 0
+    assert [t.params["x"] for t in study.trials] == [0.5, 0.75], "in a hurry the quick sampler, then by number"
+    trial = study.ask()
+    assert trial.suggest_float("y", 0, 1) == 0.25, "a hurried trial leaves the others' turns as they were"
+
+
+HOLD_THE_TURN = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(1.0)
+"""
