@@ -1,12 +1,21 @@
-"""--local K: the study run on this machine by K worker processes, without SLURM."""
+"""--local K: the study run on this machine by K worker processes, without SLURM.
 
+With slurm.tasks_per_trial N > 1 each local worker is N processes, the ranks of one trial at a time, started
+with the variables srun's would get (rendezvous.local_env) and ended together as srun --kill-on-bad-exit=1
+ends an array task's.
+"""
+
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
-from parallel_optuna import PROJECT, study_control
+from parallel_optuna import PROJECT, ranks, rendezvous, study_control
 from parallel_optuna.array_file import worker_flags
 from parallel_optuna.export import export_best
+from parallel_optuna.options import ConfigError
 from parallel_optuna.slurm import quote_command
 from parallel_optuna.status import show_status
 from parallel_optuna.study import (
@@ -15,38 +24,105 @@ from parallel_optuna.study import (
     study_budget,
 )
 
+POLL_S = 0.1  # how often the launcher looks for a rank that ended
+
+
+def check_local(args, config) -> None:
+    """What --local K refuses, before a file is written or a study created."""
+    if args.local < 1:
+        raise ConfigError("--local", "local", f"{args.local} workers", "pass --local 1 or more")
+    nodes = config["slurm"]["nodes_per_trial"]
+    if nodes > 1:
+        source = "--nodes_per_trial" if "nodes_per_trial" in config.overrides else config.path
+        fix = "set slurm.nodes_per_trial: 1 to run the trial's processes here, or submit to SLURM without --local"
+        raise ConfigError(
+            source, "slurm.nodes_per_trial", f"{nodes} nodes per trial: --local runs on this machine", fix
+        )
+
+
+class Worker:
+    """One local worker: its process, or its trial's N processes (rank 0 first, the one that opens the study)."""
+
+    def __init__(self, command: list[str], world: int, channel: str) -> None:
+        if world == 1:
+            self.ranks = [subprocess.Popen(command)]
+        else:
+            self.ranks = [
+                subprocess.Popen(command, env={**os.environ, **rendezvous.local_env(rank, world, channel)})
+                for rank in range(world)
+            ]
+        self.channel = channel
+        self.ended_by: tuple[int, int] | None = None  # (rank, exit status) of the first rank that ended non-zero
+
+    def running(self) -> bool:
+        """Whether a rank still runs. One that ended non-zero ends the others at once: they may wait for it in a
+        collective. Killed, not TERMed as srun does first: a local rank 0 that gets TERM fails its trial as
+        stopped by hand; killed, the trial is a dead worker's, failed once and retried as under SLURM."""
+        codes = [p.poll() for p in self.ranks]
+        bad = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if bad and self.ended_by is None:
+            self.ended_by = min(bad, key=lambda rank_code: rank_code[1])  # a signal (< 0) first: it says why
+            for p in self.ranks:
+                if p.poll() is None:
+                    p.kill()
+        return None in codes
+
+    def status(self) -> int:
+        return self.ended_by[1] if self.ended_by else 0
+
+    def name(self) -> str:
+        worker = f"local worker {self.ranks[0].pid}"  # the pid its trials record
+        return f"rank {self.ended_by[0]} of {worker}" if len(self.ranks) > 1 and self.ended_by else worker
+
 
 class LocalStop:
     """Ctrl-C of a local run: the first stops the workers at their next checkpoint, the second kills them."""
 
-    def __init__(self, workers):
+    def __init__(self, workers: list[Worker]) -> None:
         self.workers, self.count = workers, 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
         self.count += 1
-        alive = [w for w in self.workers if w.poll() is None]
+        alive = [p for w in self.workers for p in w.ranks if p.poll() is None]
         if self.count == 1:
             print(
                 "stopping: running trials checkpoint and end as interrupted (Ctrl-C again: stop at once)",
                 file=sys.stderr,
             )
-        for w in alive:
+        for p in alive:  # ranks other than 0 stop where rank 0 tells them to
             if self.count == 1:
-                w.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGINT)
             else:
-                w.kill()
+                p.kill()
+
+
+def start_workers(args, config, study, storage_file) -> list[Worker]:
+    command = [sys.executable, str(PROJECT / "worker.py"), *worker_flags(config, storage_file), "--trials", "0"]
+    world = config["slurm"]["tasks_per_trial"]
+    each = f", {world} processes each (slurm.tasks_per_trial)" if world > 1 else ""
+    print(f"running {args.local} local workers{each}: {quote_command(command)}")
+    first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
+    return [
+        Worker(command + ["--seed_offset", str(first + i)], world, f"local-{os.getpid()}-{i}")
+        for i in range(args.local)
+    ]
+
+
+def wait_for(workers: list[Worker], config) -> None:
+    while [w for w in workers if w.running()]:  # every worker looked at, each time
+        time.sleep(POLL_S)
+    for w in workers:
+        if len(w.ranks) > 1:  # rank 0 deletes it once every rank left; not where a rank died
+            shutil.rmtree(ranks.channel(config, w.channel), ignore_errors=True)
 
 
 def run_local(args, config, study, storage_file):
-    """K worker processes on this machine, each running trials until the budget is met."""
-    command = [sys.executable, str(PROJECT / "worker.py"), *worker_flags(config, storage_file), "--trials", "0"]
-    print(f"running {args.local} local workers: {quote_command(command)}")
-    first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
-    workers = [subprocess.Popen(command + ["--seed_offset", str(first + i)]) for i in range(args.local)]
+    """K workers on this machine, each running trials until the budget is met."""
+    workers = start_workers(args, config, study, storage_file)
     stop = LocalStop(workers)
-    codes = [w.wait() for w in workers]
+    wait_for(workers, config)
     if stop.count:
         print(
             "stopped; run the same command again to continue the interrupted trials from their checkpoints",
@@ -57,13 +133,12 @@ def run_local(args, config, study, storage_file):
     trials = study.get_trials(deepcopy=False)
     if any(t.state in FINISHED for t in trials):
         export_best(study, config, "")
-    for w, code in zip(workers, codes, strict=True):
+    for w in workers:
+        code = w.status()
         if code < 0:  # killed from outside: it could say nothing, and its trial was retried like a dead task's
             name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-            print(
-                f"warning: local worker {w.pid} was killed ({name}); its trial was failed and retried", file=sys.stderr
-            )
-    if any(c > 1 for c in codes):
+            print(f"warning: {w.name()} was killed ({name}); its trial was failed and retried", file=sys.stderr)
+    if any(w.status() > 1 for w in workers):
         return 1  # a worker ended on an error it has named itself (a bad config, a full disk)
     short = still_to_run(trials, study_budget(study, config))
     if short and not study_control.mark(study):  # the workers gave up: their trials kept failing

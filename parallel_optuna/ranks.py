@@ -1,8 +1,9 @@
-"""Several processes training one trial (slurm.tasks_per_trial > 1): srun starts one worker per process.
+"""Several processes training one trial (slurm.tasks_per_trial > 1): srun (or --local's launcher, local.py)
+starts one worker per process; rendezvous.py says which rank each is.
 
 Rank 0 is the worker as with one process: it claims the trial, reports, decides pruning, checkpoints and
-tells. The other ranks never open the study; they follow rank 0 through small files of the task's own
-channel folder, runs/<study>/ranks/<job id>.<restart>/:
+tells. The other ranks never open the study; they follow rank 0 through small files of their own
+channel folder, runs/<study>/ranks/<job id>.<restart>/ (local-<launcher pid>-<worker>/ under --local):
     trial.json        the trial rank 0 runs now (its folder holds the resolved config.yaml and the
                       checkpoint), or that this task runs no more trials
     <trial>.jsonl     rank 0's verdict at each report()/save_checkpoint() (or stop_requested() of a plain
@@ -10,24 +11,21 @@ channel folder, runs/<study>/ranks/<job id>.<restart>/:
     <trial>.rank<r>.failed   that rank's trainer raised (its reason)
     rank<r>.left             that rank reads the folder no more; once all did, rank 0 deletes the folder
 So every rank stops at the same step, whichever rank a signal reached first, and none trains on alone.
-A rank that dies ends the step (srun --kill-on-bad-exit=1): the trial stays RUNNING and, as for any dead
-worker, liveness.py fails it once and retries it from rank 0's checkpoint.
+A rank that dies ends the others (srun --kill-on-bad-exit=1, or the local launcher): the trial stays RUNNING
+and, as for any dead worker, liveness.py fails it once and retries it from rank 0's checkpoint.
 A trainer that raises on some ranks only fails the trial as the trainer's, with the first reason; the others
 may wait for the failed ones in a collective that never comes, so rank 0 then ends the task with a non-zero
-status (srun ends the others) and the task runs no more trials. Where every rank raised, the task goes on.
+status (which ends the others) and the task runs no more trials. Where every rank raised, the task goes on.
 
-Torch's rendezvous (MASTER_ADDR, RANK, WORLD_SIZE, LOCAL_RANK) comes from SLURM's variables, and MASTER_PORT
-from rank 0, which finds a free port on its host and writes it into trial.json before any rank starts torch;
-so a trainer written for torchrun calls init_process_group() unchanged.
+Rank 0 finds a free port on its host for torch's rendezvous and writes it into trial.json before any rank
+starts torch; so a trainer written for torchrun calls init_process_group() unchanged.
 """
 
 import contextlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -35,8 +33,9 @@ from pathlib import Path
 import optuna
 import yaml
 
-from parallel_optuna import checkpoints, failures, slurm, trial_control
+from parallel_optuna import checkpoints, failures, rendezvous, slurm, trial_control
 from parallel_optuna.config import Config
+from parallel_optuna.rendezvous import free_port, rank, rendezvous_env, world_size  # noqa: F401 (worker.py: ranks.rendezvous_env)
 from parallel_optuna.run_dir import run_dir, run_subdir
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
@@ -52,50 +51,6 @@ WATCH_S = 0.5  # how often rank 0 looks for another rank's failure while its tra
 LEAVE_WAIT_S = 10  # rank 0 at its end waits this long for the others to leave before deleting the folder
 
 
-# ---------------------------------------------------------------- rendezvous
-def expand_hostlist(hostlist: str) -> list[str]:
-    """SLURM's compressed host list, e.g. "gpu[01-03,07],login1" -> gpu01, gpu02, gpu03, gpu07, login1."""
-    hosts = []
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", hostlist):
-        hosts += _expand_one(item)
-    return hosts
-
-
-def _expand_one(item: str) -> list[str]:
-    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)", item)
-    if not match:
-        return [item]
-    prefix, ranges, rest = match.groups()
-    names = []
-    for part in ranges.split(","):
-        low, _, high = part.partition("-")
-        for number in range(int(low), int(high or low) + 1):
-            names.append(f"{prefix}{number:0{len(low)}d}")  # keeps the zero padding: node01
-    return [name + tail for name in names for tail in _expand_one(rest)]
-
-
-def rendezvous_env(environ: dict) -> dict[str, str]:
-    """torchrun's variables for this srun process, from SLURM's; {} for a task of one process."""
-    world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
-    if world < 2 or "SLURM_PROCID" not in environ:
-        return {}
-    nodes = environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]
-    return {
-        "MASTER_ADDR": expand_hostlist(nodes)[0],  # rank 0 runs on the step's first node; MASTER_PORT: free_port()
-        "RANK": environ["SLURM_PROCID"],
-        "WORLD_SIZE": str(world),
-        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-    }
-
-
-def free_port() -> int:
-    """A TCP port free now on this host, picked by the kernel as torchrun --standalone does. Rank 0's torch
-    binds it moments later; another process could take it meanwhile, and then init_process_group() fails."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
-
-
 def pauses():
     """The sleeps of a wait for another rank: short at first, then up to POLL_MAX_S, to spare a network
     filesystem the listings of a long wait."""
@@ -105,23 +60,15 @@ def pauses():
         pause = min(pause * 1.5, POLL_MAX_S)
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", 0)) if world_size() > 1 else 0
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1)) if "SLURM_PROCID" in os.environ else 1
-
-
 def follower() -> bool:
     return rank() > 0
 
 
 # ---------------------------------------------------------------- the files between the ranks
-def channel(config) -> Path:
-    """The task's folder of files between the ranks (made private, in the run directory already trusted)."""
-    task_run = f"{os.environ.get('SLURM_JOB_ID', os.getpid())}.{os.environ.get('SLURM_RESTART_COUNT', 0)}"
-    return run_subdir(config, "ranks", task_run)
+def channel(config, name: str | None = None) -> Path:
+    """The folder of files between one trial's ranks, this process's by default (made private, in the run
+    directory already trusted)."""
+    return run_subdir(config, "ranks", name or os.environ[rendezvous.CHANNEL])
 
 
 def write_atomically(path: Path, data: dict) -> None:

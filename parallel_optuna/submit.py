@@ -29,7 +29,7 @@ from parallel_optuna.array_file import (
 )
 from parallel_optuna.config import directions, metric_names, read_text, walltime_seconds
 from parallel_optuna.jobs import submit_finish_job, submit_job, submit_next_part
-from parallel_optuna.local import run_local
+from parallel_optuna.local import check_local, run_local
 from parallel_optuna.optimizer import base_params, build_pruner, build_sampler
 from parallel_optuna.options import (
     ConfigError,
@@ -98,8 +98,8 @@ def check_inputs(args, config):
     build_sampler(config, 0, source), build_pruner(config, source)
     if config["study"]["enqueue_base"]:
         base_params(config, source)
-    if args.local is not None and args.local < 1:
-        raise ConfigError("--local", "local", f"{args.local} workers", "pass --local 1 or more")
+    if args.local is not None:
+        check_local(args, config)
     if args.submit_jobs and args.local is None and not slurm.available("sbatch"):
         raise ConfigError(
             "sbatch",

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 
 from parallel_optuna import ranks
 from parallel_optuna.config import load_config
-from parallel_optuna.ranks import expand_hostlist, rendezvous_env
+from parallel_optuna.rendezvous import CHANNEL, expand_hostlist, rendezvous_env
 
 
 def ddp_experiment(tmp_path, changes=None):
@@ -88,7 +89,8 @@ def test_rendezvous_of_two_nodes_from_slurm_variables():
         "SLURM_JOB_ID": "123457",
     }
     env = rendezvous_env(rank_3)
-    assert env == {"MASTER_ADDR": "node01", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, "MASTER_PORT: rank 0's"
+    torch_env = {"MASTER_ADDR": "node01", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert env == {**torch_env, CHANNEL: "123457.0"}, "MASTER_PORT: rank 0's; the ranks' folder: the job's"
     assert rendezvous_env({**rank_3, "SLURM_NTASKS": "1"}) == {}, "one process: torch's variables stay as they are"
 
 
@@ -332,3 +334,65 @@ def test_a_trainer_that_raises_on_one_rank_fails_its_trial_and_ends_the_task(slu
     study = load_study(path)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"], "topped up to the budget"
     assert not any(ranks.iterdir()), "the submit deletes the ended task's files; a normal end, its own"
+
+
+# ---------------------------------------------------------------- --local: the ranks started on this machine
+def local_run(path, workers=1):
+    """submit_study.py --local K, as make demo runs it; its output."""
+    out = run_script("submit_study.py", "--config", path, "--local", workers, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_a_local_run_trains_each_trial_on_every_rank(tmp_path):
+    path = ddp_experiment(tmp_path)
+    logs = local_run(path, workers=2)
+    study = load_study(path)
+    assert len(study.trials) == 2 and len(finished(study)) == 2, [(t.number, t.state.name) for t in study.trials]
+    assert all(t.user_attrs["metrics"]["world_size"] == 2 for t in study.trials), "both ranks trained each trial"
+    assert all(f"rank1: trial {t.number}: training with rank 0" in logs for t in study.trials), logs[-3000:]
+    assert not any((path.parent / "runs/tiny/ranks").iterdir()), "the files between the ranks are gone"
+
+
+def test_a_local_run_of_a_plain_objective_with_torch_distributed_trial(tmp_path):
+    pytest.importorskip("optuna_integration", reason="pip install optuna-integration==5.0.0")
+    path = objective_experiment(tmp_path, n_trials=2, epochs=2)
+    logs = local_run(path)
+    study = load_study(path)
+    assert len(study.trials) == 2 and len(finished(study)) == 2, [(t.number, t.state.name) for t in study.trials]
+    assert all(set(t.params) == {"width", "lr"} for t in study.trials)
+    assert all(f"rank1: trial {t.number}: training with rank 0" in logs for t in study.trials), logs[-3000:]
+
+
+def test_ctrl_c_of_a_local_run_stops_every_rank_at_a_checkpoint(tmp_path):
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "training.epochs": 30, "training.epoch_seconds": 0.5})
+    command = [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    checkpoint = path.parent / "runs/tiny/trials/0/checkpoint.pt"
+    wait_until(checkpoint.exists, what="a checkpoint")
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, _ = run.communicate(timeout=60)  # its output ends once every rank ended
+    assert run.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert "rank1: trial 0 stops at its checkpoint after SIGINT (rank 0's decision)" in out, out[-3000:]
+    [trial] = load_study(path).trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted by SIGINT"
+
+
+def test_a_local_rank_0_that_dies_ends_the_other_ranks(tmp_path):
+    """Rank 1 would wait for rank 0 in init_process_group() for ever: the launcher ends it, as srun would."""
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1})
+    trainer = path.parent / "trainer.py"
+    die = "def train(config, trial):\n    if os.environ['RANK'] == '0':\n        os.kill(os.getpid(), 9)\n"
+    trainer.write_text(trainer.read_text().replace("def train(config, trial):\n", die))
+    out = run_script("submit_study.py", "--config", path, "--local", 1, timeout=120)
+    trial = load_study(path).trials[0]  # and its retry, queued by the run's status at its end
+    assert f"warning: rank 0 of local worker {trial.user_attrs['pid']} was killed (SIGKILL)" in out.stderr, out.stderr
+    assert out.returncode == 1 and "1 trial(s) of the budget did not finish" in out.stderr
+
+
+def test_a_local_run_refuses_several_nodes_per_trial(tmp_path):
+    path = ddp_experiment(tmp_path, {"slurm.nodes_per_trial": 2})
+    out = run_script("submit_study.py", "--config", path, "--local", 2)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith(f"error: {path}: slurm.nodes_per_trial: 2 nodes per trial: --local runs on this")
+    assert not (path.parent / "runs").exists(), "nothing started"
