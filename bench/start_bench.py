@@ -184,9 +184,9 @@ if os.environ["START_BENCH_MODE"] == "nohurry":
     samplers.QUEUE_WAIT_S = float("inf")  # every ask in turn by its number, however long the queue
 original = samplers.one_ask_at_a_time
 @contextlib.contextmanager
-def timed_turn(folder):
+def timed_turn(folder, **kwargs):
     asked = time.time()
-    with (original(folder) if os.environ["START_BENCH_MODE"] != "none" else contextlib.nullcontext()):
+    with (original(folder, **kwargs) if os.environ["START_BENCH_MODE"] != "none" else contextlib.nullcontext()):
         entered = time.time()
         yield
     holds.append((asked, entered, time.time()))

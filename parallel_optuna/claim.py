@@ -45,7 +45,7 @@ def claim_trial(study, config, stop=None):
     samplers.import_models(study.sampler, study.get_trials(deepcopy=False))
     while True:
         # In turn, each ask sees the trials asked before it; random startup trials need not.
-        with samplers.turn_to_ask(run_dir(config), study.sampler, study.get_trials(deepcopy=False)):
+        with samplers.turn_to_ask(run_dir(config), study):
             trial, again = ask_once(study, config, budget)  # None, False: the budget is covered
         if not again:
             return trial

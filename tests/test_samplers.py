@@ -299,7 +299,7 @@ def test_a_worker_that_queued_for_its_turn_asks_the_quick_sampler_and_one_that_d
     )
     assert holder.stdout.readline() == b"held\n"
     for _ in range(2):  # the first waits out the holder; the second finds the turn free
-        with samplers.turn_to_ask(tmp_path, portfolio, [None]):
+        with samplers.turn_to_ask(tmp_path, study):
             trial = study.ask()
             trial.suggest_float("x", 0, 1)
     assert holder.wait(timeout=10) == 0
