@@ -51,6 +51,7 @@ import yaml
 from parallel_optuna import (
     artifacts,
     checkpoints,
+    claim,
     config_versions,
     failures,
     liveness,
@@ -290,9 +291,8 @@ def plain_metrics(metrics):
 
 
 def add_train_seconds(trial, started):
-    trial.set_user_attr(
-        attr.TRAIN_SECONDS, round(trial.user_attrs.get(attr.TRAIN_SECONDS, 0) + time.time() - started, 3)
-    )
+    seconds = trial.user_attrs.get(attr.TRAIN_SECONDS, 0) + time.time() - started
+    trial.set_user_attr(attr.TRAIN_SECONDS, round(seconds, 3))
 
 
 def requeue_or_fail(study, trial, config, signal_name, handle=None):
@@ -404,10 +404,11 @@ def run_trials(study, trial, config, args, taken_over):
     """Claim, run and tell trials until the budget, --trials or a signal says stop; 1 if any failed."""
     safe_point = "trial_control.stop_requested()" if config["study"]["objective"] else "save_checkpoint()"
     stop = StopSignal(safe_point, EARLY_SIGNALS)
-    failed = done = in_a_row = 0
+    failed = in_a_row = 0
+    done = claim.trials_done_before(study, liveness.slurm_task_key())  # requeued: resume, then the rest of the share
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
-    while more_wanted(args, done, taken_over) and stop.received not in ("SIGTERM", "SIGINT"):
+    while (trial is not None or more_wanted(args, done, taken_over)) and stop.received not in ("SIGTERM", "SIGINT"):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
@@ -495,9 +496,8 @@ def clean_checkpoints(study, config):
 
 
 def seed_offset(args):
-    if args.seed_offset is not None:
-        return args.seed_offset
-    return int(os.environ.get("SLURM_JOB_ID") or os.getpid())
+    default = int(os.environ.get("SLURM_JOB_ID") or os.getpid())
+    return default if args.seed_offset is None else args.seed_offset
 
 
 if __name__ == "__main__":

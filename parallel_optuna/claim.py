@@ -27,6 +27,7 @@ from parallel_optuna.trial_handle import PROGRESS
 log = logging.getLogger("worker")
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
+FINISHED = tuple(state for state in optuna.trial.TrialState if state.is_finished())
 
 
 def find_own_trial(study, task):
@@ -37,6 +38,19 @@ def find_own_trial(study, task):
         if trial.user_attrs.get(attr.SLURM_TASK) == task:
             return trial
     return None
+
+
+def trials_done_before(study, task):
+    """How many trials this array task finished in its runs before SLURM requeued it (SLURM_RESTART_COUNT > 0).
+
+    A packed task (slurm.trials_per_task) runs its share once in all, not once per run; the trial it resumes runs
+    whatever this count (an earlier run may have run a dead task's share too). A result kept for a trial failed
+    under this task (retries.add_result) is the same trial, counted once.
+    """
+    if not task or not int(os.environ.get("SLURM_RESTART_COUNT") or 0):
+        return 0
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    return sum(t.user_attrs.get(attr.SLURM_TASK) == task and attr.RESULT_OF not in t.user_attrs for t in trials)
 
 
 def claim_trial(study, config, stop=None):

@@ -50,12 +50,12 @@ def assert_study_whole(study, budget, per_task=1):
     assert not retried or max(retried.values()) == 1, "a dead trial was retried twice"
 
 
-def running_trial_with_checkpoint(path):
+def running_trial_with_checkpoint(path, besides=()):
     study = load_study(path)
 
     def find():
         for t in study.get_trials():
-            if t.state.name == "RUNNING" and "pid" in t.user_attrs:
+            if t.state.name == "RUNNING" and "pid" in t.user_attrs and t.number not in besides:
                 if (path.parent / "runs/tiny/trials" / str(t.number) / "checkpoint.pt").exists():
                     return t
 
@@ -141,6 +141,37 @@ def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
                 assert any(said in before for said in own_requeue), events
         assert "resumes from" in Path(t.user_attrs["log_path"]).read_text()
         assert len(report.requeue_gaps(t, config)) == t.user_attrs["requeues"], "the report marks every requeue"
+
+
+def test_a_requeued_packed_task_runs_only_the_rest_of_its_share(slurm, tmp_path):
+    """slurm.trials_per_task 2: the walltime signal in each of the first task's trials requeues it twice. It resumes
+    each trial and runs 2 in all, not 2 per run. The second task is held meanwhile, so the budget leaves room to
+    overrun."""
+    changes = {"training.sleep": 1.0, "training.epochs": 4, "study.n_trials": 4, "slurm.trials_per_task": 2}
+    # One task at a time; every trial trains, a repeated config too (not answered from its twin).
+    path = plugin_experiment(tmp_path, {**changes, "slurm.max_concurrent_jobs": 1, "study.allow_repeats": True})
+    [job] = submit(path)
+    first_task, second_task = f"{job}_0", f"{job}_1"
+    subprocess.run(["scontrol", "hold", second_task], check=True)
+    signalled = []
+    for _ in range(2):  # in its first trial, then in its second
+        trial = running_trial_with_checkpoint(path, besides=signalled)
+        assert trial.user_attrs["slurm_task"] == first_task
+        subprocess.run(["scancel", "--batch", "--signal=USR2", first_task], check=True)  # as SLURM's B:USR2
+        signalled.append(trial.number)
+    wait_for_jobs([first_task])
+    subprocess.run(["scontrol", "release", second_task], check=True)
+    wait_for_jobs([job])
+    trials = load_study(path).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, [(t.number, t.state.name, t.user_attrs) for t in trials]
+    ran = Counter(t.user_attrs.get("slurm_task") for t in trials)
+    assert ran == {first_task: 2, second_task: 2}, "each task ran its share, once"
+    assert not [t for t in trials if "retry_of" in t.user_attrs], "no trial ran twice"
+    for number in signalled:
+        t = trials[number]
+        assert t.user_attrs["requeues"] == 1, t.user_attrs
+        assert sorted(t.intermediate_values) == list(range(4)), "it resumed, not restarted"
+        assert "resumes from" in Path(t.user_attrs["log_path"]).read_text()
 
 
 def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):
