@@ -56,7 +56,7 @@ def batch(study, problem, mode, k, seed, config):
         copy.sampler = optuna.samplers.RandomSampler(seed=seed)
     started, proposed = time.perf_counter(), []
     for position in range(k):
-        copy.sampler.hurry = mode == "hurry" and position > 0
+        copy.sampler.hurry = 3.0 if mode == "hurry" and position > 0 else None  # seconds waited, as in_a_hurry
         proposed.append(claim(copy, config))  # left RUNNING: the next ask plans around it
     seconds = time.perf_counter() - started
     return [value(problem, t.params) for t in proposed], [t.params for t in proposed], seconds

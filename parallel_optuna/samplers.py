@@ -20,6 +20,7 @@ import optuna
 from parallel_optuna.storage import optuna_internals
 
 log = logging.getLogger("worker")
+COMPLETE = optuna.trial.TrialState.COMPLETE
 
 # Optional packages a sampler or pruner needs, with the pip command that installs them.
 NEEDS = {"QMCSampler": "scipy", "GPSampler": "scipy", "WilcoxonPruner": "scipy", "CmaEsSampler": "cmaes"}
@@ -36,9 +37,12 @@ SEEDS = 2**32  # numpy's range, 0 .. 2**32 - 1: a seed plus a SLURM job id can p
 ASK_LOCK = "ask.lock"  # in the run directory: workers take turns to sample
 ASK_LOCK_TIMEOUT_S = 120  # past this a worker samples anyway (a holder stuck on a slow filesystem)
 # A worker that waited this long for its turn is in a queue (a big start, a burst of trials ending together):
-# the default proposes its trial with TPE, in milliseconds, not a GP's seconds (bench/README.md, B4).
+# the default proposes its trial with TPE, in milliseconds, not a GP's seconds (bench/README.md, B4) ...
 QUEUE_WAIT_S = 2.0
-CATCH_UP_S = 0.25  # how often a queued worker reads what the workers ahead of it wrote
+# ... or this share of the study's median trial where that is longer: an idle GPU for 1% of a trial costs
+# what 1% fewer trials would, and trials that end together would otherwise hand GP's share to TPE.
+QUEUE_WAIT_SHARE = 0.01
+CATCH_UP_S = 1.0  # how often a queued worker reads what the workers ahead of it wrote
 
 
 def default_spec(space, n_trials):
@@ -114,12 +118,13 @@ class ByTrial(optuna.samplers.BaseSampler):
     By trial number, not by worker: every worker runs each sampler in turn, so the split stays even
     however long each sampler takes to choose (a GP refit takes seconds, TPE milliseconds). Each
     sampler sees every trial, whichever sampler chose it. A trial asked in a hurry (in_a_hurry())
-    is the quick sampler's, whatever its number.
+    is the quick sampler's (one of them), whatever its number.
     """
 
     def __init__(self, *samplers, quick=None):
+        assert quick is None or any(quick is s for s in samplers), "the quick sampler is one of the portfolio's"
         self.samplers, self.quick = samplers, quick
-        self.hurry = False
+        self.hurry = None  # while a worker asks in a hurry: the seconds it waited for its turn
         self.hurried = set()  # numbers of the trials asked in a hurry: their sampler for every later call
 
     def _of(self, trial):
@@ -137,8 +142,14 @@ class ByTrial(optuna.samplers.BaseSampler):
         return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial):
-        if self.hurry and self.quick is not None:
+        if self.hurry is not None and self.quick is not None:
             self.hurried.add(trial.number)
+            log.info(
+                "trial %d is proposed by %s: its worker waited %.1f s for the turn to ask",
+                trial.number,
+                type(self.quick).__name__,
+                self.hurry,
+            )
         self._of(trial).before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values):
@@ -188,22 +199,29 @@ def import_models(sampler, trials):
 @contextlib.contextmanager
 def turn_to_ask(folder, study):
     """An ask's turn: none while the sampler samples at random, else one_ask_at_a_time(), in a hurry when
-    the worker had to queue for it (QUEUE_WAIT_S)."""
-    sampler = study.sampler
-    if not needs_turn(sampler, study.get_trials(deepcopy=False)):
+    the worker had to queue for it (queue_wait())."""
+    sampler, trials = study.sampler, study.get_trials(deepcopy=False)
+    if not needs_turn(sampler, trials):
         yield
         return
-    queued = time.monotonic()
+    queued, patience = time.monotonic(), queue_wait(trials)
     with one_ask_at_a_time(folder, while_waiting=catch_up(study)):
         waited = time.monotonic() - queued
-        with in_a_hurry(sampler, waited) if waited > QUEUE_WAIT_S else contextlib.nullcontext():
+        with in_a_hurry(sampler, waited) if waited > patience else contextlib.nullcontext():
             yield
+
+
+def queue_wait(trials):
+    """Seconds a worker waits for its turn before it asks in a hurry: QUEUE_WAIT_S, or QUEUE_WAIT_SHARE of the
+    study's median COMPLETE trial where that is longer."""
+    seconds = sorted(t.duration.total_seconds() for t in trials if t.state == COMPLETE and t.duration)
+    return max(QUEUE_WAIT_S, QUEUE_WAIT_SHARE * seconds[len(seconds) // 2]) if seconds else QUEUE_WAIT_S
 
 
 def catch_up(study):
     """What a queued worker does while it waits: read the journal's new entries, so that its turn replays only
-    the last moments' (each ask adds about 15 entries: the last of 256 would replay 4,000 in its turn, about
-    20 ms, 2.5 s summed over a start). RDB storages read per query: nothing to catch up."""
+    the last second's (each ask adds about 15 entries: in its turn the last of 256 would replay 4,000, about
+    20 ms; 2.5 s summed over a start, bench B4). RDB storages read per query: nothing to catch up."""
     if not isinstance(optuna_internals.storage_of(study), optuna.storages.JournalStorage):
         return None
     return lambda: study.get_trials(deepcopy=False)
@@ -213,19 +231,18 @@ def catch_up(study):
 def in_a_hurry(sampler, waited):
     """The trial asked in this block is the portfolio's quick sampler's (TPE), not a GP's by its number.
 
-    K workers that start together queue for their turns: a GP ask at hundreds of trials takes 1-5 s, so the
-    last of 256 would wait minutes (bench/README.md, B3). TPE proposes in milliseconds and, as a constant
-    liar, around the trials asked before it. A sampler named in the YAML is used as given.
+    K workers that start together queue for their turns: a GP ask at hundreds of trials takes seconds, so
+    the last of 256 would wait minutes (bench/README.md, B4). TPE proposes in milliseconds and, as a
+    constant liar, around the trials asked before it. Another sampler is used as given.
     """
     if not isinstance(sampler, ByTrial) or sampler.quick is None:
         yield
         return
-    log.info("waited %.1f s for the turn to ask: this trial is proposed by %s", waited, type(sampler.quick).__name__)
-    sampler.hurry = True
+    sampler.hurry = waited
     try:
         yield
     finally:
-        sampler.hurry = False
+        sampler.hurry = None
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """Which sampler a study gets, how each worker seeds it, and no configuration trained twice."""
 
+import contextlib
+import datetime
 import math
 import random
 import subprocess
@@ -292,25 +294,68 @@ def test_a_worker_that_queued_for_its_turn_asks_the_quick_sampler_and_one_that_d
 ):
     """A big start: a worker that waited QUEUE_WAIT_S for the turn gets TPE's proposal, not a GP's seconds."""
     monkeypatch.setattr(samplers, "QUEUE_WAIT_S", 0.3)
-    portfolio = samplers.ByTrial(Constant(0.25), Constant(0.75), quick=Constant(0.5))
+    quick = Constant(0.75)
+    portfolio = samplers.ByTrial(Constant(0.25), quick, quick=quick)
     study = optuna.create_study(sampler=portfolio)
-    holder = subprocess.Popen(  # another worker holding the turn for a second
-        [sys.executable, "-c", HOLD_THE_TURN, str(tmp_path / samplers.ASK_LOCK)], stdout=subprocess.PIPE
+    with another_worker_holding_the_turn(tmp_path, seconds=0.6):
+        with samplers.turn_to_ask(tmp_path, study):  # waits out the holder
+            hurried = study.ask()
+            hurried.suggest_float("x", 0, 1)
+    with samplers.turn_to_ask(tmp_path, study):  # the turn is free
+        by_number = study.ask()
+        by_number.suggest_float("x", 0, 1)
+    assert hurried.params["x"] == 0.75 and by_number.params["x"] == 0.75, "trial 0 in a hurry, trial 1 by number"
+    assert hurried.suggest_float("y", 0, 1) == 0.75, "a hurried trial stays the quick sampler's after its ask"
+    assert study.ask().suggest_float("x", 0, 1) == 0.25, "trial 2 by its number again"
+
+
+def test_a_worker_waits_longer_before_a_hurry_when_the_studys_trials_are_long():
+    """A worker's GPU idle for 1% of a trial costs what 1% fewer trials would: GP is waited for up to there."""
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    start = datetime.datetime(2026, 12, 7)
+
+    def trial(minutes):
+        timed = optuna.trial.create_trial(params={"x": 0.5}, distributions=space, value=0.0)
+        timed.datetime_start, timed.datetime_complete = start, start + datetime.timedelta(minutes=minutes)
+        return timed
+
+    assert samplers.queue_wait([]) == samplers.QUEUE_WAIT_S, "a study with no trial timed yet"
+    assert samplers.queue_wait([trial(1), trial(2)]) == samplers.QUEUE_WAIT_S, "1% of 2 minutes is under 2 s"
+    assert samplers.queue_wait([trial(60), trial(50), trial(1)]) == pytest.approx(30.0), "1% of the median, 50 min"
+
+
+def test_a_queued_worker_reads_the_others_entries_while_it_waits(tmp_path, monkeypatch):
+    monkeypatch.setattr(samplers, "CATCH_UP_S", 0.1)
+    calls = []
+    with another_worker_holding_the_turn(tmp_path, seconds=0.6):
+        with samplers.one_ask_at_a_time(tmp_path, while_waiting=lambda: calls.append(1)):
+            pass
+    assert len(calls) >= 3, "read about every CATCH_UP_S while the other worker held the turn"
+    journal = optuna.create_study(
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log"))
+        )
     )
-    assert holder.stdout.readline() == b"held\n"
-    for _ in range(2):  # the first waits out the holder; the second finds the turn free
-        with samplers.turn_to_ask(tmp_path, study):
-            trial = study.ask()
-            trial.suggest_float("x", 0, 1)
-    assert holder.wait(timeout=10) == 0
-    assert [t.params["x"] for t in study.trials] == [0.5, 0.75], "in a hurry the quick sampler, then by number"
-    trial = study.ask()
-    assert trial.suggest_float("y", 0, 1) == 0.25, "a hurried trial leaves the others' turns as they were"
+    assert samplers.catch_up(journal) is not None and samplers.catch_up(optuna.create_study()) is None
+
+
+@contextlib.contextmanager
+def another_worker_holding_the_turn(folder, seconds):
+    """Another process holds the ask lock from now for `seconds`."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_TURN, str(folder / samplers.ASK_LOCK), str(seconds)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        yield
+        assert holder.wait(timeout=10) == 0
+    finally:
+        holder.kill()
 
 
 HOLD_THE_TURN = """import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.lockf(fd, fcntl.LOCK_EX)
 print("held", flush=True)
-time.sleep(1.0)
+time.sleep(float(sys.argv[2]))
 """
