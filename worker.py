@@ -122,14 +122,14 @@ def with_data_dir(config, args):
 
 
 # ---------------------------------------------------------------- running one trial
-def run_trial(study, trial, config, stop):
+def run_trial(study, trial, config, stop, share):
     """Train the trial and tell the study; the Outcome says whether it ended or goes on later."""
     folder = run_subdir(config, "trials", trial.number)
     file_log = logging.FileHandler(folder / "worker.log")
     file_log.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(file_log)
     try:
-        record_owner(trial, folder, config)
+        record_owner(trial, folder, config, share)
         with heartbeat(study, trial), ranks.lead_trial(trial, folder, stop, config) as handle:
             return train_and_tell(study, trial, config, handle)
     finally:
@@ -405,10 +405,12 @@ def run_trials(study, trial, config, args, taken_over):
     safe_point = "trial_control.stop_requested()" if config["study"]["objective"] else "save_checkpoint()"
     stop = StopSignal(safe_point, EARLY_SIGNALS)
     failed = in_a_row = 0
-    done = claim.trials_done_before(study, liveness.slurm_task_key())  # requeued: resume, then the rest of the share
+    task = liveness.slurm_task_key()
+    done = claim.trials_done_before(study, task)  # requeued: resume, then the rest of the share
+    share = claim.task_share(study, task, args.trials, taken_over)
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
-    while (trial is not None or more_wanted(args, done, taken_over)) and stop.received not in ("SIGTERM", "SIGINT"):
+    while (trial is not None or more_wanted(done, share)) and stop.received not in ("SIGTERM", "SIGINT"):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
@@ -429,7 +431,7 @@ def run_trials(study, trial, config, args, taken_over):
                 say_budget_covered(study, config)
             break
         config = pinned_config(trial, config, args)
-        outcome = run_trial(study, trial, config, stop)
+        outcome = run_trial(study, trial, config, stop, share)
         clean_checkpoints(study, config)
         failed += outcome is Outcome.FAIL
         in_a_row = in_a_row + 1 if outcome is Outcome.FAIL else 0
@@ -441,13 +443,13 @@ def run_trials(study, trial, config, args, taken_over):
             break
         trial = None
         # Fresh from disk for the next trial; after a task's last trial, for no one.
-        config = read_config(args) if more_wanted(args, done, taken_over) else config
+        config = read_config(args) if more_wanted(done, share) else config
     return 1 if failed else 0
 
 
-def more_wanted(args, done, taken_over):
-    """Whether --trials (and the trials taken over from dead workers) asks for another trial."""
-    return args.trials == 0 or done < args.trials + taken_over
+def more_wanted(done, share):
+    """Whether this process's share (claim.task_share; 0: until the budget) asks for another trial."""
+    return not share or done < share
 
 
 def say_budget_covered(study, config):
