@@ -27,7 +27,6 @@ from parallel_optuna.trial_handle import PROGRESS
 log = logging.getLogger("worker")
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
-FINISHED = tuple(state for state in optuna.trial.TrialState if state.is_finished())
 
 
 def find_own_trial(study, task):
@@ -41,7 +40,7 @@ def find_own_trial(study, task):
 
 
 def trials_done_before(study, task):
-    """How many trials this array task finished in its runs before SLURM requeued it (SLURM_RESTART_COUNT > 0).
+    """How many trials this array task ended (COMPLETE, PRUNED or FAIL) before SLURM requeued it (a restart count > 0).
 
     A packed task (slurm.trials_per_task) runs its share once in all, not once per run; the trial it resumes runs
     whatever this count (an earlier run may have run a dead task's share too). A result kept for a trial failed
@@ -49,7 +48,7 @@ def trials_done_before(study, task):
     """
     if not requeued(task):
         return 0
-    return sum(attr.RESULT_OF not in t.user_attrs for t in own_trials(study, task, states=FINISHED))
+    return sum(t.state.is_finished() and attr.RESULT_OF not in t.user_attrs for t in own_trials(study, task))
 
 
 def task_share(study, task, trials, taken_over):
@@ -64,9 +63,9 @@ def task_share(study, task, trials, taken_over):
     return max(shares) + taken_over
 
 
-def own_trials(study, task, states=None):
+def own_trials(study, task):
     """The trials this array task ran, in any of its runs."""
-    return [t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get(attr.SLURM_TASK) == task]
+    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(attr.SLURM_TASK) == task]
 
 
 def requeued(task):
