@@ -105,7 +105,7 @@ def start_workers(args, config, study, storage_file) -> list[Worker]:
     print(f"running {args.local} local workers{each}: {quote_command(command)}")
     first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
     return [
-        Worker(command + ["--seed_offset", str(first + i)], world, f"local-{os.getpid()}-{i}")
+        Worker(command + ["--seed_offset", str(first + i)], world, rendezvous.local_channel(i))
         for i in range(args.local)
     ]
 

@@ -81,6 +81,18 @@ class TrialOver(BaseException):
     """Rank 0 ended the trial (told it, or it failed there) while this rank waited for its verdict."""
 
 
+class LauncherGone(BaseException):
+    """The --local launcher that started this rank is gone (killed: it could not end its ranks)."""
+
+
+def check_launcher() -> None:
+    """A rank other than 0 that --local started ends once its launcher is gone: if rank 0 died too, nobody would
+    end it. (srun's ranks are ended by SLURM.)"""
+    launcher = rendezvous.local_launcher(os.environ[rendezvous.CHANNEL])
+    if launcher is not None and os.getppid() != launcher:
+        raise LauncherGone(launcher)
+
+
 class Verdicts:
     """Rank 0's verdicts on one trial, read in order by another rank."""
 
@@ -101,6 +113,7 @@ class Verdicts:
                 if "over" in entry:
                     raise TrialOver(entry["over"])
                 return entry["verdict"]
+            check_launcher()
             time.sleep(next(sleeps))
         raise TimeoutError(f"no word from rank 0 in {timeout} s ({self.path})")
 
@@ -370,6 +383,9 @@ def follow(config) -> int:
             ended = follow_trial(config, news, folder)
             if ended is not None:
                 return ended
+    except LauncherGone as e:
+        log.error("the --local launcher (pid %s) is gone: this rank ends", e)
+        return 1
     finally:
         with contextlib.suppress(OSError):
             (folder / f"rank{rank()}.left").write_text("")
@@ -384,6 +400,7 @@ def wait_for_news(folder: Path, seen: int) -> dict:
                 return news
         except (OSError, ValueError):
             pass  # rank 0 has not written it yet
+        check_launcher()
         time.sleep(next(sleeps))
 
 

@@ -63,6 +63,17 @@ def local_env(rank: int, world: int, channel: str) -> dict[str, str]:
     }
 
 
+def local_channel(worker: int) -> str:
+    """The channel of this launcher's local worker `worker` (--local): it names the launcher's pid."""
+    return f"local-{os.getpid()}-{worker}"
+
+
+def local_launcher(channel: str) -> int | None:
+    """The pid of the --local launcher that started the ranks of this channel; None for an srun step's."""
+    match = re.fullmatch(r"local-(\d+)-\d+", channel)
+    return int(match[1]) if match else None
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1)) if CHANNEL in os.environ else 1  # a stray WORLD_SIZE: not ours
 

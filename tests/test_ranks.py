@@ -1,6 +1,7 @@
 """Several processes per trial (slurm.tasks_per_trial): the array file, torch's rendezvous, and real 2-rank
 trials on the local cluster (gloo on CPUs): one Optuna trial per task, every rank stopping together."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -388,6 +389,40 @@ def test_a_local_rank_0_that_dies_ends_the_other_ranks(tmp_path):
     trial = load_study(path).trials[0]  # and its retry, queued by the run's status at its end
     assert f"warning: rank 0 of local worker {trial.user_attrs['pid']} was killed (SIGKILL)" in out.stderr, out.stderr
     assert out.returncode == 1 and "1 trial(s) of the budget did not finish" in out.stderr
+
+
+def test_a_local_rank_ends_itself_once_its_launcher_and_rank_0_were_killed(tmp_path):
+    """A launcher killed by SIGKILL cannot end its ranks: rank 1, left waiting for a dead rank 0, ends by itself."""
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "training.epochs": 30, "training.epoch_seconds": 0.5})
+    command = [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until((path.parent / "runs/tiny/trials/0/checkpoint.pt").exists, what="a checkpoint")
+        rank_0 = load_study(path).trials[0].user_attrs["pid"]
+        [rank_1] = processes_of_group(run.pid) - {run.pid, rank_0}
+        run.kill()
+        run.wait()
+        os.kill(rank_0, signal.SIGKILL)
+        wait_until(lambda: rank_1 not in processes_of_group(run.pid), timeout=30, what="rank 1 to end")
+    finally:
+        end_group(run.pid)
+
+
+def processes_of_group(group: int) -> set[int]:
+    """The pids of a process group's processes that still run (a zombie ended)."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _, process_group = stat.read_text().rpartition(")")[2].split()[:3]
+            if state != "Z" and int(process_group) == group:
+                pids.add(int(stat.parent.name))
+    return pids
+
+
+def end_group(group: int) -> None:
+    """Kill what is left of a test's process group (a test that failed leaves no rank running)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def test_a_local_run_refuses_several_nodes_per_trial(tmp_path):
