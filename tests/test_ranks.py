@@ -385,10 +385,16 @@ def test_a_local_rank_0_that_dies_ends_the_other_ranks(tmp_path):
     trainer = path.parent / "trainer.py"
     die = "def train(config, trial):\n    if os.environ['RANK'] == '0':\n        os.kill(os.getpid(), 9)\n"
     trainer.write_text(trainer.read_text().replace("def train(config, trial):\n", die))
-    out = run_script("submit_study.py", "--config", path, "--local", 1, timeout=120)
+    command = [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = run.communicate(timeout=120)
+        assert not processes_of_group(run.pid), "every rank ended with the run"
+    finally:
+        end_group(run.pid)
     trial = load_study(path).trials[0]  # and its retry, queued by the run's status at its end
-    assert f"warning: rank 0 of local worker {trial.user_attrs['pid']} was killed (SIGKILL)" in out.stderr, out.stderr
-    assert out.returncode == 1 and "1 trial(s) of the budget did not finish" in out.stderr
+    assert f"warning: rank 0 of local worker {trial.user_attrs['pid']} was killed (SIGKILL)" in err, err
+    assert run.returncode == 1 and "1 trial(s) of the budget did not finish" in err
 
 
 def test_a_local_rank_ends_itself_once_its_launcher_and_rank_0_were_killed(tmp_path):
