@@ -104,10 +104,10 @@ def start_workers(args, config, study, storage_file) -> list[Worker]:
     each = f", {world} processes each (slurm.tasks_per_trial)" if world > 1 else ""
     print(f"running {args.local} local workers{each}: {quote_command(command)}")
     first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
-    return [
-        Worker(command + ["--seed_offset", str(first + i)], world, rendezvous.local_channel(i))
-        for i in range(args.local)
-    ]
+    channels = [rendezvous.local_channel(i) for i in range(args.local)]
+    for name in channels if world > 1 else ():  # a killed launcher of the same pid left them: its trial.json is stale
+        shutil.rmtree(ranks.channel(config, name), ignore_errors=True)
+    return [Worker(command + ["--seed_offset", str(first + i)], world, name) for i, name in enumerate(channels)]
 
 
 def wait_for(workers: list[Worker], config) -> None:

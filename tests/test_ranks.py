@@ -17,6 +17,7 @@ from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 from parallel_optuna import ranks
 from parallel_optuna.config import load_config
 from parallel_optuna.rendezvous import CHANNEL, expand_hostlist, rendezvous_env
+from parallel_optuna.run_dir import run_dir, trusted_run_dir
 
 
 def ddp_experiment(tmp_path, changes=None):
@@ -119,6 +120,20 @@ def test_another_rank_runs_the_trainer_of_the_trial_not_of_the_yaml_today(tmp_pa
     (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
     config, kind, function = ranks.trial_code(load_config(path), 3)
     assert kind == "trainer" and function.__module__ == "pinned" and config["study"]["trainer"] == "pinned:train"
+
+
+def test_a_submit_deletes_the_ranks_folders_of_local_launchers_gone_from_this_host(tmp_path):
+    """A launcher killed by SIGKILL leaves its workers' folders; one of another host may still run."""
+    config = load_config(ddp_experiment(tmp_path))
+    trusted_run_dir(config)  # made, as a submit makes it
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid runs no more
+    host = os.uname().nodename
+    names = [f"local-{host}-{gone.pid}-0", f"local-{host}-{os.getpid()}-0", f"local-elsewhere-{gone.pid}-0"]
+    for name in names:
+        (ranks.channel(config, name) / "trial.json").write_text("{}")
+    assert ranks.remove_leftovers(config) == 1
+    assert sorted(p.name for p in (run_dir(config) / "ranks").iterdir()) == sorted(names[1:])
 
 
 # ---------------------------------------------------------------- on the local cluster
