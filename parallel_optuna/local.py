@@ -44,11 +44,14 @@ class Worker:
     """One local worker: its process, or its trial's N processes (rank 0 first, the one that opens the study)."""
 
     def __init__(self, command: list[str], world: int, channel: str) -> None:
+        # Without SLURM's variables: run inside a batch job, each worker would take itself for a rank of that job,
+        # or all of them for one array task (the same task key: each would resume that task's trial).
+        env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
         if world == 1:
-            self.ranks = [subprocess.Popen(command)]
+            self.ranks = [subprocess.Popen(command, env=env)]
         else:
             self.ranks = [
-                subprocess.Popen(command, env={**os.environ, **rendezvous.local_env(rank, world, channel)})
+                subprocess.Popen(command, env={**env, **rendezvous.local_env(rank, world, channel)})
                 for rank in range(world)
             ]
         self.channel = channel
