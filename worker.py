@@ -56,6 +56,7 @@ from parallel_optuna import (
     failures,
     liveness,
     ranks,
+    rendezvous,
     retries,
     study_control,
     trial_control,
@@ -348,7 +349,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
     args = parse_args(argv)
     os.umask(os.umask(0) | 0o022)  # no file of the run directory writable by the group or others
-    os.environ.update(ranks.rendezvous_env(os.environ))  # slurm.tasks_per_trial > 1: torch's rendezvous
+    os.environ.update(rendezvous.rendezvous_env(os.environ))  # slurm.tasks_per_trial > 1: torch's rendezvous
     try:
         return work(args)
     except ConfigError as e:
@@ -414,7 +415,7 @@ def run_trials(study, trial, config, args, taken_over):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
-            if trainer_is_broken(study, config):
+            if claim.trainer_is_broken(study, config):
                 failed += 1
                 break
             liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
@@ -462,22 +463,6 @@ def say_budget_covered(study, config):
             retrained[-1].number,
             values_text(config, retrained[-1].values),
         )
-
-
-def trainer_is_broken(study, config):
-    """An array task starts no trial once the trainer failed every trial since the user acted (failures.py).
-
-    An array submitted after those failures tries first: a submit by hand (sbatch) records no time,
-    and the user may have fixed what the YAML and the trainer's file do not show (a package, data).
-    """
-    if not liveness.slurm_task_key():
-        return False  # a local worker stops after MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
-    streak = failures.stopping(study, config)
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if not any(t.user_attrs.get(attr.SLURM_ARRAY_JOB_ID) == array for t in streak):
-        return False  # an array submitted after those failures (sbatch by hand too) tries once: it may be fixed
-    log.error("%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak))
-    return True
 
 
 def enqueue_exported_params(study, config):

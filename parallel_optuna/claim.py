@@ -13,6 +13,7 @@ import optuna
 from parallel_optuna import attributes as attr
 from parallel_optuna import (
     checkpoints,
+    failures,
     liveness,
     repeats,
     retries,
@@ -71,6 +72,22 @@ def own_trials(study, task):
 def requeued(task):
     """Whether this process is the array task `task` run again (SLURM requeued it)."""
     return bool(task) and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def trainer_is_broken(study, config):
+    """An array task starts no trial once the trainer failed every trial since the user acted (failures.py).
+
+    An array submitted after those failures tries first: a submit by hand (sbatch) records no time,
+    and the user may have fixed what the YAML and the trainer's file do not show (a package, data).
+    """
+    if not liveness.slurm_task_key():
+        return False  # a local worker stops after worker.MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
+    streak = failures.stopping(study, config)
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if not any(t.user_attrs.get(attr.SLURM_ARRAY_JOB_ID) == array for t in streak):
+        return False  # an array submitted after those failures (sbatch by hand too) tries once: it may be fixed
+    log.error("%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak))
+    return True
 
 
 def claim_trial(study, config, stop=None):

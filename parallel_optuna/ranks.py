@@ -35,7 +35,7 @@ import yaml
 
 from parallel_optuna import checkpoints, failures, liveness, rendezvous, slurm, trial_control
 from parallel_optuna.config import Config
-from parallel_optuna.rendezvous import free_port, rank, rendezvous_env, world_size  # noqa: F401 (worker.py: ranks.rendezvous_env)
+from parallel_optuna.rendezvous import free_port, rank, world_size
 from parallel_optuna.run_dir import run_dir, run_subdir
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
