@@ -56,6 +56,7 @@ from parallel_optuna import (
     failures,
     liveness,
     ranks,
+    rendezvous,
     retries,
     study_control,
     trial_control,
@@ -122,14 +123,14 @@ def with_data_dir(config, args):
 
 
 # ---------------------------------------------------------------- running one trial
-def run_trial(study, trial, config, stop):
+def run_trial(study, trial, config, stop, share):
     """Train the trial and tell the study; the Outcome says whether it ended or goes on later."""
     folder = run_subdir(config, "trials", trial.number)
     file_log = logging.FileHandler(folder / "worker.log")
     file_log.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(file_log)
     try:
-        record_owner(trial, folder, config)
+        record_owner(trial, folder, config, share)
         with heartbeat(study, trial), ranks.lead_trial(trial, folder, stop, config) as handle:
             return train_and_tell(study, trial, config, handle)
     finally:
@@ -348,7 +349,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
     args = parse_args(argv)
     os.umask(os.umask(0) | 0o022)  # no file of the run directory writable by the group or others
-    os.environ.update(ranks.rendezvous_env(os.environ))  # slurm.tasks_per_trial > 1: torch's rendezvous
+    os.environ.update(rendezvous.rendezvous_env(os.environ))  # slurm.tasks_per_trial > 1: torch's rendezvous
     try:
         return work(args)
     except ConfigError as e:
@@ -405,14 +406,16 @@ def run_trials(study, trial, config, args, taken_over):
     safe_point = "trial_control.stop_requested()" if config["study"]["objective"] else "save_checkpoint()"
     stop = StopSignal(safe_point, EARLY_SIGNALS)
     failed = in_a_row = 0
-    done = claim.trials_done_before(study, liveness.slurm_task_key())  # requeued: resume, then the rest of the share
+    task = liveness.slurm_task_key()
+    done = claim.trials_done_before(study, task)  # requeued: resume, then the rest of the share
+    share = claim.task_share(study, task, args.trials, taken_over)
     # After SIGTERM (scancel, preemption) no new trial starts; after the walltime signal, which SLURM may
     # send early, one does: it runs to its first checkpoint and continues after the requeue.
-    while (trial is not None or more_wanted(args, done, taken_over)) and stop.received not in ("SIGTERM", "SIGINT"):
+    while (trial is not None or more_wanted(done, share)) and stop.received not in ("SIGTERM", "SIGINT"):
         if trial is None:
             if study_control.hold_back(study):  # paused or cancelled: claim nothing
                 break
-            if trainer_is_broken(study, config):
+            if claim.trainer_is_broken(study, config):
                 failed += 1
                 break
             liveness.fail_stale(study, config)  # RDB storages: trials whose heartbeat stopped
@@ -429,7 +432,7 @@ def run_trials(study, trial, config, args, taken_over):
                 say_budget_covered(study, config)
             break
         config = pinned_config(trial, config, args)
-        outcome = run_trial(study, trial, config, stop)
+        outcome = run_trial(study, trial, config, stop, share)
         clean_checkpoints(study, config)
         failed += outcome is Outcome.FAIL
         in_a_row = in_a_row + 1 if outcome is Outcome.FAIL else 0
@@ -441,13 +444,13 @@ def run_trials(study, trial, config, args, taken_over):
             break
         trial = None
         # Fresh from disk for the next trial; after a task's last trial, for no one.
-        config = read_config(args) if more_wanted(args, done, taken_over) else config
+        config = read_config(args) if more_wanted(done, share) else config
     return 1 if failed else 0
 
 
-def more_wanted(args, done, taken_over):
-    """Whether --trials (and the trials taken over from dead workers) asks for another trial."""
-    return args.trials == 0 or done < args.trials + taken_over
+def more_wanted(done, share):
+    """Whether this process's share (claim.task_share; 0: until the budget) asks for another trial."""
+    return not share or done < share
 
 
 def say_budget_covered(study, config):
@@ -460,22 +463,6 @@ def say_budget_covered(study, config):
             retrained[-1].number,
             values_text(config, retrained[-1].values),
         )
-
-
-def trainer_is_broken(study, config):
-    """An array task starts no trial once the trainer failed every trial since the user acted (failures.py).
-
-    An array submitted after those failures tries first: a submit by hand (sbatch) records no time,
-    and the user may have fixed what the YAML and the trainer's file do not show (a package, data).
-    """
-    if not liveness.slurm_task_key():
-        return False  # a local worker stops after MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
-    streak = failures.stopping(study, config)
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if not any(t.user_attrs.get(attr.SLURM_ARRAY_JOB_ID) == array for t in streak):
-        return False  # an array submitted after those failures (sbatch by hand too) tries once: it may be fixed
-    log.error("%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak))
-    return True
 
 
 def enqueue_exported_params(study, config):

@@ -14,6 +14,7 @@ CONFIG_PATH = "config_path"  # the resolved config.yaml the trial trained with
 CONFIG_VERSION = "config_version"
 LOG_PATH = "log_path"
 SLURM_TASK = "slurm_task"  # "<array job>_<task>", what liveness asks squeue about
+SLURM_TASK_SHARE = "slurm_task_share"  # trials its array task runs in all: its own and dead tasks' it took over
 SLURM_ARRAY_JOB_ID = "slurm_array_job_id"
 SLURM_ARRAY_TASK_ID = "slurm_array_task_id"
 SLURM_JOB_ID = "slurm_job_id"
@@ -37,7 +38,7 @@ BASELINE = "baseline"  # the YAML's own values, enqueued first (study.enqueue_ba
 # What the tool records on a trial: liveness, status and retries trust them, so an objective may not set them.
 TOOL_ATTRS = {
     *(HOST, PID, PID_START, STARTED_AT, FINISHED_AT, CONFIG_PATH, CONFIG_VERSION, LOG_PATH),
-    *(SLURM_TASK, SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID, SLURM_JOB_ID, SLURM_RESTART_COUNT),
+    *(SLURM_TASK, SLURM_TASK_SHARE, SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID, SLURM_JOB_ID, SLURM_RESTART_COUNT),
     *(SLURM_OUT, SLURM_ERR, NODE, CUDA_VISIBLE_DEVICES, METRICS, TRAIN_SECONDS, FAIL_REASON),
     *(RETRY_OF, RETRY_ATTEMPT, REQUEUES),
 }

@@ -13,6 +13,7 @@ import optuna
 from parallel_optuna import attributes as attr
 from parallel_optuna import (
     checkpoints,
+    failures,
     liveness,
     repeats,
     retries,
@@ -27,7 +28,6 @@ from parallel_optuna.trial_handle import PROGRESS
 log = logging.getLogger("worker")
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
-FINISHED = tuple(state for state in optuna.trial.TrialState if state.is_finished())
 
 
 def find_own_trial(study, task):
@@ -41,16 +41,53 @@ def find_own_trial(study, task):
 
 
 def trials_done_before(study, task):
-    """How many trials this array task finished in its runs before SLURM requeued it (SLURM_RESTART_COUNT > 0).
+    """How many trials this array task ended (COMPLETE, PRUNED or FAIL) before SLURM requeued it (a restart count > 0).
 
     A packed task (slurm.trials_per_task) runs its share once in all, not once per run; the trial it resumes runs
     whatever this count (an earlier run may have run a dead task's share too). A result kept for a trial failed
     under this task (retries.add_result) is the same trial, counted once.
     """
-    if not task or not int(os.environ.get("SLURM_RESTART_COUNT") or 0):
+    if not requeued(task):
         return 0
-    trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(t.user_attrs.get(attr.SLURM_TASK) == task and attr.RESULT_OF not in t.user_attrs for t in trials)
+    return sum(t.state.is_finished() and attr.RESULT_OF not in t.user_attrs for t in own_trials(study, task))
+
+
+def task_share(study, task, trials, taken_over):
+    """How many trials this process runs in all (0: until the budget): --trials, plus the share of each dead task
+    it takes over. A requeued task keeps the shares it took over in its earlier runs: the largest share its
+    trials recorded (record_owner)."""
+    if not trials:
+        return 0
+    shares = [trials]
+    if requeued(task):
+        shares += [t.user_attrs.get(attr.SLURM_TASK_SHARE, 0) for t in own_trials(study, task)]
+    return max(shares) + taken_over
+
+
+def own_trials(study, task):
+    """The trials this array task ran, in any of its runs."""
+    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(attr.SLURM_TASK) == task]
+
+
+def requeued(task):
+    """Whether this process is the array task `task` run again (SLURM requeued it)."""
+    return bool(task) and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def trainer_is_broken(study, config):
+    """An array task starts no trial once the trainer failed every trial since the user acted (failures.py).
+
+    An array submitted after those failures tries first: a submit by hand (sbatch) records no time,
+    and the user may have fixed what the YAML and the trainer's file do not show (a package, data).
+    """
+    if not liveness.slurm_task_key():
+        return False  # a local worker stops after worker.MAX_FAILS_IN_A_ROW of its own; a debugging run always tries
+    streak = failures.stopping(study, config)
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if not any(t.user_attrs.get(attr.SLURM_ARRAY_JOB_ID) == array for t in streak):
+        return False  # an array submitted after those failures (sbatch by hand too) tries once: it may be fixed
+    log.error("%s: this task starts no new trial; fix it, then submit again (make status)", failures.describe(streak))
+    return True
 
 
 def claim_trial(study, config, stop=None):
@@ -159,9 +196,10 @@ def heartbeat(study, trial):
         thread.join()
 
 
-def record_owner(trial, folder, config):
-    """Who runs the trial, so any trial leads to its logs and any log to its trial."""
-    env = os.environ
+def record_owner(trial, folder, config, share=0):
+    """Who runs the trial, so any trial leads to its logs and any log to its trial; and its array task's share
+    (task_share), which a requeue of the task still runs."""
+    env, task = os.environ, liveness.slurm_task_key()
     attrs = {
         attr.PID: os.getpid(),
         attr.PID_START: liveness.process_start(os.getpid()),
@@ -169,7 +207,8 @@ def record_owner(trial, folder, config):
         attr.CONFIG_PATH: str(folder / "config.yaml"),
         attr.CONFIG_VERSION: config.version,
         attr.LOG_PATH: str(folder / "worker.log"),
-        attr.SLURM_TASK: liveness.slurm_task_key(),
+        attr.SLURM_TASK: task,
+        attr.SLURM_TASK_SHARE: share if task and share else None,
         attr.SLURM_ARRAY_JOB_ID: env.get("SLURM_ARRAY_JOB_ID"),
         attr.SLURM_ARRAY_TASK_ID: env.get("SLURM_ARRAY_TASK_ID"),
         attr.SLURM_JOB_ID: env.get("SLURM_JOB_ID"),

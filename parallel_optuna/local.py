@@ -44,11 +44,14 @@ class Worker:
     """One local worker: its process, or its trial's N processes (rank 0 first, the one that opens the study)."""
 
     def __init__(self, command: list[str], world: int, channel: str) -> None:
+        # Without SLURM's variables: run inside a batch job, each worker would take itself for a rank of that job,
+        # or all of them for one array task (the same task key: each would resume that task's trial).
+        env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
         if world == 1:
-            self.ranks = [subprocess.Popen(command)]
+            self.ranks = [subprocess.Popen(command, env=env)]
         else:
             self.ranks = [
-                subprocess.Popen(command, env={**os.environ, **rendezvous.local_env(rank, world, channel)})
+                subprocess.Popen(command, env={**env, **rendezvous.local_env(rank, world, channel)})
                 for rank in range(world)
             ]
         self.channel = channel
@@ -104,10 +107,10 @@ def start_workers(args, config, study, storage_file) -> list[Worker]:
     each = f", {world} processes each (slurm.tasks_per_trial)" if world > 1 else ""
     print(f"running {args.local} local workers{each}: {quote_command(command)}")
     first = len(study.get_trials(deepcopy=False))  # a resumed study gets new seeds, not the old ones again
-    return [
-        Worker(command + ["--seed_offset", str(first + i)], world, f"local-{os.getpid()}-{i}")
-        for i in range(args.local)
-    ]
+    channels = [rendezvous.local_channel(i) for i in range(args.local)]
+    for name in channels if world > 1 else ():  # a killed launcher of the same pid left them: its trial.json is stale
+        shutil.rmtree(ranks.channel(config, name), ignore_errors=True)
+    return [Worker(command + ["--seed_offset", str(first + i)], world, name) for i, name in enumerate(channels)]
 
 
 def wait_for(workers: list[Worker], config) -> None:

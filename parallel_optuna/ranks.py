@@ -3,7 +3,7 @@ starts one worker per process; rendezvous.py says which rank each is.
 
 Rank 0 is the worker as with one process: it claims the trial, reports, decides pruning, checkpoints and
 tells. The other ranks never open the study; they follow rank 0 through small files of their own
-channel folder, runs/<study>/ranks/<job id>.<restart>/ (local-<launcher pid>-<worker>/ under --local):
+channel folder, runs/<study>/ranks/<job id>.<restart>/ (local-<host>-<launcher pid>-<worker>/ under --local):
     trial.json        the trial rank 0 runs now (its folder holds the resolved config.yaml and the
                       checkpoint), or that this task runs no more trials
     <trial>.jsonl     rank 0's verdict at each report()/save_checkpoint() (or stop_requested() of a plain
@@ -33,9 +33,9 @@ from pathlib import Path
 import optuna
 import yaml
 
-from parallel_optuna import checkpoints, failures, rendezvous, slurm, trial_control
+from parallel_optuna import checkpoints, failures, liveness, rendezvous, slurm, trial_control
 from parallel_optuna.config import Config
-from parallel_optuna.rendezvous import free_port, rank, rendezvous_env, world_size  # noqa: F401 (worker.py: ranks.rendezvous_env)
+from parallel_optuna.rendezvous import free_port, rank, world_size
 from parallel_optuna.run_dir import run_dir, run_subdir
 from parallel_optuna.storage import optuna_internals
 from parallel_optuna.trial_handle import Interrupted, TrialHandle, load_state
@@ -81,6 +81,18 @@ class TrialOver(BaseException):
     """Rank 0 ended the trial (told it, or it failed there) while this rank waited for its verdict."""
 
 
+class LauncherGone(BaseException):
+    """The --local launcher that started this rank is gone (killed: it could not end its ranks)."""
+
+
+def check_launcher() -> None:
+    """A rank other than 0 that --local started ends once its launcher is gone: if rank 0 died too, nobody would
+    end it. (srun's ranks are ended by SLURM.)"""
+    launcher = rendezvous.local_launcher(os.environ[rendezvous.CHANNEL])
+    if launcher is not None and os.getppid() != launcher[1]:
+        raise LauncherGone(launcher[1])
+
+
 class Verdicts:
     """Rank 0's verdicts on one trial, read in order by another rank."""
 
@@ -101,6 +113,7 @@ class Verdicts:
                 if "over" in entry:
                     raise TrialOver(entry["over"])
                 return entry["verdict"]
+            check_launcher()
             time.sleep(next(sleeps))
         raise TimeoutError(f"no word from rank 0 in {timeout} s ({self.path})")
 
@@ -190,18 +203,31 @@ def task_ends() -> bool:
 
 
 def remove_leftovers(config) -> int:
-    """Delete the folders of tasks SLURM no longer holds (ended before their ranks all left); how many."""
-    runs = [p for p in (run_dir(config) / "ranks").glob("*.*") if p.name.partition(".")[0].isdigit()]
-    if not runs:
-        return 0
-    held = slurm.squeue_jobs({p.name.partition(".")[0] for p in runs}, fields="%A")
-    if held is None:
-        return 0  # SLURM did not answer: keep them all
-    held_jobs = {row[0].strip() for row in held}
-    gone = [p for p in runs if p.name.partition(".")[0] not in held_jobs]
+    """Delete the folders of tasks SLURM no longer holds, and of --local launchers gone from this host (each ended
+    before its ranks all left); how many."""
+    folder = run_dir(config) / "ranks"
+    gone = tasks_gone(list(folder.glob("*.*"))) + [p for p in folder.glob("local-*") if launcher_gone(p.name)]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)
     return len(gone)
+
+
+def tasks_gone(folders: list[Path]) -> list[Path]:
+    """The folders of SLURM tasks (<job id>.<restart>) whose job SLURM no longer holds."""
+    runs = [p for p in folders if p.name.partition(".")[0].isdigit()]
+    if not runs:
+        return []
+    held = slurm.squeue_jobs({p.name.partition(".")[0] for p in runs}, fields="%A")
+    if held is None:
+        return []  # SLURM did not answer: keep them all
+    held_jobs = {row[0].strip() for row in held}
+    return [p for p in runs if p.name.partition(".")[0] not in held_jobs]
+
+
+def launcher_gone(channel_name: str) -> bool:
+    """Whether the --local launcher of this channel ran on this host and runs no more (another host's: unknown)."""
+    launcher = rendezvous.local_launcher(channel_name)
+    return launcher is not None and launcher[0] == slurm.hostname() and liveness.process_start(launcher[1]) is None
 
 
 # ---------------------------------------------------------------- rank 0's trial
@@ -370,6 +396,9 @@ def follow(config) -> int:
             ended = follow_trial(config, news, folder)
             if ended is not None:
                 return ended
+    except LauncherGone as e:
+        log.error("the --local launcher (pid %s) is gone: this rank ends", e)
+        return 1
     finally:
         with contextlib.suppress(OSError):
             (folder / f"rank{rank()}.left").write_text("")
@@ -384,6 +413,7 @@ def wait_for_news(folder: Path, seen: int) -> dict:
                 return news
         except (OSError, ValueError):
             pass  # rank 0 has not written it yet
+        check_launcher()
         time.sleep(next(sleeps))
 
 

@@ -11,6 +11,8 @@ import os
 import re
 import socket
 
+from parallel_optuna.slurm import hostname
+
 CHANNEL = "PARALLEL_OPTUNA_CHANNEL"  # set only in a process that is one of several of a trial
 LOCAL_HOST = "127.0.0.1"
 
@@ -61,6 +63,17 @@ def local_env(rank: int, world: int, channel: str) -> dict[str, str]:
         "LOCAL_RANK": str(rank),
         CHANNEL: channel,
     }
+
+
+def local_channel(worker: int) -> str:
+    """The channel of this launcher's local worker `worker` (--local): it names the launcher's host and pid."""
+    return f"local-{hostname()}-{os.getpid()}-{worker}"
+
+
+def local_launcher(channel: str) -> tuple[str, int] | None:
+    """The host and pid of the --local launcher that started the ranks of this channel; None for an srun step's."""
+    match = re.fullmatch(r"local-(.+)-(\d+)-\d+", channel)
+    return (match[1], int(match[2])) if match else None
 
 
 def world_size() -> int:

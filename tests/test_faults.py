@@ -147,7 +147,8 @@ def test_a_requeued_packed_task_runs_only_the_rest_of_its_share(slurm, tmp_path)
     """slurm.trials_per_task 2: the walltime signal in each of the first task's trials requeues it twice. It resumes
     each trial and runs 2 in all, not 2 per run. The second task is held meanwhile, so the budget leaves room to
     overrun."""
-    changes = {"training.sleep": 1.0, "training.epochs": 4, "study.n_trials": 4, "slurm.trials_per_task": 2}
+    # Short epochs, 5.5 s from the first checkpoint to the last: the signal lands between them on a busy machine.
+    changes = {"training.sleep": 0.5, "training.epochs": 12, "study.n_trials": 4, "slurm.trials_per_task": 2}
     # One task at a time; every trial trains, a repeated config too (not answered from its twin).
     path = plugin_experiment(tmp_path, {**changes, "slurm.max_concurrent_jobs": 1, "study.allow_repeats": True})
     [job] = submit(path)
@@ -170,8 +171,39 @@ def test_a_requeued_packed_task_runs_only_the_rest_of_its_share(slurm, tmp_path)
     for number in signalled:
         t = trials[number]
         assert t.user_attrs["requeues"] == 1, t.user_attrs
-        assert sorted(t.intermediate_values) == list(range(4)), "it resumed, not restarted"
+        assert sorted(t.intermediate_values) == list(range(12)), "it resumed, not restarted"
         assert "resumes from" in Path(t.user_attrs["log_path"]).read_text()
+
+
+def test_a_requeued_task_still_runs_the_share_it_took_over_from_a_dead_task(slurm, tmp_path):
+    """A packed task (2 trials) that took over a dead task's share (2 more) is requeued in its third trial: the
+    new run resumes it and runs the fourth, rather than stop at its own 2."""
+    path = plugin_experiment(tmp_path, {"training.sleep": 0.1, "training.epochs": 2, "slurm.trials_per_task": 2})
+    study = enqueue(path)
+    hold = ["sbatch", "--parsable", "--hold", "--array=0", "--output=/dev/null", "--wrap=true"]
+    job = subprocess.run(hold, capture_output=True, text=True, check=True).stdout.strip()  # alive for squeue
+    task = f"{job}_0"
+    try:
+        for _ in range(3):  # as its earlier runs left them: 2 finished, the third running
+            trial = study.ask()
+            trial.set_user_attr("slurm_task", task)
+            trial.set_user_attr("slurm_task_share", 4)
+        study.tell(0, 0.5)
+        study.tell(1, 0.5)
+        requeued = {
+            "SLURM_ARRAY_JOB_ID": job,
+            "SLURM_ARRAY_TASK_ID": "0",
+            "SLURM_JOB_ID": job,
+            "SLURM_RESTART_COUNT": "1",
+        }
+        out = run_script("worker.py", "--config", path, "--trials", 2, env=requeued)
+    finally:
+        subprocess.run(["scancel", job], check=True)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "resuming trial 2 after a requeue" in out.stdout
+    trials = load_study(path).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, [(t.number, t.state.name) for t in trials]
+    assert {(t.user_attrs["slurm_task"], t.user_attrs["slurm_task_share"]) for t in trials} == {(task, 4)}
 
 
 def test_node_down_while_tasks_run_then_resumed(slurm, tmp_path):

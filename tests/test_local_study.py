@@ -177,6 +177,19 @@ def test_a_local_study_heals_when_one_of_its_workers_is_killed(tmp_path):
     assert retry.state.name == "COMPLETE" and retry.params == victim.params
 
 
+def test_a_local_run_inside_a_batch_job_runs_workers_of_its_own(tmp_path):
+    """Its workers are neither ranks nor array tasks of the job it runs in: each runs trials of its own."""
+    path = plugin_experiment(tmp_path, {"training.sleep": 0.5, "training.epochs": 4, "study.n_trials": 4})
+    job = {"SLURM_JOB_ID": "990002", "SLURM_ARRAY_JOB_ID": "990001", "SLURM_ARRAY_TASK_ID": "3"}
+    job.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost")
+    out = run_script("submit_study.py", "--config", path, "--local", 2, env=job, timeout=180)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    trials = load_study(path).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, [(t.number, t.state.name) for t in trials]
+    assert len({t.user_attrs["pid"] for t in trials}) == 2, "both workers ran trials"
+    assert not [t for t in trials if "retry_of" in t.user_attrs or "slurm_task" in t.user_attrs], "no trial ran twice"
+
+
 def test_a_budget_raised_by_the_flag_holds_at_the_next_submit_until_the_yaml_is_edited(tmp_path):
     path = plugin_experiment(tmp_path, {"study.n_trials": 2, "training.sleep": 0.01, "training.epochs": 1})
 

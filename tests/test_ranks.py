@@ -1,6 +1,7 @@
 """Several processes per trial (slurm.tasks_per_trial): the array file, torch's rendezvous, and real 2-rank
 trials on the local cluster (gloo on CPUs): one Optuna trial per task, every rank stopping together."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from slurm_helpers import submitted_jobs, wait_for_jobs, wait_until
 from parallel_optuna import ranks
 from parallel_optuna.config import load_config
 from parallel_optuna.rendezvous import CHANNEL, expand_hostlist, rendezvous_env
+from parallel_optuna.run_dir import run_dir, trusted_run_dir
 
 
 def ddp_experiment(tmp_path, changes=None):
@@ -118,6 +120,20 @@ def test_another_rank_runs_the_trainer_of_the_trial_not_of_the_yaml_today(tmp_pa
     (folder / "config.yaml").write_text(yaml.safe_dump(resolved))
     config, kind, function = ranks.trial_code(load_config(path), 3)
     assert kind == "trainer" and function.__module__ == "pinned" and config["study"]["trainer"] == "pinned:train"
+
+
+def test_a_submit_deletes_the_ranks_folders_of_local_launchers_gone_from_this_host(tmp_path):
+    """A launcher killed by SIGKILL leaves its workers' folders; one of another host may still run."""
+    config = load_config(ddp_experiment(tmp_path))
+    trusted_run_dir(config)  # made, as a submit makes it
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid runs no more
+    host = os.uname().nodename
+    names = [f"local-{host}-{gone.pid}-0", f"local-{host}-{os.getpid()}-0", f"local-elsewhere-{gone.pid}-0"]
+    for name in names:
+        (ranks.channel(config, name) / "trial.json").write_text("{}")
+    assert ranks.remove_leftovers(config) == 1
+    assert sorted(p.name for p in (run_dir(config) / "ranks").iterdir()) == sorted(names[1:])
 
 
 # ---------------------------------------------------------------- on the local cluster
@@ -384,10 +400,50 @@ def test_a_local_rank_0_that_dies_ends_the_other_ranks(tmp_path):
     trainer = path.parent / "trainer.py"
     die = "def train(config, trial):\n    if os.environ['RANK'] == '0':\n        os.kill(os.getpid(), 9)\n"
     trainer.write_text(trainer.read_text().replace("def train(config, trial):\n", die))
-    out = run_script("submit_study.py", "--config", path, "--local", 1, timeout=120)
+    command = [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = run.communicate(timeout=120)
+        assert not processes_of_group(run.pid), "every rank ended with the run"
+    finally:
+        end_group(run.pid)
     trial = load_study(path).trials[0]  # and its retry, queued by the run's status at its end
-    assert f"warning: rank 0 of local worker {trial.user_attrs['pid']} was killed (SIGKILL)" in out.stderr, out.stderr
-    assert out.returncode == 1 and "1 trial(s) of the budget did not finish" in out.stderr
+    assert f"warning: rank 0 of local worker {trial.user_attrs['pid']} was killed (SIGKILL)" in err, err
+    assert run.returncode == 1 and "1 trial(s) of the budget did not finish" in err
+
+
+def test_a_local_rank_ends_itself_once_its_launcher_and_rank_0_were_killed(tmp_path):
+    """A launcher killed by SIGKILL cannot end its ranks: rank 1, left waiting for a dead rank 0, ends by itself."""
+    path = ddp_experiment(tmp_path, {"study.n_trials": 1, "training.epochs": 30, "training.epoch_seconds": 0.5})
+    command = [sys.executable, str(PROJECT / "submit_study.py"), "--config", str(path), "--local", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until((path.parent / "runs/tiny/trials/0/checkpoint.pt").exists, what="a checkpoint")
+        rank_0 = load_study(path).trials[0].user_attrs["pid"]
+        [rank_1] = processes_of_group(run.pid) - {run.pid, rank_0}
+        run.kill()
+        run.wait()
+        os.kill(rank_0, signal.SIGKILL)
+        wait_until(lambda: rank_1 not in processes_of_group(run.pid), timeout=30, what="rank 1 to end")
+    finally:
+        end_group(run.pid)
+
+
+def processes_of_group(group: int) -> set[int]:
+    """The pids of a process group's processes that still run (a zombie ended)."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _, process_group = stat.read_text().rpartition(")")[2].split()[:3]
+            if state != "Z" and int(process_group) == group:
+                pids.add(int(stat.parent.name))
+    return pids
+
+
+def end_group(group: int) -> None:
+    """Kill what is left of a test's process group (a test that failed leaves no rank running)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def test_a_local_run_refuses_several_nodes_per_trial(tmp_path):
