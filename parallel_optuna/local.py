@@ -43,10 +43,12 @@ def check_local(args, config) -> None:
 class Worker:
     """One local worker: its process, or its trial's N processes (rank 0 first, the one that opens the study)."""
 
-    def __init__(self, command: list[str], world: int, channel: str) -> None:
+    def __init__(self, command: list[str], world: int, channel: str, gpus: str | None) -> None:
         # Without SLURM's variables: run inside a batch job, each worker would take itself for a rank of that job,
         # or all of them for one array task (the same task key: each would resume that task's trial).
         env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus  # its own GPUs; rank r takes the r-th of them, as under srun
         if world == 1:
             self.ranks = [subprocess.Popen(command, env=env)]
         else:
@@ -110,7 +112,36 @@ def start_workers(args, config, study, storage_file) -> list[Worker]:
     channels = [rendezvous.local_channel(i) for i in range(args.local)]
     for name in channels if world > 1 else ():  # a killed launcher of the same pid left them: its trial.json is stale
         shutil.rmtree(ranks.channel(config, name), ignore_errors=True)
-    return [Worker(command + ["--seed_offset", str(first + i)], world, name) for i, name in enumerate(channels)]
+    gpus = gpu_slices(args.local, world * config["slurm"]["gpus_per_task"])
+    return [
+        Worker(command + ["--seed_offset", str(first + i)], world, name, gpus[i]) for i, name in enumerate(channels)
+    ]
+
+
+def gpu_slices(workers: int, per_worker: int) -> list[str | None]:
+    """Each local worker's CUDA_VISIBLE_DEVICES: its own GPUs of this machine's where there are enough for every
+    worker; else None for each (the workers share the GPUs they see, said once)."""
+    gpus = visible_gpus() if per_worker else []
+    if gpus and len(gpus) >= workers * per_worker:
+        slices = [",".join(gpus[i * per_worker : (i + 1) * per_worker]) for i in range(workers)]
+        print(f"GPUs of the local workers: {' | '.join(slices)} (CUDA_VISIBLE_DEVICES)")
+        return slices
+    if gpus:
+        print(f"{workers} local workers of {per_worker} GPU(s) each share this machine's {len(gpus)} GPU(s)")
+    return [None] * workers
+
+
+def visible_gpus() -> list[str]:
+    """This machine's GPUs as CUDA numbers them: CUDA_VISIBLE_DEVICES where it is set, else nvidia-smi's list."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [gpu.strip() for gpu in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # no NVIDIA driver: CPUs only
+    return found.stdout.split() if found.returncode == 0 else []
 
 
 def wait_for(workers: list[Worker], config) -> None:

@@ -190,6 +190,24 @@ def test_a_local_run_inside_a_batch_job_runs_workers_of_its_own(tmp_path):
     assert not [t for t in trials if "retry_of" in t.user_attrs or "slurm_task" in t.user_attrs], "no trial ran twice"
 
 
+def test_local_workers_each_get_gpus_of_their_own_where_the_machine_has_enough(tmp_path):
+    """CUDA_VISIBLE_DEVICES as a machine with 3 GPUs sets it: 2 workers of 1 GPU each get one each; of 2, they share."""
+    changes = {"training.sleep": 0.2, "training.epochs": 2, "study.n_trials": 4, "slurm.gpus_per_task": 1}
+    path = plugin_experiment(tmp_path / "one", changes)
+    out = run_script("submit_study.py", "--config", path, "--local", 2, env={"CUDA_VISIBLE_DEVICES": "4,5,7"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "GPUs of the local workers: 4 | 5 (CUDA_VISIBLE_DEVICES)" in out.stdout
+    trials = load_study(path).get_trials()
+    by_worker = {(t.user_attrs["pid"], t.user_attrs["cuda_visible_devices"]) for t in trials}
+    assert len(by_worker) == 2 and {gpus for _, gpus in by_worker} == {"4", "5"}, by_worker
+
+    path = plugin_experiment(tmp_path / "two", {**changes, "slurm.gpus_per_task": 2})
+    out = run_script("submit_study.py", "--config", path, "--local", 2, env={"CUDA_VISIBLE_DEVICES": "4,5,7"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "2 local workers of 2 GPU(s) each share this machine's 3 GPU(s)" in out.stdout
+    assert {t.user_attrs["cuda_visible_devices"] for t in load_study(path).get_trials()} == {"4,5,7"}
+
+
 def test_a_budget_raised_by_the_flag_holds_at_the_next_submit_until_the_yaml_is_edited(tmp_path):
     path = plugin_experiment(tmp_path, {"study.n_trials": 2, "training.sleep": 0.01, "training.epochs": 1})
 

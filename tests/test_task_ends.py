@@ -10,11 +10,13 @@ from parallel_optuna.config import load_config
 
 
 def test_a_task_killed_for_memory_or_walltime_says_why_in_status_and_on_its_trial(memory_enforced, tmp_path):
-    # Both at once: the walltime one takes SLURM's minute, the memory one a few seconds.
+    # Both at once: the walltime one takes SLURM's minute, the memory one a few seconds. SLURM sends the walltime
+    # signal at its first 30-s check past the end less signal_grace less 30 s: with 30 s of a minute that can be the
+    # moment the task starts, before its shell has set the trap, which the signal then kills. 10 s: 20 s in or later.
     one_trial = {"study.n_trials": 1, "study.max_retries": 0, "slurm.max_concurrent_jobs": 1}
     oom = plugin_experiment(tmp_path / "oom", {**one_trial, "training.grow_mb": 1500})
     timeout = plugin_experiment(
-        tmp_path / "timeout", {**one_trial, "training.hang": 600, "slurm.walltime": "1", "slurm.signal_grace": 30}
+        tmp_path / "timeout", {**one_trial, "training.hang": 600, "slurm.walltime": "1", "slurm.signal_grace": 10}
     )
     jobs = {}
     for name, path in (("oom", oom), ("timeout", timeout)):
