@@ -97,8 +97,11 @@ ifeq ($(FULL),1)
 	$(PY) bench/scale_bench.py --full
 	$(PY) bench/makespan_bench.py --repeats 3
 	$(PY) bench/makespan_bench.py --trials 40 --seconds 1 --limit 4 --packing 1,10 --repeats 3
+	$(PY) bench/makespan_bench.py --trials 200 --seconds 1 --limit 4 --packing 1,10 --repeats 3
 	$(PY) bench/overhead_bench.py --sizes 0,100 --repeats 3
-	nice $(PY) bench/start_bench.py --workers 16 --sizes 0,100,400 --running 0,32,128
+	nice $(PY) bench/start_bench.py --workers 32 --sizes 100,400 --running 0,32,128,255 --modes this,nohurry,none
+	$(PY) bench/topup_quality.py --problem hartmann6 --size 20 --k 64 --seeds 10
+	$(PY) bench/topup_quality.py --problem mixed --size 40 --k 64 --seeds 10
 	$(PY) bench/quality.py
 	$(PY) bench/artifact_cost.py --trials 8
 else
@@ -108,6 +111,7 @@ else
 	$(PY) bench/makespan_bench.py
 	$(PY) bench/overhead_bench.py --sizes 0 --repeats 1
 	$(PY) bench/start_bench.py --workers 4 --sizes 0 --running 0
+	$(PY) bench/topup_quality.py --size 12 --k 4 --seeds 1
 	$(PY) bench/quality.py --quick
 	$(PY) bench/artifact_cost.py
 endif
