@@ -2,6 +2,7 @@
 
 import contextlib
 import datetime
+import logging
 import math
 import random
 import subprocess
@@ -290,7 +291,7 @@ def test_workers_that_ask_at_once_take_turns_so_gp_does_not_propose_one_point_k_
 
 
 def test_a_worker_that_queued_for_its_turn_asks_the_quick_sampler_and_one_that_did_not_asks_by_number(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     """A big start: a worker that waited QUEUE_WAIT_S for the turn gets TPE's proposal, not a GP's seconds."""
     monkeypatch.setattr(samplers, "QUEUE_WAIT_S", 0.3)
@@ -307,6 +308,14 @@ def test_a_worker_that_queued_for_its_turn_asks_the_quick_sampler_and_one_that_d
     assert hurried.params["x"] == 0.75 and by_number.params["x"] == 0.75, "trial 0 in a hurry, trial 1 by number"
     assert hurried.suggest_float("y", 0, 1) == 0.75, "a hurried trial stays the quick sampler's after its ask"
     assert study.ask().suggest_float("x", 0, 1) == 0.25, "trial 2 by its number again"
+
+    study.enqueue_trial({"x": 0.1})  # a retry's params, say: given, not proposed
+    with caplog.at_level(logging.INFO, logger="worker"), samplers.in_a_hurry(portfolio, waited=3.0):
+        retry = study.ask()
+    assert retry.suggest_float("x", 0, 1) == 0.1 and "proposed by" not in caplog.text, caplog.text
+    with caplog.at_level(logging.INFO, logger="worker"), samplers.in_a_hurry(portfolio, waited=3.0):
+        study.ask()
+    assert "trial 4 is proposed by Constant: its worker waited 3.0 s for the turn to ask" in caplog.text
 
 
 def test_a_worker_waits_longer_before_a_hurry_when_the_studys_trials_are_long():
