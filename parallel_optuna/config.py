@@ -289,14 +289,21 @@ def _check_slurm(config, source):
             f"{slurm['nodes_per_trial']} nodes for {slurm['tasks_per_trial']} processes (slurm.tasks_per_trial)",
             "ask for at most one node per process",
         )
-    if walltime_seconds(slurm["walltime"]) <= slurm["signal_grace"]:
+    if walltime_seconds(slurm["walltime"]) <= slurm["signal_grace"] + SLURM_LIMIT_CHECK_S:
         flags = [f"--{key}" for key in ("signal_grace", "walltime") if key in config.overrides]
         raise ConfigError(
             " and ".join(flags) or source,
             "slurm.signal_grace",
-            f"{slurm['signal_grace']} s is not shorter than the walltime",
-            "make signal_grace smaller than walltime",
+            f"{slurm['signal_grace']} s leaves {SLURM_LIMIT_CHECK_S} s or less of the walltime "
+            f"({slurm['walltime']}): SLURM may send the walltime signal as a task starts, which kills it",
+            f"make signal_grace at most the walltime less {SLURM_LIMIT_CHECK_S + 1} s, or raise the walltime",
         )
+
+
+# SLURM checks time limits every 30 s and sends the walltime signal once the end is within signal_grace + 30 s:
+# with no more of the walltime left than that, at its first check, which can come before the task's shell has
+# set its trap (measured: signal_grace 30 of a minute, USR2 at 14.5 s; 10 of a minute, at 44.6 s).
+SLURM_LIMIT_CHECK_S = 30
 
 
 def walltime_seconds(text: str) -> int:

@@ -42,6 +42,7 @@ BAD = [
     ({"slurm.partition": "gpu\n#SBATCH --wrap=id"}, "slurm.partition"),
     ({"slurm.setup": "module load cuda"}, "slurm.setup"),
     ({"slurm.signal_grace": 900}, "slurm.signal_grace"),
+    ({"slurm.signal_grace": 30, "slurm.walltime": "1"}, "slurm.signal_grace"),  # SLURM could signal at the start
     ({"study.sampler": {"name": "TPE"}}, "study.sampler.name"),
     ({"study.sampler": {"name": "TPESampler", "n_startup": 3}}, "study.sampler"),
     ({"study.pruner": {"name": "MedianPruner", "warmup": 1}}, "study.pruner"),

@@ -107,10 +107,12 @@ def test_scancel_of_one_task_mid_trial(slurm, tmp_path):
 
 
 def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
-    # Three tasks at once, each with 40 s of training in a 1-minute walltime: SLURM's USR2 comes 5-35 s
-    # in (it checks limits every 30 s). The task that runs under the array's own job id checkpoints every
-    # 0.5 s, the others every 5 s: it requeues itself first, while they are mid-step. Requeueing by that
-    # job id would requeue (and SIGTERM) every task of the array.
+    # Three tasks at once, each with 40 s of training in a 1-minute walltime: SLURM's USR2 comes 5-35 s in
+    # (it checks limits every 30 s and signals once the end is within signal_grace + 30 s: with more than
+    # 30 s of a minute, at the first check, which may come before the task's shell has its trap). The task
+    # that runs under the array's own job id checkpoints every 0.5 s, the others every 5 s: it requeues
+    # itself first, while they are mid-step. Requeueing by that job id would requeue (and SIGTERM) every
+    # task of the array.
     path = plugin_experiment(
         tmp_path,
         {
@@ -120,7 +122,7 @@ def test_walltime_requeue_touches_only_its_own_task(slurm, tmp_path):
             "study.n_trials": 3,
             "slurm.max_concurrent_jobs": 3,
             "slurm.walltime": "1",
-            "slurm.signal_grace": 55,
+            "slurm.signal_grace": 25,
         },
     )
     wait_for_jobs(submit(path), timeout=500)

@@ -144,7 +144,7 @@ def test_a_plain_objective_through_the_walltime(slurm, tmp_path):
     # Both trials outlive a 1-minute walltime (SLURM's USR2 comes 5-35 s in). Trial 0 saves its state when
     # trial_control says so and continues; trial 1 never asks, so it is stopped and runs again from the start.
     path = objective_experiment(
-        tmp_path, "mixed", {"study.n_trials": 2, "slurm.walltime": "1", "slurm.signal_grace": 55}
+        tmp_path, "mixed", {"study.n_trials": 2, "slurm.walltime": "1", "slurm.signal_grace": 25}
     )
     out = run_script("submit_study.py", "--config", path)
     assert out.returncode == 0, out.stderr
