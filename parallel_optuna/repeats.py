@@ -83,7 +83,7 @@ def drop(study, trial, twin, config):
 
 def is_exempt(study, trial):
     system = optuna_internals.system_attrs(study, trial)
-    return attr.RETRY_OF in trial.user_attrs or "fixed_params" in system
+    return attr.RETRY_OF in trial.user_attrs or optuna_internals.FIXED_PARAMS in system
 
 
 def find_twin(study, number, params):

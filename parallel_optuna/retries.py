@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from parallel_optuna import attributes as attr
+from parallel_optuna.storage import optuna_internals
 
 WAITING = optuna.trial.TrialState.WAITING
 
@@ -41,7 +42,7 @@ def replaced(trial: FrozenTrial) -> int | None:
 def enqueue(study: optuna.Study, trial: FrozenTrial, attempt: int, user_attrs: dict | None = None) -> None:
     """Enqueue one retry of `trial` (a FrozenTrial), linked to its chain; returns nothing."""
     chain = [*history(trial), trial.number]
-    system_attrs = {"fixed_params": trial.params, attr.FAILED_TRIAL: chain[0], attr.RETRY_HISTORY: chain}
+    system_attrs = {optuna_internals.FIXED_PARAMS: trial.params, attr.FAILED_TRIAL: chain[0], attr.RETRY_HISTORY: chain}
     attrs = {attr.RETRY_OF: trial.number, attr.RETRY_ATTEMPT: attempt, **(user_attrs or {})}
     if trial.user_attrs.get(attr.CONFIG_VERSION):
         attrs[attr.CONFIG_VERSION] = trial.user_attrs[attr.CONFIG_VERSION]  # its checkpoint's shapes depend on it

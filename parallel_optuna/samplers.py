@@ -142,8 +142,9 @@ class ByTrial(optuna.samplers.BaseSampler):
         return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial):
-        if self.hurry is not None and self.quick is not None and "fixed_params" not in trial.system_attrs:
-            self.hurried.add(trial.number)  # not a retry or an enqueued trial: their params are given
+        given = optuna_internals.FIXED_PARAMS in trial.system_attrs  # a retry or an enqueued trial: nothing to propose
+        if self.hurry is not None and self.quick is not None and not given:
+            self.hurried.add(trial.number)
             log.info(
                 "trial %d is proposed by %s: its worker waited %.1f s for the turn to ask",
                 trial.number,

@@ -24,6 +24,10 @@ from optuna.storages.journal._storage import JournalOperation
 
 __all__ = ["BaseJournalSnapshot", "BaseJournalFileLock", "JournalOperation", "LOCK_FILE_SUFFIX", "get_lock_file"]
 
+# The system attribute of a trial created with its params given (study.enqueue_trial, a retry): Optuna's
+# Trial.suggest_* returns these and samples nothing.
+FIXED_PARAMS = "fixed_params"
+
 
 def storage_of(study):
     """The study's own storage object (RDB: wrapped in a cache that holds the heartbeat settings)."""
