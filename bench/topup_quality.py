@@ -17,6 +17,7 @@ in one process, and the near-duplicates among the proposals (within 1e-3 in ever
 """
 
 import argparse
+import contextlib
 import itertools
 import math
 import statistics
@@ -56,8 +57,9 @@ def batch(study, problem, mode, k, seed, config):
         copy.sampler = optuna.samplers.RandomSampler(seed=seed)
     started, proposed = time.perf_counter(), []
     for position in range(k):
-        copy.sampler.hurry = 3.0 if mode == "hurry" and position > 0 else None  # seconds waited, as in_a_hurry
-        proposed.append(claim(copy, config))  # left RUNNING: the next ask plans around it
+        hurry = mode == "hurry" and position > 0  # as a worker that queued for its turn
+        with samplers.in_a_hurry(copy.sampler, waited=3.0) if hurry else contextlib.nullcontext():
+            proposed.append(claim(copy, config))  # left RUNNING: the next ask plans around it
     seconds = time.perf_counter() - started
     return [value(problem, t.params) for t in proposed], [t.params for t in proposed], seconds
 

@@ -143,7 +143,7 @@ class ByTrial(optuna.samplers.BaseSampler):
 
     def before_trial(self, study, trial):
         given = optuna_internals.FIXED_PARAMS in trial.system_attrs  # a retry or an enqueued trial: nothing to propose
-        if self.hurry is not None and self.quick is not None and not given:
+        if self.hurry is not None and not given:  # set by in_a_hurry(), only where there is a quick sampler
             self.hurried.add(trial.number)
             log.info(
                 "trial %d is proposed by %s: its worker waited %.1f s for the turn to ask",
